@@ -1,0 +1,278 @@
+"""SMDM's bidirectional transformer (`TransEncoder`) in plain PyTorch.
+
+Weight names and the fused-qkv layout are SMDM's, so its `iter-*-ckpt.pth` / safetensors files
+load with `load_state_dict(strict=True)`:
+
+    transformer.wte.weight                     (padded_vocab + 1, d)   row `mask_id` is [MASK]
+    transformer.h.{i}.norm_1.weight            (d,)
+    transformer.h.{i}.attn.attn.weight         ((n_head + 2 * groups) * hs, d)
+    transformer.h.{i}.attn.proj.weight         (d, d)
+    transformer.h.{i}.norm_2.weight            (d,)
+    transformer.h.{i}.mlp.swiglu.w1|w2.weight  (hidden, d)   out = w3(silu(w1 x) * w2 x)
+    transformer.h.{i}.mlp.swiglu.w3.weight     (d, hidden)
+    transformer.ln_f.weight                    (d,)
+    lm_head.weight                             (padded_vocab, d)
+
+The fused qkv rows are grouped per query group: [q_0 .. q_{r-1}, k, v] for each of the
+`n_query_groups` groups (r = n_head / n_query_groups), query head h using group h // r.
+Attention is non-causal `F.scaled_dot_product_attention` (which picks flash / memory-efficient
+kernels by itself on GPU when no padding mask is given). RoPE (rotate-half, base 10000) and
+RMSNorm are computed in float32. Upstream's fused rotary kernel reads a cos/sin cache stored in
+bfloat16 whatever the model dtype, so logits differ from upstream's by that rounding (about 1e-3
+absolute on logits of magnitude 3 for a random 4-layer model at 512 positions).
+"""
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lit_gpt.config import Config
+
+CONFIG_FILE = "smdm_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and returned in the input dtype."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_angles(positions: torch.Tensor, head_size: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the rotary angles, float32, shape positions.shape + (head_size // 2,)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=positions.device, dtype=torch.float32) / head_size))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (GPT-NeoX / non-interleaved). x: (B, T, nh, hs); cos, sin: (B, T, hs/2)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * config.head_size, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                keep: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.shape
+        cfg = self.config
+        q_per_kv = cfg.n_head // cfg.n_query_groups
+        qkv = self.attn(x).view(B, T, cfg.n_query_groups, q_per_kv + 2, cfg.head_size)
+        q, k, v = qkv.split((q_per_kv, 1, 1), dim=3)
+        q = q.reshape(B, T, cfg.n_head, cfg.head_size)  # (B, T, nh, hs), group-major head order
+        k = k.reshape(B, T, cfg.n_query_groups, cfg.head_size)
+        v = v.reshape(B, T, cfg.n_query_groups, cfg.head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
+        if q_per_kv > 1:
+            k = k.repeat_interleave(q_per_kv, dim=1)
+            v = v.repeat_interleave(q_per_kv, dim=1)
+        attn_bias = None
+        if keep is not None:  # additive bias; a finite minimum keeps an all-padding row NaN-free
+            attn_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+            attn_bias = attn_bias.masked_fill(~keep, torch.finfo(q.dtype).min)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=False,
+                                           scale=1.0 / math.sqrt(cfg.head_size))
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(w1 x) * w2 x), xformers' unpacked SwiGLU weight names."""
+
+    def __init__(self, n_embd: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(n_embd, hidden, bias=False)
+        self.w2 = nn.Linear(n_embd, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class LLaMAMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.swiglu = SwiGLU(config.n_embd, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swiglu(x)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm_1 x), then + mlp(norm_2 x). FSDP wraps one per unit."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = LLaMAMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                keep: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, keep)
+        return x + self.mlp(self.norm_2(x))
+
+
+class TransEncoder(nn.Module):
+    """Bidirectional mask predictor: token ids (B, T) -> logits (B, T, padded_vocab_size).
+
+    `attention_mask` (B, T) of 1/0: keys with 0 are ignored and positions count only real tokens
+    (cumsum - 1, clamped at 0), so a left-padded row gives the same logits at its real positions
+    as the row alone. The last hidden state is the output of `transformer.ln_f` (hook it).
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size + 1, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+        ))
+        self.reset_parameters()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "TransEncoder":
+        return cls(Config.from_name(name, **overrides))
+
+    def reset_parameters(self) -> None:
+        """SMDM's initialisation: N(0, 2/(5d)) for embeddings and linears, residual outputs
+        (attn.proj, swiglu.w3) N(0, (1/(sqrt(d) * n_layer))^2), norms 1."""
+        d, n_layer = self.config.n_embd, self.config.n_layer
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual_out = name.endswith(("attn.proj", "swiglu.w3"))
+                std = 1.0 / math.sqrt(d) / n_layer if residual_out else math.sqrt(2.0 / 5 / d)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"Sequence length {T} exceeds block_size {self.config.block_size}; "
+                             "crop the input or build the config with a larger block_size.")
+        if attention_mask is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+            keep = None
+        else:
+            real = attention_mask.to(device=idx.device, dtype=torch.bool)  # (B, T)
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            keep = real[:, None, None, :]  # (B, 1, 1, T) keys to attend to
+        cos, sin = rope_angles(positions, self.config.head_size, self.config.rope_base)  # (B, T, hs/2)
+        x = self.transformer.wte(idx)  # (B, T, d)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, keep)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)  # (B, T, padded_vocab)
+
+
+def load_weights(model: TransEncoder, path: Union[str, Path]) -> None:
+    """Load SMDM weights into `model` strictly, from any of the forms SMDM users hold:
+    an `smdm` folder (`model.safetensors`), a `.safetensors` file, or a torch checkpoint
+    (`iter-*-ckpt.pth` holding {"model": state_dict, ...}, or a bare state dict).
+
+    Torch files are read with `weights_only=True` (no code runs). A missing, truncated or
+    mismatching file raises one FileNotFoundError / ValueError naming the file and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No SMDM weights at {path}: pass an smdm folder, a .safetensors file "
+                                "or an iter-*-ckpt.pth checkpoint.")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and plain values, refused for safety "
+                         f"({e}); export its state dict to safetensors first.") from None
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"SMDM weights file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                         "re-download or re-export it, or use an earlier checkpoint.") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}).")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shape_errors = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                    for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shape_errors:
+        raise ValueError(
+            f"Weights in {path} do not fit SMDM config {model.config.name!r}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"shape mismatches {shape_errors[:5]}. Build the model with the config the weights were trained with.")
+    model.load_state_dict(state, strict=True)
+
+
+def save_smdm_folder(model: TransEncoder, path: Union[str, Path]) -> Path:
+    """Write `smdm_config.json` (the Config fields) and `model.safetensors` into folder `path`.
+
+    Each file is written to a temporary name in the same folder and renamed, so an interrupted
+    export never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp_weights = path / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp_weights), metadata={"format": "pt", "smdm_config": json.dumps(model.config.to_dict())})
+    os.replace(tmp_weights, path / WEIGHTS_FILE)
+    tmp_config = path / (CONFIG_FILE + ".tmp")
+    tmp_config.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    os.replace(tmp_config, path / CONFIG_FILE)
+    return path
+
+
+def load_smdm_config(path: Union[str, Path]) -> Config:
+    """The Config in `smdm_config.json` of an SMDM folder written by `save_smdm_folder`."""
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: {path} is not an SMDM export folder "
+                                "(make one with lit_gpt.model.save_smdm_folder or train_mdm.py --export_dir).")
+    try:
+        return Config.from_dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}); re-export the folder.") from None
+
+
+def load_smdm_folder(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                     dtype: Optional[torch.dtype] = None) -> TransEncoder:
+    """Rebuild a `TransEncoder` from a folder written by `save_smdm_folder` (strict load)."""
+    config = load_smdm_config(path)
+    with torch.device("meta"):
+        model = TransEncoder(config)
+    model = model.to_empty(device="cpu")
+    load_weights(model, path)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,154 @@
+"""Tokenise text into the packed token files that train_mdm.py streams (LITPKDS format).
+
+    python SMDM/scripts/prepare_data.py --input corpus/*.jsonl --tokenizer path/to/tokenizer \
+        --out_dir data/packed/train --prefix train
+
+Inputs: .jsonl / .json (JSON lines or a JSON array of records, text in --text_field) and .txt
+(one document per non-empty line); folders are searched for such files. Each document becomes [BOS] ids EOS (BOS
+only when the tokenizer defines one); documents are concatenated and cut into chunk files of
+--chunk_size tokens (the last file holds the remainder). Token dtype is uint16 when the
+vocabulary (plus the mask id) fits, else int32. The tokenizer is loaded with
+transformers.AutoTokenizer from a local folder (or a hub name where the hub is reachable).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # SMDM/ (lit_gpt)
+
+import numpy as np
+
+from lit_gpt.packed_dataset import token_dtype, write_chunk
+
+SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", type=Path, nargs="+", required=True, help=".jsonl/.json/.txt files or folders of them")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained)")
+    p.add_argument("--out_dir", type=Path, required=True, help="folder for the <prefix>_XXXXXXXXXX.bin files")
+    p.add_argument("--prefix", default="train", help="file name prefix")
+    p.add_argument("--text_field", default="text", help="field holding the text in json records")
+    p.add_argument("--chunk_size", type=int, default=2048 * 1024, help="tokens per file")
+    p.add_argument("--batch_docs", type=int, default=1000, help="documents tokenised per tokenizer call")
+    return p.parse_args(argv)
+
+
+def input_files(paths: list[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        elif path.is_file() and path.suffix in SUFFIXES:
+            files.append(path)
+        elif path.exists():
+            raise ValueError(f"{path} is not a .jsonl, .json or .txt file; convert it or pass a folder of such files.")
+        else:
+            raise FileNotFoundError(f"Input {path} does not exist; check --input.")
+    if not files:
+        raise FileNotFoundError(f"No .jsonl/.json/.txt files under {', '.join(map(str, paths))}.")
+    return files
+
+
+def documents(path: Path, text_field: str) -> Iterator[str]:
+    """Texts of one input file: .txt lines, JSON lines, or a .json array of records."""
+    if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        records = json.loads(path.read_text(encoding="utf-8"))
+        yield from (_text(record, text_field, f"{path}[{i}]") for i, record in enumerate(records))
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".txt":
+                yield line
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no} is not a JSON record ({e}); .jsonl/.json inputs hold one record "
+                                 "per line or a JSON array of records.") from None
+            yield _text(record, text_field, f"{path}:{line_no}")
+
+
+def _text(record: dict, text_field: str, where: str) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where} has no field {text_field!r}; fields present: {fields}. Pass --text_field.")
+    return str(record[text_field])
+
+
+def pack(files: list[Path], tokenizer, out_dir: Path, prefix: str, text_field: str, chunk_size: int,
+         batch_docs: int) -> tuple[list[Path], int, int]:
+    """Write chunk files; returns (files written, documents, tokens)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no EOS token, which separates documents; set tokenizer.eos_token.")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    dtype = token_dtype(len(tokenizer))
+    buf = np.empty(chunk_size, dtype=dtype)
+    fill, written, n_docs, n_tokens = 0, [], 0, 0
+
+    def flush(n: int) -> None:
+        path = out_dir / f"{prefix}_{len(written):010d}.bin"
+        write_chunk(path, buf[:n])
+        written.append(path)
+
+    def add(ids: list[int]) -> None:
+        nonlocal fill
+        arr = np.asarray(ids, dtype=dtype)
+        while len(arr):
+            take = min(chunk_size - fill, len(arr))
+            buf[fill:fill + take] = arr[:take]
+            fill, arr = fill + take, arr[take:]
+            if fill == chunk_size:
+                flush(chunk_size)
+                fill = 0
+
+    batch: list[str] = []
+    for path in files:
+        for text in documents(path, text_field):
+            batch.append(text)
+            if len(batch) == batch_docs:
+                n_docs, n_tokens = n_docs + len(batch), n_tokens + _add_batch(tokenizer, batch, bos, add)
+                batch = []
+    if batch:
+        n_docs, n_tokens = n_docs + len(batch), n_tokens + _add_batch(tokenizer, batch, bos, add)
+    if fill:
+        flush(fill)
+    return written, n_docs, n_tokens
+
+
+def _add_batch(tokenizer, texts: list[str], bos: list[int], add) -> int:
+    n = 0
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        doc = bos + ids + [tokenizer.eos_token_id]
+        add(doc)
+        n += len(doc)
+    return n
+
+
+def main(argv: Optional[list[str]] = None) -> list[Path]:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    files = input_files(args.input)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(args.out_dir.glob(f"{args.prefix}_*.bin"))
+    if existing:
+        raise ValueError(f"{args.out_dir} already holds {len(existing)} '{args.prefix}_*.bin' files; remove them or "
+                         "choose another --out_dir / --prefix so datasets do not mix.")
+    written, n_docs, n_tokens = pack(files, tokenizer, args.out_dir, args.prefix, args.text_field, args.chunk_size,
+                                     args.batch_docs)
+    print(f"{n_docs} documents, {n_tokens} tokens ({np.dtype(token_dtype(len(tokenizer))).name}, vocab "
+          f"{len(tokenizer)}) -> {len(written)} files in {args.out_dir}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""SMDM masked-diffusion pretraining: objective maths, packed data, schedule, checkpoints, resume, DDP."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lit_gpt.training as training
+from lit_gpt.diffusion import draw_noise, forward_process, mdm_loss, seeded_generator
+from lit_gpt.model import load_smdm_folder
+from lit_gpt.packed_dataset import PackedDataset, SampleOrder, write_chunk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SMDM" / "pretrain"))
+sys.path.insert(0, str(REPO / "SMDM" / "scripts"))
+import prepare_data  # noqa: E402
+import train_mdm  # noqa: E402
+
+VOCAB = 24  # token ids 0..22 in the data, EOS = 23
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CI box has 2 shared cores: one intra-op thread keeps tiny models from thrashing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_char_tokenizer(folder: Path, chat_template: bool = False):
+    """A character-level transformers tokenizer saved to `folder` (no hub needed)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 +=#.,?:\n")
+    vocab = {t: i for i, t in enumerate(["<unk>", "<eos>", "<bos>", "<user>", "<bot>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
+                                   additional_special_tokens=["<bos>", "<user>", "<bot>"])
+    if chat_template:
+        fast.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<user>{% else %}<bot>{% endif %}"
+                              "{{ m['content'] }}{% if m['role'] == 'assistant' %}<eos>{% endif %}{% endfor %}"
+                              "{% if add_generation_prompt %}<bot>{% endif %}")
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def write_pattern_data(folder: Path, n_tokens: int = 4096, seed: int = 0, chunk: int = 1024) -> Path:
+    """Documents 'k k+1 k+2 ... EOS': easy to learn, so the loss must fall."""
+    rng = np.random.default_rng(seed)
+    toks = []
+    while len(toks) < n_tokens:
+        start, length = rng.integers(0, 12), rng.integers(4, 11)
+        toks += list(range(start, start + length)) + [VOCAB - 1]
+    toks = np.array(toks[:n_tokens], dtype=np.uint16)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(0, n_tokens, chunk):
+        write_chunk(folder / f"train_{i // chunk:010d}.bin", toks[i:i + chunk])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_pattern_data(tmp_path_factory.mktemp("packed"))
+
+
+def run_args(data: Path, out_dir: Path, **kw) -> list[str]:
+    flags = dict(model_name="Diff_LLaMA_tiny", vocab_size=VOCAB, train_data_dir=data, seq_len=16,
+                 micro_batch_size=2, global_batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4,
+                 save_interval=3, out_dir=out_dir, accelerator="cpu", random_length_prob=0.3)
+    flags.update(kw)
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def read_losses(out_dir: Path) -> list[float]:
+    rows = []
+    for f in sorted((out_dir / "logs").glob("version_*/metrics.csv")):
+        with open(f) as fh:
+            rows += [r for r in csv.DictReader(fh) if r["loss"]]
+    return [float(r["loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+
+
+# ------------------------------------------------------------------ objective maths
+
+def test_mdm_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, 4, 0], [2, 2, 3]])
+    masked = torch.tensor([[True, False, True], [False, True, True]])
+    p_mask = torch.tensor([[0.5] * 3, [0.25] * 3])
+    total = 0.0
+    for b in range(2):
+        for i in range(3):
+            if masked[b, i]:
+                logp = logits[b, i, targets[b, i]] - math.log(sum(math.exp(v) for v in logits[b, i].tolist()))
+                total += -logp.item() / p_mask[b, i].item()
+    assert mdm_loss(logits, targets, masked, p_mask).item() == pytest.approx(total / 6, rel=1e-6)
+
+
+def test_forward_process_masks_where_u_below_p_mask():
+    ids = torch.arange(12).view(2, 6)
+    t = torch.tensor([0.0, 0.5])
+    u = torch.tensor([[0.0005, 0.002, 0.9, 0.5, 0.1, 0.0], [0.4, 0.6, 0.49, 0.51, 0.0, 1.0]])
+    noisy, masked, p_mask = forward_process(ids, t, u, mask_id=99, eps=1e-3)
+    assert torch.allclose(p_mask, torch.tensor([[1e-3] * 6, [0.5 * 0.999 + 1e-3] * 6]))
+    assert masked.tolist() == [[True, False, False, False, False, True], [True, False, True, False, True, False]]
+    assert torch.equal(noisy, torch.where(masked, 99, ids))
+    keep_prompt = torch.arange(6)[None].expand(2, 6) >= 2
+    _, masked2, _ = forward_process(ids, t, u, mask_id=99, maskable=keep_prompt)
+    assert torch.equal(masked2, masked & keep_prompt)
+
+
+def test_noise_draws_are_seeded_and_crop_at_the_stated_rate():
+    a = draw_noise(seeded_generator(1, 0, 5), 3, 8, 0.5)
+    b = draw_noise(seeded_generator(1, 0, 5), 3, 8, 0.5)
+    assert torch.equal(a.t, b.t) and torch.equal(a.u, b.u) and a.length == b.length
+    assert not torch.equal(a.u, draw_noise(seeded_generator(1, 0, 6), 3, 8, 0.5).u)
+    lengths = [draw_noise(seeded_generator(0, 0, s), 1, 8, 0.25).length for s in range(800)]
+    crops = [n for n in lengths if n != 8]
+    assert 0.15 < len(crops) / 800 < 0.3 and min(lengths) >= 1
+    # masked share over many draws follows p_mask
+    draw = draw_noise(seeded_generator(0, 0, 0), 2000, 64)
+    _, masked, p_mask = forward_process(torch.zeros(2000, 64, dtype=torch.long), draw.t, draw.u, 1)
+    assert abs(masked.float().mean().item() - p_mask.mean().item()) < 0.01
+
+
+def test_cosine_lr_schedule():
+    lrs = [training.cosine_lr(s, 10, 100, 2e-4, 2e-5) for s in range(120)]
+    assert lrs[0] == pytest.approx(2e-5) and lrs[9] == pytest.approx(2e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(2e-5 + 0.5 * (2e-4 - 2e-5))
+    assert lrs[100] == lrs[119] == 2e-5
+    assert training.warmup_for(50_000, None) == 500 and training.warmup_for(5_000, None) == 100
+    assert training.warmup_for(20, None) == 20 and training.warmup_for(20, 3) == 3
+    assert training.warmup_for(20, 200) == 20
+
+
+def test_strategy_choice():
+    from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
+    from lit_gpt.model import Block
+
+    fsdp = training.make_strategy("fsdp", devices=8, num_nodes=1, cpu=False)
+    assert isinstance(fsdp, FSDPStrategy) and fsdp._state_dict_type == "full"
+    assert fsdp._fsdp_kwargs["auto_wrap_policy"]._module_classes == {Block}
+    with pytest.raises(ValueError, match="fsdp needs GPUs.*--strategy ddp"):
+        training.make_strategy("fsdp", devices=2, num_nodes=1, cpu=True)
+    ddp = training.make_strategy("auto", devices=2, num_nodes=1, cpu=True)
+    assert isinstance(ddp, DDPStrategy) and ddp._process_group_backend == "gloo"
+    assert training.make_strategy("auto", devices=1, num_nodes=1, cpu=True) == "auto"
+
+
+# ------------------------------------------------------------------ data
+
+def test_packed_files_round_trip_and_order(tmp_path):
+    toks = np.arange(100, dtype=np.uint16)
+    write_chunk(tmp_path / "a_0000000000.bin", toks[:60])
+    write_chunk(tmp_path / "a_0000000001.bin", toks[60:])
+    ds = PackedDataset.from_dir(tmp_path, block_size=16)
+    assert len(ds) == 3 + 2  # 60 // 16 + 40 // 16; remainders unused
+    assert ds[0].tolist() == list(range(16)) and ds[3].tolist() == list(range(60, 76))
+    assert ds.batch([4, 1]).shape == (2, 16) and ds[4].dtype == torch.int64
+    order = SampleOrder(len(ds), seed=7)
+    first, second = order.indices(0, 5), order.indices(5, 5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    assert SampleOrder(len(ds), seed=7).indices(3, 4) == (first + second)[3:7]
+    data = (tmp_path / "a_0000000001.bin").read_bytes()
+    (tmp_path / "a_0000000001.bin").write_bytes(data[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        PackedDataset.from_dir(tmp_path, 16)
+    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+        PackedDataset.from_dir(tmp_path / "none", 16)
+
+
+def test_prepare_data_packs_documents_with_eos(tmp_path):
+    tok = make_char_tokenizer(tmp_path / "tok")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["ab", "c", "1+1=2"]) + "\n")
+    (tmp_path / "more.txt").write_text("xy\n\nz\n")
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "q"}, {"text": "9 9"}]))
+    files = prepare_data.main(["--input", str(tmp_path / "docs.jsonl"), str(tmp_path / "more.txt"),
+                               str(tmp_path / "array.json"), "--tokenizer", str(tmp_path / "tok"),
+                               "--out_dir", str(tmp_path / "out"), "--chunk_size", "8"])
+    ds = PackedDataset(files, block_size=1)
+    stream = [int(ds[i]) for i in range(len(ds))]
+    expected = []
+    for text in ["ab", "c", "1+1=2", "xy", "z", "q", "9 9"]:
+        expected += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert stream == expected and len(files) == math.ceil(len(expected) / 8)
+    with pytest.raises(ValueError, match="already holds"):
+        prepare_data.main(["--input", str(tmp_path / "more.txt"), "--tokenizer", str(tmp_path / "tok"),
+                           "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="no field 'body'.*fields present: \\['text'\\]"):
+        prepare_data.main(["--input", str(tmp_path / "docs.jsonl"), "--tokenizer", str(tmp_path / "tok"),
+                           "--out_dir", str(tmp_path / "out2"), "--text_field", "body"])
+
+
+# ------------------------------------------------------------------ trainer
+
+def test_cli_help_and_bad_flags(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_mdm.parse_args(["--help"])
+    assert "(default: 0.0002)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="exactly one of --model N"):
+        train_mdm.main(run_args(data, tmp_path) + ["--model", "170"])
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
+        train_mdm.main(run_args(data, tmp_path, global_batch_size=3))
+    with pytest.raises(ValueError, match="pass --vocab_size"):
+        train_mdm.main(run_args(data, tmp_path, vocab_size=10))
+    args = train_mdm.parse_args(["--model", "113", "--flops", "10", "--train_data_dir", "x"])
+    config = train_mdm.model_config(args)
+    assert train_mdm.resolve_max_steps(args, config) == int(10e18 / (6 * 113_265_408 * 256 * 2048))
+
+
+def test_training_loss_falls_and_exports(data, tmp_path):
+    losses = train_mdm.main(run_args(data, tmp_path, max_steps=60, warmup_steps=4, save_interval=100,
+                                     global_batch_size=8, micro_batch_size=4, random_length_prob=0.0,
+                                     val_data_dir=data, eval_iters=4, eval_mc=4, eval_interval=5))
+    assert len(losses) == 60 and read_losses(tmp_path) == pytest.approx(losses, rel=1e-6)
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
+    with open(next((tmp_path / "logs").glob("version_*/metrics.csv"))) as fh:
+        val = [float(r["val_loss"]) for r in csv.DictReader(fh) if r["val_loss"]]
+    assert len(val) == 12 and val[-1] < 0.85 * val[0]  # same noise draws at every evaluation
+    assert [p.name for p in tmp_path.glob("iter-*")] == ["iter-000120-ckpt.pth"]
+    model = load_smdm_folder(tmp_path / "final")
+    assert model.config.vocab_size == VOCAB and model.config.name == "Diff_LLaMA_tiny"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return train_mdm.main(run_args(data, out)), out
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_reproduces_losses_exactly(data, tmp_path, uninterrupted, monkeypatch):
+    full_losses, full_dir = uninterrupted
+    real_save = training.save_checkpoint
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        raise Killed
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_mdm.main(run_args(data, tmp_path))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert training.latest_checkpoint(tmp_path).name == "iter-000006-ckpt.pth"
+    resumed = train_mdm.main(run_args(data, tmp_path))
+    assert resumed == full_losses[3:]  # bit-exact
+    assert read_losses(tmp_path) == full_losses  # logs of the killed and the resumed run, steps 1..6
+    a = torch.load(full_dir / "iter-000012-ckpt.pth", weights_only=True)
+    b = torch.load(tmp_path / "iter-000012-ckpt.pth", weights_only=True)
+    assert a["step_count"] == b["step_count"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("failure", ["inside_torch_save", "half_written_file"])
+def test_interrupted_checkpoint_write_keeps_last_good_one(data, tmp_path, uninterrupted, monkeypatch, failure):
+    full_losses, _ = uninterrupted
+    calls = {"n": 0}
+    if failure == "inside_torch_save":
+        real = torch.save
+
+        def flaky_save(obj, f, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:  # second checkpoint: die after writing a few bytes
+                f.write(b"PK\x03\x04 partial")
+                raise OSError("disk full")
+            return real(obj, f, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", flaky_save)
+    else:
+        from lightning_fabric import Fabric
+        real = Fabric.save
+
+        def half_save(self, path, state, *a, **kw):
+            calls["n"] += 1
+            real(self, path, state, *a, **kw)
+            if calls["n"] == 2:
+                data_ = Path(path).read_bytes()
+                Path(path).write_bytes(data_[: len(data_) // 2])
+                raise KeyboardInterrupt
+        monkeypatch.setattr(Fabric, "save", half_save)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        train_mdm.main(run_args(data, tmp_path))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["iter-000006-ckpt.pth"]
+    ckpt = torch.load(tmp_path / "iter-000006-ckpt.pth", weights_only=True)
+    assert ckpt["step_count"] == 3
+    (tmp_path / "iter-000099-ckpt.pth.tmp").write_bytes(b"junk from a killed save")  # never picked up
+    assert training.latest_checkpoint(tmp_path).name == "iter-000006-ckpt.pth"
+    resumed = train_mdm.main(run_args(data, tmp_path))
+    assert resumed == full_losses[3:]
+
+
+def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(data, tmp_path):
+    train_mdm.main(run_args(data, tmp_path, max_steps=3))
+    with pytest.raises(ValueError, match="does not fit the model being trained"):
+        train_mdm.main(run_args(data, tmp_path, max_steps=6, model_name="Diff_LLaMA_tiny_gqa"))
+    ckpt = tmp_path / "iter-000006-ckpt.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated.*Delete it"):
+        train_mdm.main(run_args(data, tmp_path, max_steps=6))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(data, tmp_path):
+    """devices=2 (gloo) with micro 2 x accum 1 == devices=1 with micro 2 x accum 2, same global batch 4."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'SMDM'}"}
+    common = dict(max_steps=4, save_interval=100, val_data_dir=data, eval_iters=1, eval_mc=2)
+    one = train_mdm.main(run_args(data, tmp_path / "d1", **common))
+    proc = subprocess.run([sys.executable, str(REPO / "SMDM" / "pretrain" / "train_mdm.py"),
+                           *run_args(data, tmp_path / "d2", devices=2, strategy="ddp", **common)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = read_losses(tmp_path / "d2")
+    assert len(one) == len(two) == 4
+    assert np.allclose(one, two, rtol=1e-5, atol=1e-6), (one, two)
+    m1, m2 = load_smdm_folder(tmp_path / "d1" / "final"), load_smdm_folder(tmp_path / "d2" / "final")
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
