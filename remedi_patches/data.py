@@ -1,0 +1,345 @@
+"""SFT data for the trainers: load records, find the prompt/answer fields, tokenise to fixed-length rows.
+
+    records = load_records("../shared/data/gsm8k/train.jsonl")            # or a hub name, a folder, "embedded"
+    fields = resolve_fields(column_names(records))                        # GSM8K: question -> answer
+    ex = build_sft_examples(records, tokenizer, seq_len=256, fields=fields)
+    ex.input_ids (N, seq_len), ex.prompt_len (N,), ex.answer_len (N,)
+
+Layouts found without flags (first match wins): explicit flags; a pair of a prompt field
+(question, problem, instruction, prompt, input, query) and an answer field (solution, answer, output, response,
+completion): GSM8K question/answer, MATH-500 problem/solution, s1K-1.1 question/solution, OpenCoder
+opc-sft-stage2 instruction/output; chat `messages` / `conversations`; plain `text`.
+s1K reasoning traces: `thinking_field` + `attempt_field` make the answer "Thinking: ...\\n\\nAttempt: ...".
+
+Rows are [prompt][answer][EOS ... EOS]: the EOS padding counts as answer (LLaDA SFT), so answer_len =
+seq_len - prompt_len. Examples whose prompt leaves no room for an answer token are dropped (count logged);
+longer answers are cut at seq_len (count logged).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from remedi_patches.embedded.task import format_prompt
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+PROMPT_FIELDS = ("question", "problem", "instruction", "prompt", "input", "query")
+ANSWER_FIELDS = ("solution", "answer", "output", "response", "completion")
+CHAT_FIELDS = ("messages", "conversations")
+EMBEDDED_RECORDS = 4000  # problems drawn per split of the embedded task when no limit is given
+EMBEDDED_SEED = 0
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _split_of(path: Path, root: Path) -> Optional[str]:
+    """The split a data file belongs to, from its own name or a folder name below `root` (None if none)."""
+    names = [path.stem] + [p.name for p in path.relative_to(root).parents if p.name]
+    for name in names:
+        for word in SPLIT_WORDS:
+            if name == word or name.startswith((word + "-", word + "_", word + ".")):
+                return word
+    return None
+
+
+def _files_for_split(folder: Path, split: str) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # no .cache/
+    if not files:
+        raise FileNotFoundError(f"no .json/.jsonl/.parquet files under {folder}; point --dataset at a data file")
+    splits = {p: _split_of(p, folder) for p in files}
+    chosen = [p for p in files if splits[p] == split]
+    if chosen:
+        return chosen
+    if all(s is None for s in splits.values()):  # the folder itself is one split
+        return files
+    found = sorted({s for s in splits.values() if s})
+    raise ValueError(f"no files for split {split!r} under {folder}; splits found: {found}. Pass --split one of them")
+
+
+def _load_local(path: Path, split: str, subset: Optional[str]):
+    import datasets
+
+    if path.is_dir():
+        if subset is not None:
+            if not (path / subset).is_dir():
+                subs = sorted(p.name for p in path.iterdir() if p.is_dir())
+                raise FileNotFoundError(f"subset {subset!r} is not a folder of {path}; subsets found: {subs}")
+            path = path / subset
+        files = _files_for_split(path, split)
+    elif path.suffix in DATA_SUFFIXES:
+        files = [path]
+    else:
+        raise ValueError(f"{path} is not a .json, .jsonl or .parquet file; convert it or pass a folder of such files")
+    builders = {DATA_SUFFIXES[p.suffix] for p in files}
+    if len(builders) > 1:
+        raise ValueError(f"{path} mixes json and parquet files; keep one format per folder")
+    return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+
+
+def _load_hub(name: str, split: str, subset: Optional[str]):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except OSError as err:  # includes ConnectionError / offline mode / not found
+        raise FileNotFoundError(
+            f"could not load dataset {name!r} (subset={subset!r}, split={split!r}) from the Hugging Face hub: {err}\n"
+            "This machine may be offline: download the data elsewhere and pass a local .json/.jsonl/.parquet file "
+            "or folder, e.g. --dataset ../shared/data/gsm8k/train.jsonl"
+        ) from err
+
+
+def _load_embedded(split: str, n: int) -> list[dict]:
+    from remedi_patches.embedded import task
+
+    return [{"question": p.question, "answer": p.solution} for p in task.make_split(n, EMBEDDED_SEED, split)]
+
+
+def load_records(dataset: str, split: str = "train", subset: Optional[str] = None, limit: Optional[int] = None):
+    """Records as a `datasets.Dataset` (files, hub) or a list of dicts ("embedded"), at most `limit` of them.
+
+    dataset: "embedded" (the project's own GSM8K-shaped task, splits train/val/test, `limit` problems or
+    EMBEDDED_RECORDS), a local .json/.jsonl/.parquet file, a folder of them (files picked by split from their
+    names, e.g. test.jsonl or data/train-00000-of-00001.parquet; `subset` selects a sub-folder, as in
+    opc-sft-stage2/educational_instruct), or a hub name (needs the hub).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of records, got {limit}")
+    if dataset == "embedded":
+        return _load_embedded(split, limit or EMBEDDED_RECORDS)
+    path = Path(dataset).expanduser()
+    if path.exists():
+        records = _load_local(path, split, subset)
+    elif dataset.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES:
+        raise FileNotFoundError(f"dataset file or folder {dataset!r} does not exist; check the path")
+    else:
+        records = _load_hub(dataset, split, subset)
+    return records.select(range(min(limit, len(records)))) if limit else records
+
+
+def column_names(records) -> list[str]:
+    if hasattr(records, "column_names"):
+        return list(records.column_names)
+    if not records:
+        raise ValueError("the dataset is empty; check --dataset / --split")
+    return list(records[0].keys())
+
+
+def _column(records, name: str) -> list:
+    if hasattr(records, "column_names"):
+        return list(records[name])
+    return [r[name] for r in records]
+
+
+# ---------------------------------------------------------------- fields
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    kind: str  # "pair" (prompt/answer), "chat" (messages) or "text" (answer only)
+    prompt: Optional[str] = None
+    answer: Optional[str] = None
+    thinking: Optional[str] = None  # with attempt: answer = "Thinking: ...\n\nAttempt: ..."
+    attempt: Optional[str] = None
+    text: Optional[str] = None
+    chat: Optional[str] = None
+
+
+def _require(columns: Sequence[str], name: str, flag: str) -> str:
+    if name not in columns:
+        raise ValueError(f"field {name!r} (from {flag}) is not in the dataset; fields present: {sorted(columns)}")
+    return name
+
+
+def _first(columns: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
+    return next((c for c in candidates if c in columns), None)
+
+
+def resolve_fields(
+    columns: Sequence[str],
+    text_field: Optional[str] = None,
+    prompt_field: Optional[str] = None,
+    answer_field: Optional[str] = None,
+    thinking_field: Optional[str] = None,
+    attempt_field: Optional[str] = None,
+) -> FieldSpec:
+    """Which fields hold the prompt and the answer. Explicit flags win; otherwise the known layouts are tried.
+
+    Raises ValueError naming the missing field and listing the fields that exist.
+    """
+    if text_field is not None:
+        if prompt_field or answer_field or thinking_field or attempt_field:
+            raise ValueError("--text_field trains on the whole text; do not combine it with prompt/answer fields")
+        return FieldSpec(kind="text", text=_require(columns, text_field, "--text_field"))
+    if (thinking_field is None) != (attempt_field is None):
+        raise ValueError("--thinking_field and --attempt_field go together (the answer is thinking + attempt)")
+    prompt = _require(columns, prompt_field, "--prompt_field") if prompt_field else _first(columns, PROMPT_FIELDS)
+    if thinking_field is not None:
+        if answer_field is not None:
+            raise ValueError("--answer_field and --thinking_field/--attempt_field both define the answer; pick one")
+        if prompt is None:
+            raise ValueError(f"no prompt field found; pass --prompt_field (fields present: {sorted(columns)})")
+        return FieldSpec(kind="pair", prompt=prompt,
+                         thinking=_require(columns, thinking_field, "--thinking_field"),
+                         attempt=_require(columns, attempt_field, "--attempt_field"))
+    answer = _require(columns, answer_field, "--answer_field") if answer_field else _first(columns, ANSWER_FIELDS)
+    if prompt and answer:
+        return FieldSpec(kind="pair", prompt=prompt, answer=answer)
+    if prompt_field or answer_field:
+        missing = "--answer_field" if prompt else "--prompt_field"
+        raise ValueError(f"found no field for {missing}; pass it explicitly (fields present: {sorted(columns)})")
+    chat = _first(columns, CHAT_FIELDS)
+    if chat:
+        return FieldSpec(kind="chat", chat=chat)
+    if "text" in columns:
+        return FieldSpec(kind="text", text="text")
+    raise ValueError(
+        f"cannot tell which fields hold the prompt and the answer; fields present: {sorted(columns)}. "
+        "Pass --prompt_field and --answer_field, or --text_field"
+    )
+
+
+def _as_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _chat_turns(messages) -> tuple[list[dict], str]:
+    """(prompt messages, last assistant reply) of one conversation, roles normalised to user/assistant/system."""
+    turns = []
+    for m in messages:
+        role = ROLE_ALIASES.get(str(m.get("role") or m.get("from")).lower())
+        if role is None:
+            raise ValueError(f"unknown chat role in {m!r}; expected user/assistant/system (or human/gpt)")
+        content = m.get("content") if m.get("content") is not None else m.get("value")
+        turns.append({"role": role, "content": _as_text(content)})
+    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError("a conversation has no assistant message to train on; every record needs one")
+    return turns[:last], turns[last]["content"]
+
+
+def prompts_and_answers(records, fields: FieldSpec) -> tuple[list, list[str]]:
+    """Per record: the prompt (a string, a list of chat messages for kind "chat", None for kind "text") and
+    the answer text."""
+    if fields.kind == "text":
+        texts = [_as_text(v) for v in _column(records, fields.text)]
+        return [None] * len(texts), texts
+    if fields.kind == "chat":
+        pairs = [_chat_turns(m) for m in _column(records, fields.chat)]
+        return [p for p, _ in pairs], [a for _, a in pairs]
+    prompts = [_as_text(v) for v in _column(records, fields.prompt)]
+    if fields.thinking is not None:
+        thinking = _column(records, fields.thinking)
+        attempt = _column(records, fields.attempt)
+        answers = [f"Thinking: {_as_text(t)}\n\nAttempt: {_as_text(a)}" for t, a in zip(thinking, attempt)]
+    else:
+        answers = [_as_text(v) for v in _column(records, fields.answer)]
+    return prompts, answers
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+@dataclass
+class SFTExamples:
+    input_ids: torch.Tensor  # (N, seq_len) long
+    prompt_len: torch.Tensor  # (N,) long
+    answer_len: torch.Tensor  # (N,) long, seq_len - prompt_len (EOS padding counted)
+    dropped: int  # prompts that left no room for an answer
+    truncated: int  # answers cut at seq_len
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def answer_mask(prompt_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B,) prompt lengths -> (B, seq_len) bool, True on answer positions."""
+    return torch.arange(seq_len, device=prompt_len.device)[None, :] >= prompt_len[:, None]
+
+
+def _encode_plain(tokenizer, prompts: list, answers: list[str], prompt_format: Callable[[str], str]):
+    def render(p) -> str:
+        if p is None:  # answer-only text: no prompt beyond the tokenizer's own special tokens
+            return ""
+        return prompt_format(p if isinstance(p, str) else "\n\n".join(m["content"] for m in p))
+
+    texts = [render(p) for p in prompts]
+    prompt_ids = tokenizer(texts)["input_ids"]  # the tokenizer's own special tokens (e.g. LLaDA's BOS)
+    answer_ids = [a + [tokenizer.eos_token_id] for a in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+    return prompt_ids, answer_ids
+
+
+def _encode_chat(tokenizer, prompts: list, answers: list[str]):
+    prompt_ids, answer_ids = [], []
+    for p, a in zip(prompts, answers):
+        msgs = p if isinstance(p, list) else [{"role": "user", "content": p or ""}]
+        head = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": a}], tokenize=False)
+        if not full.startswith(head):
+            raise ValueError("the chat template renders the prompt differently with and without the reply; "
+                             "train without --chat_template or fix the template")
+        prompt_ids.append(tokenizer(head, add_special_tokens=False)["input_ids"])
+        answer_ids.append(tokenizer(full[len(head):], add_special_tokens=False)["input_ids"])
+    return prompt_ids, answer_ids
+
+
+def build_sft_examples(
+    records,
+    tokenizer,
+    seq_len: int,
+    fields: FieldSpec,
+    chat_template: bool = False,
+    prompt_format: Optional[Callable[[str], str]] = None,
+) -> SFTExamples:
+    """Tokenise records into rows of exactly `seq_len` tokens: prompt, answer, EOS padding.
+
+    chat_template: render prompt and reply with the tokenizer's chat template (instruct models); otherwise the
+    prompt is `prompt_format(prompt)` (default: the embedded task's format_prompt, "Question: ...\nAnswer:", the
+    format the evaluators use) tokenised with the tokenizer's special tokens, and the answer is followed by EOS.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token (it is the SFT padding token)")
+    prompts, answers = prompts_and_answers(records, fields)
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat_template was given but the tokenizer has no chat template; drop the flag "
+                             "(base model) or use the instruct model's tokenizer")
+        prompt_ids, answer_ids = _encode_chat(tokenizer, prompts, answers)
+    else:
+        prompt_ids, answer_ids = _encode_plain(tokenizer, prompts, answers, prompt_format or format_prompt)
+
+    rows, plens = [], []
+    dropped = truncated = 0
+    for p, a in zip(prompt_ids, answer_ids):
+        if len(p) >= seq_len:
+            dropped += 1
+            continue
+        truncated += len(p) + len(a) > seq_len
+        row = (p + a)[:seq_len]
+        rows.append(row + [eos] * (seq_len - len(row)))
+        plens.append(len(p))
+    if dropped:
+        log.warning("dropped %d of %d examples whose prompt alone fills seq_len=%d", dropped, len(prompt_ids), seq_len)
+    if truncated:
+        log.warning("cut %d answers at seq_len=%d", truncated, seq_len)
+    if not rows:
+        raise ValueError(f"no example fits in seq_len={seq_len} (all {dropped} prompts are too long); raise --seq_len")
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    prompt_len = torch.tensor(plens, dtype=torch.long)
+    return SFTExamples(input_ids=input_ids, prompt_len=prompt_len, answer_len=seq_len - prompt_len,
+                       dropped=dropped, truncated=truncated)

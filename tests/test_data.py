@@ -1,0 +1,173 @@
+"""Dataset loading, field layouts and SFT tokenisation (remedi_patches.data)."""
+import json
+import string
+
+import pytest
+import torch
+
+from remedi_patches import data
+from remedi_patches.data import answer_mask, build_sft_examples, column_names, load_records, resolve_fields
+from remedi_patches.embedded.task import format_prompt
+
+SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>", "[UNK]"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def char_tokenizer(bos: bool = True):
+    """A character-level transformers tokenizer with LLaDA's special tokens (BOS prepended when `bos`)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set(string.whitespace) | {" ", "\n"})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A", special_tokens=[
+            ("<|startoftext|>", vocab["<|startoftext|>"])])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", unk_token="[UNK]", mask_token="<|mdm_mask|>",
+                                  additional_special_tokens=["<|eot_id|>"])
+    out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_gsm8k_and_math500_layouts(data_dir):
+    tok = char_tokenizer()
+    gsm = load_records(str(data_dir / "gsm8k" / "test.jsonl"), limit=50)
+    assert len(gsm) == 50
+    f = resolve_fields(column_names(gsm))
+    assert (f.kind, f.prompt, f.answer) == ("pair", "question", "answer")
+    ex = build_sft_examples(gsm, tok, seq_len=512, fields=f)
+    row = ex.input_ids[0]
+    p = int(ex.prompt_len[0])
+    expected_prompt = [tok.bos_token_id] + tok(format_prompt(gsm[0]["question"]), add_special_tokens=False)["input_ids"]
+    assert row[:p].tolist() == expected_prompt
+    answer = tok(gsm[0]["answer"], add_special_tokens=False)["input_ids"]
+    assert row[p:p + len(answer)].tolist() == answer
+    assert (row[p + len(answer):] == tok.eos_token_id).all()  # EOS padding
+    assert torch.equal(ex.answer_len, 512 - ex.prompt_len)
+
+    math = load_records(str(data_dir / "math500"), split="test", limit=20)  # folder: split picked by file name
+    f = resolve_fields(column_names(math))
+    assert (f.prompt, f.answer) == ("problem", "solution")  # the worked solution, not the short `answer`
+
+
+def test_folder_split_selection_and_errors(data_dir, tmp_path):
+    gsm_test = load_records(str(data_dir / "gsm8k"), split="test")
+    assert len(gsm_test) == 1319
+    with pytest.raises(ValueError, match="splits found"):
+        load_records(str(data_dir / "gsm8k"), split="validation")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_s1k_layout_with_thinking_and_attempt(tmp_path):
+    rows = [{"question": f"q{i}?", "solution": f"s{i}", "cot_type": "math", "gemini_thinking_trajectory": f"think {i}",
+             "gemini_attempt": f"attempt {i}", "deepseek_thinking_trajectory": "x", "deepseek_attempt": "y"}
+            for i in range(4)]
+    recs = load_records(str(_write_jsonl(tmp_path / "s1k.jsonl", rows)))
+    f = resolve_fields(column_names(recs))
+    assert (f.prompt, f.answer) == ("question", "solution")
+    f = resolve_fields(column_names(recs), thinking_field="gemini_thinking_trajectory", attempt_field="gemini_attempt")
+    prompts, answers = data.prompts_and_answers(recs, f)
+    assert prompts[1] == "q1?" and answers[1] == "Thinking: think 1\n\nAttempt: attempt 1"
+    with pytest.raises(ValueError, match="go together"):
+        resolve_fields(column_names(recs), thinking_field="gemini_thinking_trajectory")
+    with pytest.raises(ValueError, match="'text'.*fields present.*gemini_attempt"):
+        resolve_fields(column_names(recs), text_field="text")  # the seed's `--text_field text` on s1K-1.1
+
+
+def test_opc_subset_folder_and_text_field(tmp_path):
+    root = tmp_path / "opc-sft-stage2"
+    for sub in ("educational_instruct", "evol_instruct"):
+        (root / sub).mkdir(parents=True)
+        _write_jsonl(root / sub / "train-00000-of-00001.jsonl",
+                     [{"instruction": f"{sub} task {i}", "output": f"def f{i}(): pass", "tag": sub} for i in range(3)])
+    recs = load_records(str(root), subset="educational_instruct")
+    assert len(recs) == 3 and recs[0]["tag"] == "educational_instruct"
+    f = resolve_fields(column_names(recs))
+    assert (f.prompt, f.answer) == ("instruction", "output")
+    with pytest.raises(FileNotFoundError, match="subsets found.*evol_instruct"):
+        load_records(str(root), subset="mceval_instruct")
+
+    f = resolve_fields(column_names(recs), text_field="output")  # answer-only training
+    ex = build_sft_examples(recs, char_tokenizer(), seq_len=40, fields=f)
+    assert ex.prompt_len.tolist() == [1, 1, 1]  # only the tokenizer's BOS stays clean
+
+
+def test_missing_field_lists_the_fields(tmp_path):
+    recs = load_records(str(_write_jsonl(tmp_path / "d.jsonl", [{"q": "a", "body": "b"}])))
+    with pytest.raises(ValueError, match=r"fields present: \['body', 'q'\]"):
+        resolve_fields(column_names(recs))
+    with pytest.raises(ValueError, match=r"'prompt'.*--prompt_field.*\['body', 'q'\]"):
+        resolve_fields(column_names(recs), prompt_field="prompt", answer_field="body")
+
+
+def test_chat_layout_with_and_without_template(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                          {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"from": "human", "value": "x?"}, {"from": "gpt", "value": "y"}]}]  # ShareGPT style
+    recs = load_records(str(_write_jsonl(tmp_path / "chat.jsonl", rows)))
+    f = resolve_fields(column_names(recs))
+    assert f.kind == "chat"
+    tok = char_tokenizer()
+    ex = build_sft_examples(recs, tok, seq_len=64, fields=f, chat_template=True)
+    p = int(ex.prompt_len[0])
+    assert tok.decode(ex.input_ids[0, :p]) == "<|startoftext|><user>hi<assistant>yo<|eot_id|><user>2+2?<assistant>"
+    assert tok.decode(ex.input_ids[0, p:p + 2]) == "4<|eot_id|>"
+    assert (ex.input_ids[0, p + 2:] == tok.eos_token_id).all()
+    plain = build_sft_examples(recs, tok, seq_len=64, fields=f)
+    assert tok.decode(plain.input_ids[1, :int(plain.prompt_len[1])]) == "<|startoftext|>Question: x?\nAnswer:"
+    custom = build_sft_examples(recs, tok, seq_len=64, fields=f, prompt_format="Q: {}\n".format)
+    assert tok.decode(custom.input_ids[1, :int(custom.prompt_len[1])]) == "<|startoftext|>Q: x?\n"
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        build_sft_examples(recs, tok, seq_len=64, fields=f, chat_template=True)
+
+
+def test_long_prompts_dropped_and_answers_cut(tmp_path, caplog):
+    rows = [{"question": "q" * 40, "answer": "a"}, {"question": "q", "answer": "a" * 40},
+            {"question": "q", "answer": "a"}]
+    recs = load_records(str(_write_jsonl(tmp_path / "d.jsonl", rows)))
+    with caplog.at_level("WARNING", logger="remedi_patches.data"):
+        ex = build_sft_examples(recs, char_tokenizer(), seq_len=40, fields=resolve_fields(column_names(recs)))
+    assert (ex.dropped, ex.truncated, len(ex)) == (1, 1, 2)
+    assert "dropped 1 of 3" in caplog.text
+    assert ex.input_ids.shape == (2, 40)
+    with pytest.raises(ValueError, match="raise --seq_len"):
+        build_sft_examples(recs.select([0]), char_tokenizer(), seq_len=40, fields=resolve_fields(column_names(recs)))
+
+
+def test_answer_mask():
+    m = answer_mask(torch.tensor([1, 3]), 4)
+    assert m.tolist() == [[False, True, True, True], [False, False, False, True]]
+
+
+def test_embedded_records_use_the_task():
+    from remedi_patches.embedded import task
+
+    recs = load_records("embedded", split="val", limit=3)
+    expected = task.make_split(3, data.EMBEDDED_SEED, "val")
+    assert [r["answer"] for r in recs] == [p.solution for p in expected]
+    assert resolve_fields(column_names(recs)).prompt == "question"
+
+
+def test_hub_name_offline_gives_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="pass a local .json/.jsonl/.parquet"):
+        load_records("no-such-org/no-such-dataset-remedi", split="train")

@@ -1,0 +1,283 @@
+"""Remask SFT trainer (SMDM/pretrain/train_remedi.py) on tiny backbones: ups_only / joint / alternating,
+head and adapter round trips, resume, flags and errors."""
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from remedi_patches.backbones import load_backbone
+from remedi_patches.modeling_wrappers import load_lora, load_ups_head, save_ups_head
+from remedi_patches.noise import apply_remask_noise
+from remedi_patches.ups_head import UPSHead
+from test_data import char_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SMDM" / "pretrain"))
+import train_remedi  # noqa: E402
+from train_remedi import RemaskConfig, remask_forward, run, step_kind  # noqa: E402
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("remask")
+    rng = random.Random(0)
+    with open(root / "sums.jsonl", "w") as f:
+        for _ in range(120):
+            a, b = rng.randint(1, 49), rng.randint(1, 49)
+            f.write(json.dumps({"question": f"{a}+{b}", "answer": f"{a}+{b}={a + b}. #### {a + b}"}) + "\n")
+    tok = char_tokenizer()
+    from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
+
+    torch.manual_seed(0)
+    config = LLaDAConfig(d_model=32, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=len(tok),
+                         embedding_size=len(tok), max_sequence_length=128, rope_theta=10000.0,
+                         mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LLaDAModelLM(config).save_pretrained(root / "llada")
+    tok.save_pretrained(root / "llada")
+
+    from lit_gpt.config import Config
+    from lit_gpt.model import TransEncoder, save_smdm_folder
+
+    torch.manual_seed(0)
+    save_smdm_folder(TransEncoder(Config.from_name("Diff_LLaMA_tiny", vocab_size=len(tok), n_embd=32, n_head=2,
+                                                   intermediate_size=64, block_size=128)), root / "smdm")
+    tok.save_pretrained(root / "smdm")
+    return root
+
+
+def make_cfg(root: Path, out: str, **kw) -> RemaskConfig:
+    base = dict(model_name=str(root / "llada"), dataset=str(root / "sums.jsonl"), seq_len=SEQ_LEN, batch_size=4,
+                max_steps=6, lr=1e-2, lr_lora=1e-2, eval_samples=16, eval_every=0, save_every=0,
+                out_dir=str(root / out), accelerator="cpu", precision="32-true", seed=7)
+    base.update(kw)
+    return RemaskConfig(**base)
+
+
+def snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def csv_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_ups_only_freezes_backbone_and_trains_head(root):
+    backbone = load_backbone(root / "llada")
+    before = snapshot(backbone.model)
+    torch.manual_seed(1)
+    start_head = root / "start_head.safetensors"
+    save_ups_head(start_head, UPSHead(32, 8), {"mask_id": backbone.mask_id})
+    cfg = make_cfg(root, "ups_only", load_ups_head=str(start_head), max_steps=12, eval_every=12)
+    out = run(cfg, backbone=backbone)
+
+    after = backbone.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every backbone tensor bit-identical
+    assert not any(p.requires_grad for p in backbone.model.parameters())
+    start, _ = load_ups_head(start_head)
+    head, meta = load_ups_head(out["head_path"])
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), head.state_dict().values()))
+    assert (meta["hidden_size"], meta["width"], meta["mask_id"]) == (32, 8, backbone.mask_id)
+    assert meta["train_args"]["train_mode"] == "ups_only" and meta["backbone"] == str(root / "llada")
+    assert meta["prompt_template"] == "Question: {question}\nAnswer:"  # how the prompts were rendered
+
+    rows = csv_rows(out["metrics_csv"])
+    ups = [float(r["ups_loss"]) for r in rows]
+    assert len(ups) == 12 and sum(ups[-4:]) < sum(ups[:4])  # the UPS loss falls
+    assert all(float(r["tps_update"]) == 0 and float(r["ups_update"]) == 1 for r in rows)
+    mask_frac = [float(r["mask_frac"]) for r in rows]
+    incorrect_frac = [float(r["incorrect_frac"]) for r in rows]
+    assert all(0 <= m <= 1 for m in mask_frac) and 0.2 < sum(mask_frac) / 12 < 0.8  # E[t] = 0.5
+    assert all(0 <= i <= 1 for i in incorrect_frac) and sum(incorrect_frac) / 12 < 0.1  # E[4rt(1-t)^2] = r/3
+    assert 0 <= out["eval_auc"] <= 1 and out["eval_incorrect_tokens"] > 0
+
+    from generate import generate
+
+    calls = []
+    head.register_forward_hook(lambda *args: calls.append(1))
+    prompt = torch.tensor([backbone.tokenizer("12+30\n")["input_ids"]])
+    x = generate(backbone.model, prompt, steps=4, gen_length=8, block_length=8, mask_id=backbone.mask_id,
+                 confidence_source="ups", ups_head=head, eos_id=backbone.eos_id, eot_id=backbone.eot_id)
+    assert x.shape == (1, prompt.shape[1] + 8) and torch.equal(x[:, :prompt.shape[1]], prompt)
+    assert not (x == backbone.mask_id).any() and len(calls) == 4  # the head ranked every step
+
+
+@pytest.mark.slow
+def test_joint_lora_round_trip_base_unchanged_and_ups_gradient_isolated(root):
+    backbone = load_backbone(root / "smdm")  # TransEncoder: hidden state from the final-norm hook, PEFT on lit_gpt
+    before = snapshot(backbone.model)
+    cfg = make_cfg(root, "joint", model_name=str(root / "smdm"), train_mode="joint", max_steps=4)
+    out = run(cfg, backbone=backbone)
+    assert (out["tps_updates"], out["ups_updates"]) == (4, 4)
+
+    model = backbone.model
+    trained = {k: v for k, v in model.state_dict().items()}
+    base = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert base.keys() == before.keys() and all(torch.equal(before[k], base[k]) for k in before)
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: it has trained
+
+    reloaded = load_lora(load_backbone(root / "smdm").model, out["lora_dir"])
+    ids = torch.randint(0, 60, (2, SEQ_LEN))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reloaded(ids), atol=1e-6)
+
+    # a backward of the UPS loss alone puts no gradient on any LoRA parameter (the TPS loss does)
+    head, _ = load_ups_head(out["head_path"])
+    ids = backbone.tokenizer(["3+4\n3+4=7. #### 7"] * 2, return_tensors="pt")["input_ids"]
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 5:] = True
+    noise = apply_remask_noise(ids, answer, backbone.mask_id, 0.5, len(backbone.tokenizer), [0, 1, 2, 3], t=0.5,
+                               generator=torch.Generator().manual_seed(0))
+    model.train()
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.requires_grad for p in lora_params)
+    losses, _ = remask_forward(model, head, noise, ids, answer, answer.sum(1), "joint", 1.0)
+    losses.ups.backward(retain_graph=True)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lora_params)
+    assert any(p.grad is not None for p in head.parameters())
+    losses.tps.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+
+
+def test_autograd_follows_the_update_kind(root):
+    backbone = load_backbone(root / "llada")
+    backbone.model.requires_grad_(True)  # even a trainable backbone gets no graph in a UPS update
+    head = UPSHead(32)
+    ids = backbone.tokenizer(["3+4\n3+4=7. #### 7"], return_tensors="pt")["input_ids"]
+    answer = torch.arange(ids.shape[1])[None] >= 5
+    noise = apply_remask_noise(ids, answer, backbone.mask_id, 0.5, len(backbone.tokenizer), [0, 1, 2, 3], t=0.5,
+                               generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for kind in ("ups", "tps", "joint", "eval"):
+        losses, ups_logits = remask_forward(backbone.model, head, noise, ids, answer, answer.sum(1), kind, 1.0)
+        grads[kind] = (losses.tps.requires_grad, ups_logits.requires_grad)
+    assert grads == {"ups": (False, True), "tps": (True, False), "joint": (True, True), "eval": (False, False)}
+
+
+def test_step_kind_ratio():
+    kinds = [step_kind("alternating", s, 3) for s in range(12)]
+    assert kinds == ["tps", "tps", "tps", "ups"] * 3
+    assert {step_kind("joint", s, 3) for s in range(5)} == {"joint"}
+    assert {step_kind("ups_only", s, 3) for s in range(5)} == {"ups"}
+
+
+@pytest.mark.slow
+def test_alternating_updates_lora_then_head(root):
+    backbone = load_backbone(root / "llada")
+    cfg = make_cfg(root, "alt", train_mode="alternating", alt_ratio=2, max_steps=6, save_every=1,
+                   lora_dropout=0.0, eval_samples=0)
+    real_save = train_remedi.save_checkpoint
+    snaps = []
+
+    def save_and_snapshot(fabric, path, state):  # record head and LoRA after every update
+        snaps.append((snapshot(state["head"]), snapshot(state["lora"])))
+        return real_save(fabric, path, state)
+
+    train_remedi.save_checkpoint = save_and_snapshot
+    try:
+        out = run(cfg, backbone=backbone)
+    finally:
+        train_remedi.save_checkpoint = real_save
+    assert (out["tps_updates"], out["ups_updates"]) == (4, 2)
+    rows = csv_rows(out["metrics_csv"])
+    assert [int(float(r["tps_update"])) for r in rows] == [1, 1, 0, 1, 1, 0]
+    for step, ((head, lora), (prev_head, prev_lora)) in enumerate(zip(snaps[1:], snaps[:-1]), start=1):
+        head_moved = any(not torch.equal(head[k], prev_head[k]) for k in head)
+        lora_moved = any(not torch.equal(lora[k], prev_lora[k]) for k in lora)
+        assert (head_moved, lora_moved) == ((False, True) if step % 3 != 2 else (True, False)), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ups_only", "joint"])
+def test_killed_run_resumes_same_losses(root, mode):
+    full = run(make_cfg(root, f"full_{mode}", max_steps=6, train_mode=mode), backbone=load_backbone(root / "llada"))
+    cfg = make_cfg(root, f"killed_{mode}", max_steps=6, save_every=3, train_mode=mode)
+    real_save = train_remedi.save_checkpoint
+
+    def save_then_die(fabric, path, state):
+        real_save(fabric, path, state)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    train_remedi.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, backbone=load_backbone(root / "llada"))
+    finally:
+        train_remedi.save_checkpoint = real_save
+    resumed = run(cfg, backbone=load_backbone(root / "llada"))
+    assert resumed["updates"] == 6 and len(resumed["losses"]) == 3
+    assert resumed["losses"] == pytest.approx(full["losses"][3:], abs=1e-6)
+    a, _ = load_ups_head(full["head_path"])
+    b, _ = load_ups_head(resumed["head_path"])
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    if mode == "joint":  # the checkpoint holds the adapter only, and the resumed adapter equals the uninterrupted one
+        ckpt = torch.load(sorted((root / f"killed_{mode}").glob("iter-*-ckpt.pth"))[0], weights_only=True)
+        assert len(ckpt["lora"]) == 2 * 7 * 2  # A and B of 7 linear layers in 2 blocks
+        from safetensors.torch import load_file
+
+        x = load_file(Path(full["lora_dir"]) / "adapter_model.safetensors")
+        y = load_file(Path(resumed["lora_dir"]) / "adapter_model.safetensors")
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(root):
+    """2 CPU processes (DDP, gloo) x batch 2 follow 1 process x batch 4: same samples, same noise, same updates."""
+    common = ["--model_name", str(root / "llada"), "--dataset", str(root / "sums.jsonl"), "--seq_len", str(SEQ_LEN),
+              "--max_steps", "3", "--eval_samples", "16", "--train_mode", "joint", "--lora_dropout", "0",
+              "--accelerator", "cpu", "--precision", "32-true", "--seed", "7", "--lr", "1e-2", "--lr_lora", "1e-2"]
+    one = train_remedi.main(common + ["--batch_size", "4", "--out_dir", str(root / "ddp1")])
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "SMDM" / "pretrain" / "train_remedi.py"), *common,
+                           "--batch_size", "2", "--devices", "2", "--strategy", "ddp", "--out_dir", str(root / "ddp2")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [float(r["loss"]) for r in csv_rows(str(root / "ddp2" / "logs" / "version_0" / "metrics.csv"))]
+    # per-rank means of the UPS token average differ from the global one by the answer-length mix only
+    assert two == pytest.approx(one["losses"], rel=1e-3)
+    a, _ = load_ups_head(one["head_path"])
+    b, _ = load_ups_head(root / "ddp2" / "ups_head.safetensors")
+    assert all(torch.allclose(x, y, atol=1e-3) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_missing_field_error_lists_fields(root):
+    cfg = make_cfg(root, "bad", prompt_field="problem")
+    with pytest.raises(ValueError, match=r"'problem'.*fields present: \['answer', 'question'\]"):
+        run(cfg, backbone=load_backbone(root / "llada"))
+
+
+def test_cli_help_lists_the_seed_flags(capsys):
+    with pytest.raises(SystemExit):
+        train_remedi.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model_name", "--dataset", "--split", "--subset", "--text_field", "--prompt_field",
+                 "--answer_field", "--seq_len", "--batch_size", "--epochs", "--lr", "--lambda_ups", "--r_incorrect",
+                 "--mask_id", "--save_path", "--load_ups_head", "--ups_width", "--grad_accum", "--train_mode",
+                 "--alt_ratio", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target", "--lr_lora",
+                 "--lr_ups", "--save_lora_dir", "--load_lora_dir", "--save_ups_head", "--devices", "--strategy",
+                 "--precision", "--num_nodes", "--smdm_size", "--max_steps", "--eval_every", "--out_dir"):
+        assert flag in text, flag
+    assert "(default: 0.1)" in text  # r_incorrect's default is shown
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--train_mode", "lora"], "invalid choice"),
+    (["--r_incorrect", "2"], "r_incorrect"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--prompt_template", "Q: {prompt}"], "prompt_template"),
+])
+def test_bad_flags(argv, match, capsys):
+    with pytest.raises((ValueError, SystemExit)) as err:
+        train_remedi.parse_config(argv)
+    assert match in (str(err.value) + capsys.readouterr().err)
