@@ -114,6 +114,8 @@ configs += [
     dict(name="Diff_LLaMA_tiny", n_layer=2, n_head=2, n_embd=64, intermediate_size=256),
     dict(name="Diff_LLaMA_tiny_gqa", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=256),
     dict(name="Diff_LLaMA_small", n_layer=4, n_head=4, n_embd=128, intermediate_size=512),
+    # the embedded default backbone (remedi_patches/embedded/build.py): 1.6M parameters at vocab 512
+    dict(name="Diff_LLaMA_embedded", n_layer=6, n_head=4, n_embd=128, intermediate_size=512, block_size=128),
 ]
 
 name_to_config = {c["name"]: c for c in configs}
