@@ -1,0 +1,405 @@
+"""GSM8K / MATH accuracy of a masked-diffusion LM under one or more confidence sources (the seeds' eval_gsm_math.py).
+
+    python eval_gsm_math.py                                  # embedded model, 50 held-out embedded problems
+    python eval_gsm_math.py --model_name GSAI-ML/LLaDA-8B-Base --ups_head checkpoints/ups_head.safetensors \\
+        --dataset ../shared/data/gsm8k/test.jsonl --format gsm8k --max_samples 50 --infer_bs 1 \\
+        --steps 128 --gen_length 128 --block_length 16 --eos_gating --confidence_sources ups tps_prob random
+    python eval_gsm_math.py --dataset ../shared/data/math500/test.jsonl --format math ...
+    python eval_gsm_math.py --predictions out/eval_gsm_math/predictions.jsonl    # re-grade a saved run, no model
+
+A source is a confidence-source name of remedi_patches.confidence (ups, tps_prob, random, margin, entropy),
+`NAME:noremask` (the same ranking, but committed tokens are never re-masked), or `upstream` (LLaDA's own sampler
+with --remasking). Every source runs with the same sampler settings and starts from torch.manual_seed(--seed).
+Prompts are sorted by length before batching (--infer_bs) to waste little on left padding.
+
+Writes to --out_dir: predictions.jsonl (one row per problem and source: index, source, format, prompt, output,
+extracted, gold, correct, seconds), summary.json and summary.md (accuracy, coverage = share of outputs with an
+extractable answer, n, mean seconds per problem, per source). The summary is computed from the rows alone, so
+re-grading the predictions file with the same graders reproduces it exactly.
+
+From Python (the demo and bench/bench_embedded_accuracy.py do this):
+    em = load_eval_model(None, ups_head="out/remedi/ups_head.safetensors")      # opencompass_patch.harness
+    items = make_items(load_records("embedded", "test", limit=50), "gsm8k")
+    predictions, summary = evaluate(em, items, parse_runs(["ups", "tps_prob"]), SamplerSettings(32, 32, 32))
+    print(markdown_table(summary))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent
+for _p in (ROOT, ROOT / "SMDM"):  # generate.py / remedi_patches / lit_gpt without an install
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from generate import UPSTREAM_RULES, decode_answers, encode_prompts, generate  # noqa: E402
+from opencompass_patch.harness import EvalModel, SamplerSettings, load_eval_model  # noqa: E402
+from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math  # noqa: E402
+from remedi_patches.modeling_wrappers import UPSModel  # noqa: E402
+
+FORMATS = ("gsm8k", "math")
+NOREMASK = ":noremask"
+UPSTREAM = "upstream"
+BOXED_HINT = "Put the final answer in \\boxed{}."
+PREDICTION_KEYS = ("index", "source", "format", "prompt", "output", "extracted", "gold", "correct", "seconds")
+
+
+# ---------------------------------------------------------------- runs (what is compared)
+
+
+@dataclass(frozen=True)
+class Run:
+    """How to sample: a confidence source (None = upstream LLaDA) and whether committed tokens may be re-masked."""
+
+    source: Optional[str]
+    remask: bool = True
+
+    @property
+    def label(self) -> str:
+        if self.source is None:
+            return UPSTREAM
+        return self.source if self.remask else self.source + NOREMASK
+
+
+def parse_run(text: str, no_remask: bool = False) -> Run:
+    """'ups' | 'ups:noremask' | 'upstream' -> Run; no_remask turns re-masking off for every source."""
+    from remedi_patches.confidence import get_confidence_source
+
+    if text == UPSTREAM:
+        return Run(None, remask=False)
+    name, remask = (text[: -len(NOREMASK)], False) if text.endswith(NOREMASK) else (text, not no_remask)
+    try:
+        get_confidence_source(name)
+    except ValueError as err:
+        raise ValueError(f"{err}; a source may also be NAME{NOREMASK} or {UPSTREAM!r}") from None
+    return Run(name, remask)
+
+
+def parse_runs(texts: Sequence[str], no_remask: bool = False) -> list[Run]:
+    runs = [parse_run(t, no_remask) for t in texts]
+    labels = [r.label for r in runs]
+    if not runs or len(set(labels)) != len(labels):
+        raise ValueError(f"--confidence_sources must name at least one source, each once; got {list(texts)}")
+    return runs
+
+
+# ---------------------------------------------------------------- problems and grading
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    index: int   # position in the dataset (pairs rows of different sources)
+    prompt: str  # the text fed to the tokenizer (before any chat template)
+    gold: str    # GSM8K: the final number; MATH: the reference answer
+    reference: str = ""  # the dataset's full solution (infer_compare.py draws tokens against it)
+
+
+def _gold(text: str, fmt: str, index: int, field: str) -> str:
+    if fmt == "gsm8k":
+        gold = extract_gsm8k_answer(text)
+        if gold is None:
+            raise ValueError(f"record {index}: field {field!r} holds no number ({text[:80]!r}); pass the field with "
+                             "the reference answer via --answer_field")
+        return gold
+    return extract_boxed(text) or text.strip()
+
+
+def make_items(records: Iterable[dict], fmt: str, prompt_template: Optional[str] = None,
+               prompt_field: Optional[str] = None, answer_field: Optional[str] = None) -> list[EvalItem]:
+    """Records -> EvalItems. Fields are found as in training (remedi_patches.data.resolve_fields: GSM8K
+    question/answer, MATH problem/...); for --format math the gold is the `answer` column when there is one,
+    else the last \\boxed{} of the solution. The default prompt is the embedded task's "Question: ...\\nAnswer:"
+    (for math with a request to box the answer); prompt_template uses {question}."""
+    from remedi_patches.data import column_names, resolve_fields
+    from remedi_patches.embedded.task import format_prompt
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown --format {fmt!r}; use one of {FORMATS}")
+    records = list(records)
+    columns = column_names(records)
+    fields = resolve_fields(columns, prompt_field=prompt_field, answer_field=answer_field)
+    if fields.kind != "pair":
+        raise ValueError(f"cannot find a question and an answer field among {sorted(columns)}; pass --prompt_field "
+                         "and --answer_field")
+    gold_field = fields.answer
+    if fmt == "math" and answer_field is None and "answer" in columns:
+        gold_field = "answer"
+    if prompt_template is not None and "{question}" not in prompt_template:
+        raise ValueError(f"--prompt_template {prompt_template!r} has no {{question}} placeholder; add one")
+    items = []
+    for i, record in enumerate(records):
+        question = str(record[fields.prompt])
+        if prompt_template is not None:
+            prompt = prompt_template.replace("{question}", question)
+        else:
+            prompt = format_prompt(question if fmt == "gsm8k" else f"{question}\n{BOXED_HINT}")
+        gold = _gold(str(record[gold_field]), fmt, i, gold_field)
+        items.append(EvalItem(i, prompt, gold, str(record[fields.answer])))
+    return items
+
+
+def grade(fmt: str, output: str, gold: str) -> tuple[Optional[str], bool]:
+    """(extracted answer or None, correct) of one output, with remedi_patches.graders."""
+    if fmt == "gsm8k":
+        return extract_gsm8k_answer(output), grade_gsm8k(output, gold)
+    if fmt == "math":
+        return extract_boxed(output), grade_math(output, gold)
+    raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample(em: EvalModel, prompts: list[str], settings: SamplerSettings, run: Run, chat: str = "off",
+           trajectory=None) -> tuple[list[str], int]:
+    """Answers to `prompts` (one left-padded batch) under `run` -> (answers cut at EOS/EoT, padded prompt length)."""
+    if run.source == "ups" and em.ups_head is None and not isinstance(em.model, UPSModel):
+        raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), "
+                         "or drop 'ups' from --confidence_sources")
+    ids, attention_mask = encode_prompts(em.tokenizer, prompts, chat)
+    out = generate(em.model, ids.to(em.device), attention_mask.to(em.device), steps=settings.steps,
+                   gen_length=settings.gen_length, block_length=settings.block_length,
+                   temperature=settings.temperature, cfg_scale=settings.cfg_scale, remasking=settings.remasking,
+                   mask_id=em.mask_id, logits_eos_inf=settings.logits_eos_inf,
+                   confidence_eos_eot_inf=settings.confidence_eos_eot_inf, confidence_source=run.source,
+                   ups_head=em.ups_head, remask=run.remask, eos_id=em.eos_id, eot_id=em.eot_id,
+                   trajectory=trajectory)  # (B, Lp + gen_length)
+    return decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids), ids.shape[1]
+
+
+def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], settings: SamplerSettings, *,
+             fmt: str = "gsm8k", batch_size: int = 1, seed: int = 0, chat: str = "off",
+             progress: bool = True) -> tuple[list[dict], dict]:
+    """Sample and grade every item under every run -> (prediction rows, summary).
+
+    Runs share `settings` and each starts from torch.manual_seed(seed). Items are batched by prompt length;
+    rows come back in item order per run. `seconds` is the batch's wall time divided by its size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--infer_bs must be >= 1, got {batch_size}")
+    if not items:
+        raise ValueError("no problems to evaluate; check --dataset / --split / --max_samples")
+    lengths = [len(ids) for ids in em.tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    batches = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    rows = []
+    for run in runs:
+        torch.manual_seed(seed)
+        run_rows = []
+        with tqdm(total=len(items), desc=run.label, disable=not progress, file=sys.stderr) as bar:
+            for batch in batches:
+                start = time.perf_counter()
+                answers, _ = sample(em, [it.prompt for it in batch], settings, run, chat)
+                seconds = (time.perf_counter() - start) / len(batch)
+                for item, output in zip(batch, answers):
+                    extracted, correct = grade(fmt, output, item.gold)
+                    run_rows.append({"index": item.index, "source": run.label, "format": fmt, "prompt": item.prompt,
+                                     "output": output, "extracted": extracted, "gold": item.gold,
+                                     "correct": correct, "seconds": seconds})
+                bar.update(len(batch))
+        rows += sorted(run_rows, key=lambda r: r["index"])
+    return rows, summarise(rows)
+
+
+# ---------------------------------------------------------------- summary and re-grading
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+    """Per source, in order of first appearance: n, correct, accuracy, coverage, mean seconds per problem."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["source"], []).append(row)
+    results = []
+    for source, group in groups.items():
+        n = len(group)
+        correct = sum(bool(r["correct"]) for r in group)
+        results.append({"source": source, "n": n, "correct": correct, "accuracy": correct / n,
+                        "coverage": sum(r["extracted"] is not None for r in group) / n,
+                        "mean_seconds": sum(r["seconds"] for r in group) / n})
+    return {"results": results}
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| source | accuracy | coverage | n | s / problem |", "|---|---:|---:|---:|---:|"]
+    for r in summary["results"]:
+        lines.append(f"| {r['source']} | {r['accuracy']:.3f} | {r['coverage']:.3f} | {r['n']} | "
+                     f"{r['mean_seconds']:.3f} |")
+    return "\n".join(lines)
+
+
+def regrade(rows: Sequence[dict]) -> list[dict]:
+    """The rows with `extracted` and `correct` recomputed by the current graders (each row's own format)."""
+    out = []
+    for row in rows:
+        extracted, correct = grade(row["format"], row["output"], row["gold"])
+        out.append({**row, "extracted": extracted, "correct": correct})
+    return out
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictions file at {path}; pass the predictions.jsonl an earlier "
+                                "eval_gsm_math.py run wrote")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n} is not valid JSON ({err}); the file is truncated or not a "
+                                 "predictions file") from None
+            missing = [k for k in PREDICTION_KEYS if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{n} lacks {missing}; pass a predictions.jsonl written by eval_gsm_math.py")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no predictions")
+    return rows
+
+
+def write_summary(out_dir: Path, summary: dict, prefix: str = "") -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{prefix}summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / f"{prefix}summary.md").write_text(markdown_table(summary) + "\n")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Backbone / adapter / head flags shared by eval_gsm_math.py, infer_compare.py and the benchmarks."""
+    p.add_argument("--model_name", "--model", dest="model_name", default=None,
+                   help="model folder, SMDM export / .pth, or hub name; None = the embedded tiny model")
+    p.add_argument("--smdm_size", default=None, help="architecture of an SMDM .pth checkpoint, e.g. Diff_LLaMA_170M")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name when the model has none")
+    p.add_argument("--ups_head", default=None, help="UPS head .safetensors (train_remedi.py); needed by source 'ups'")
+    p.add_argument("--lora_path", default=None, help="PEFT LoRA adapter folder applied to the backbone")
+    p.add_argument("--mask_id", type=int, default=None, help="None = the backbone's mask id")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on CUDA, the checkpoint's dtype otherwise")
+
+
+def add_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = ("ups", "tps_prob", "random")) -> None:
+    """Sampler flags (names as in generate.py); the defaults fit the embedded task (answers < 32 tokens)."""
+    p.add_argument("--confidence_sources", nargs="+", default=list(sources),
+                   help=f"sources compared under the same settings: NAME, NAME{NOREMASK} or {UPSTREAM}")
+    p.add_argument("--no_remask", action="store_true", help="never re-mask committed tokens, for every source")
+    p.add_argument("--steps", type=int, default=32, help="denoising steps in all (a multiple of the block count)")
+    p.add_argument("--gen_length", type=int, default=32, help="answer tokens sampled per prompt")
+    p.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block size (divides gen_length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max sampling temperature (0 = argmax)")
+    p.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--remasking", choices=sorted(UPSTREAM_RULES), default="low_confidence",
+                   help=f"upstream rule of the {UPSTREAM!r} source")
+    p.add_argument("--eos_gating", action="store_true", help="= --logits_eos_inf --confidence_eos_eot_inf")
+    p.add_argument("--logits_eos_inf", action="store_true", help="never sample EOS")
+    p.add_argument("--confidence_eos_eot_inf", action="store_true",
+                   help="commit EOS / EoT candidates after all other candidates of a block")
+    p.add_argument("--chat", choices=["auto", "on", "off"], default="off",
+                   help="wrap prompts in the tokenizer's chat template (instruct models: on)")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before each source")
+
+
+def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
+    return SamplerSettings(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                           temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                           logits_eos_inf=args.logits_eos_inf or args.eos_gating,
+                           confidence_eos_eot_inf=args.confidence_eos_eot_inf or args.eos_gating)
+
+
+def load_model(args: argparse.Namespace) -> EvalModel:
+    return load_eval_model(args.model_name, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                           lora_path=args.lora_path, ups_head=args.ups_head, mask_id=args.mask_id,
+                           smdm_size=args.smdm_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="GSM8K / MATH accuracy per confidence source (RemeDi vs baselines).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="embedded",
+                   help="hub name (openai/gsm8k), local .json/.jsonl/.parquet file or folder, or 'embedded'")
+    d.add_argument("--subset", default=None, help="hub config / sub-folder, e.g. main for openai/gsm8k")
+    d.add_argument("--split", default="test", help="dataset split (embedded: train / val / test)")
+    d.add_argument("--format", choices=FORMATS, default="gsm8k", help="grader: `#### N` / last number, or \\boxed{}")
+    d.add_argument("--max_samples", type=int, default=50, help="first N problems (0 = all)")
+    d.add_argument("--prompt_field", default=None, help="question field (default: found as in training)")
+    d.add_argument("--answer_field", default=None, help="reference field (default: answer / solution)")
+    d.add_argument("--prompt_template", default=None,
+                   help="prompt with a {question} placeholder; None = 'Question: {question}\\nAnswer:' (math: plus "
+                        "a request to box the answer)")
+    add_sampler_args(p)
+    r = p.add_argument_group("run")
+    r.add_argument("--infer_bs", type=int, default=1, help="prompts per generate() call (left-padded)")
+    r.add_argument("--out_dir", default=None,
+                   help="where outputs go; None = out/eval_gsm_math (re-grading: the predictions file's folder)")
+    r.add_argument("--predictions", default=None,
+                   help="re-grade this predictions.jsonl instead of sampling (no model); writes regraded_* files")
+    r.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def run_regrade(path: str, out_dir: Optional[str]) -> dict:
+    rows = read_predictions(path)
+    new_rows = regrade(rows)
+    changed = sum(a["correct"] != b["correct"] for a, b in zip(rows, new_rows))
+    summary = summarise(new_rows)
+    target = Path(out_dir) if out_dir else Path(path).parent
+    write_jsonl(target / "regraded_predictions.jsonl", new_rows)
+    write_summary(target, {**summary, "regraded_from": str(path), "changed": changed}, prefix="regraded_")
+    print(markdown_table(summary))
+    print(f"\n{changed} of {len(rows)} verdicts changed; wrote {target / 'regraded_predictions.jsonl'}")
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.predictions:
+        return run_regrade(args.predictions, args.out_dir)
+    from remedi_patches.data import load_records
+
+    if args.max_samples < 0:
+        raise ValueError(f"--max_samples must be >= 0 (0 = all), got {args.max_samples}")
+    runs = parse_runs(args.confidence_sources, args.no_remask)
+    settings = sampler_settings(args)
+    records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples or None)
+    items = make_items(records, args.format, args.prompt_template, args.prompt_field, args.answer_field)
+    em = load_model(args)
+    rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs, seed=args.seed,
+                             chat=args.chat, progress=not args.no_progress)
+    out_dir = Path(args.out_dir or "out/eval_gsm_math")
+    write_jsonl(out_dir / "predictions.jsonl", rows)
+    write_summary(out_dir, {**summary, "settings": vars(args)})
+    print(markdown_table(summary))
+    print(f"\nwrote {out_dir / 'predictions.jsonl'} and {out_dir / 'summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The same prompts under several confidence sources, side by side, with each run's denoising trajectory.
+
+    python infer_compare.py --ups_head out/remedi/ups_head.safetensors       # 2 held-out embedded problems
+    python infer_compare.py --dataset embedded --max_samples 3 --ups_head out/remedi/ups_head.safetensors \\
+        --steps 8 --html out/compare/trajectories.html --png_dir out/compare
+    python infer_compare.py --model_name GSAI-ML/LLaDA-8B-Base --ups_head checkpoints/ups_head.safetensors \\
+        --lora_path checkpoints/lora_math --prompt "Give a brief plan for learning calculus." \\
+        --steps 128 --gen_length 128 --block_length 16 --eos_gating
+
+Prompts come from --prompt (used as written, repeatable) or, without one, from --dataset (formatted as in
+eval_gsm_math.py, answers graded). Every source starts from torch.manual_seed(--seed) with the same settings.
+Printed per prompt: each source's answer with its re-masking events by kind (same / changed; with a reference:
+corrected / broken, see remedi_patches.diagnostics.revisions); then per source and step the tokens committed
+(+pos:'tok') and re-masked (-pos:'tok'), with the masks left in the current block and in the whole answer.
+--html writes one self-contained page with every trajectory (step x position tables); --png_dir writes per
+prompt the mask-count curves of all sources and one trajectory picture per source (remedi_patches.diagnostics).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent
+for _p in (ROOT, ROOT / "SMDM"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+from eval_gsm_math import (FORMATS, EvalItem, add_model_args, add_sampler_args, grade, load_model,  # noqa: E402
+                           make_items, parse_runs, sample, sampler_settings)
+from remedi_patches import diagnostics as diag  # noqa: E402
+from remedi_patches.remasking import Trajectory  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Same prompts, several confidence sources, side by side, with "
+                                "trajectories.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", default=None, help="prompt text, used as written; repeat for more")
+    d = p.add_argument_group("data (when no --prompt is given)")
+    d.add_argument("--dataset", default="embedded", help="hub name, local file or 'embedded'")
+    d.add_argument("--subset", default=None, help="hub config / sub-folder")
+    d.add_argument("--split", default="test", help="dataset split")
+    d.add_argument("--format", choices=FORMATS, default="gsm8k", help="grader of the answers")
+    d.add_argument("--max_samples", type=int, default=2, help="first N problems")
+    d.add_argument("--prompt_template", default=None, help="as in eval_gsm_math.py")
+    d.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
+                   help="colour kept tokens by the dataset's solution, position by position (auto: for 'embedded', "
+                        "whose model writes exactly that format)")
+    add_sampler_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--html", default=None, help="write a self-contained HTML page of all trajectories here")
+    o.add_argument("--png_dir", default=None, help="write mask-count and trajectory PNGs into this folder")
+    o.add_argument("--quiet_steps", action="store_true", help="print answers only, no per-step lines")
+    return p
+
+
+def step_lines(trace: diag.RowTrace, text) -> list[str]:
+    lines = []
+    for c in diag.step_changes(trace):
+        added = " ".join(f"+{p}:{text(t)!r}" for p, t in c.committed) or "-"
+        removed = " ".join(f"-{p}:{text(t)!r}" for p, t in c.remasked) or "-"
+        lines.append(f"  step {c.index + 1:3d} (block {c.block} step {c.step + 1}): masks {c.block_masks} in block, "
+                     f"{c.answer_masks} in answer | committed {added} | re-masked {removed}")
+    return lines
+
+
+def _items(args) -> tuple[list[EvalItem], bool]:
+    """(prompts to compare, whether they carry a graded / reference answer)."""
+    if args.prompt:
+        return [EvalItem(i, p, "") for i, p in enumerate(args.prompt)], False
+    from remedi_patches.data import load_records
+
+    records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples)
+    return make_items(records, args.format, args.prompt_template), True
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    runs = parse_runs(args.confidence_sources, args.no_remask)
+    settings = sampler_settings(args)
+    items, graded = _items(args)
+    em = load_model(args)
+    text = diag.token_texts(em.tokenizer, em.mask_id)
+    use_reference = graded and (args.reference == "on" or (args.reference == "auto" and args.dataset == "embedded"))
+    references = [diag.reference_ids(em.tokenizer, it.reference, settings.gen_length, em.eos_id) if use_reference
+                  else None for it in items]
+
+    answers, traces = {}, {}
+    for run in runs:
+        torch.manual_seed(args.seed)
+        trajectory = Trajectory(keep_tokens=True)
+        answers[run.label], prompt_len = sample(em, [it.prompt for it in items], settings, run, args.chat, trajectory)
+        traces[run.label] = [diag.row_trace(trajectory, row, prompt_len, em.mask_id) for row in range(len(items))]
+
+    views, files = [], []
+    width = max(len(label) for label in answers)
+    for i, item in enumerate(items):
+        print(f"=== prompt {i}\n{item.prompt}")
+        print(f"--- answers (gold {item.gold})" if graded else "--- answers")
+        for label in answers:
+            correct = grade(args.format, answers[label][i], item.gold)[1] if graded else None
+            verdict = "" if correct is None else ("[correct] " if correct else "[wrong] ")
+            kinds = Counter(r.kind for r in diag.revisions(traces[label][i], references[i]))
+            remasks = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
+            print(f"{label:<{width}}  {verdict}{answers[label][i]!r}  (re-maskings: {remasks})")
+            views.append(diag.TraceView(title=f"prompt {i}, {label}", trace=traces[label][i], text=text,
+                                        answer=answers[label][i], reference=references[i], verdict=correct))
+        if not args.quiet_steps:
+            for label in answers:
+                print(f"--- trajectory: {label}")
+                print("\n".join(step_lines(traces[label][i], text)))
+        if args.png_dir:
+            out = Path(args.png_dir)
+            files.append(diag.plot_mask_counts({label: traces[label][i] for label in answers},
+                                               out / f"mask_counts_p{i}.png", title=f"prompt {i}"))
+            for label in answers:
+                files.append(diag.plot_trajectory(traces[label][i], text, out / f"trajectory_p{i}_{label}.png",
+                                                  references[i], title=f"prompt {i}, {label}"))
+        print()
+    if args.html:
+        intro = (f"steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length}, "
+                 f"temperature {settings.temperature}, seed {args.seed}")
+        files.append(diag.write_text(args.html, diag.trajectory_html(views, intro=intro)))
+    if files:
+        print("wrote " + ", ".join(str(f) for f in files))
+    return {"answers": answers, "traces": traces, "files": files}
+
+
+if __name__ == "__main__":
+    main()
