@@ -1,0 +1,155 @@
+"""One loader for every backbone the sampler, trainers and evaluators accept.
+
+    load_backbone(None)                       the embedded tiny model shipped in remedi_patches/embedded/assets
+    load_backbone("GSAI-ML/LLaDA-8B-Base")    a hub name (needs the hub, or a warm HF cache)
+    load_backbone("/models/LLaDA-8B-Base")    a local transformers folder (config.json, model_type "llada")
+    load_backbone("/runs/smdm_export")        a folder written by lit_gpt.model.save_smdm_folder
+    load_backbone("iter-010000-ckpt.pth", smdm_size="Diff_LLaMA_170M", tokenizer="TinyLlama/...")
+                                              an SMDM training checkpoint
+
+Every path returns a `Backbone`: the model in eval mode, its tokenizer and the special ids the
+sampler needs, so callers never branch on the backbone type.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
+LLADA_MASK_ID = 126336
+SMDM_CONFIG = "smdm_config.json"
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: object  # a transformers tokenizer
+    mask_id: int
+    eos_id: Optional[int]
+    eot_id: Optional[int]
+    name: str
+    kind: str  # "llada" (transformers) or "smdm" (lit_gpt TransEncoder)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def _special_ids(tokenizer) -> tuple[Optional[int], Optional[int]]:
+    eos = tokenizer.eos_token_id
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() else None
+    return eos, eot
+
+
+def _load_tokenizer(source: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"could not load a tokenizer from {source!r} ({err}); pass --tokenizer with a local tokenizer "
+            "folder or a hub name that is reachable"
+        ) from err
+
+
+def _load_transformers(source: str, dtype: Optional[torch.dtype]) -> nn.Module:
+    from transformers import AutoModel
+
+    from remedi_patches import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
+
+    try:
+        return AutoModel.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load model {source!r}: {err}\nIf this machine cannot reach the Hugging Face hub, "
+            "download the model elsewhere (huggingface-cli download <name> --local-dir DIR) and pass DIR."
+        ) from err
+
+
+def _load_smdm(model_file: Path, config_name: Optional[str], dtype: Optional[torch.dtype]) -> nn.Module:
+    from lit_gpt.model import TransEncoder, load_smdm_folder, load_weights
+
+    if model_file.is_dir():
+        return load_smdm_folder(model_file, dtype=dtype)
+    if config_name is None:
+        raise ValueError(
+            f"{model_file} is an SMDM training checkpoint; say which architecture it holds with "
+            "--smdm_size Diff_LLaMA_<N>M (e.g. Diff_LLaMA_170M)"
+        )
+    model = TransEncoder.from_name(config_name)
+    load_weights(model, model_file)
+    return model.to(dtype) if dtype is not None else model
+
+
+def load_backbone(
+    name_or_path: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    smdm_size: Optional[str] = None,
+    tokenizer: str | Path | None = None,
+) -> Backbone:
+    """Load a backbone and its tokenizer; see the module docstring for the accepted sources."""
+    dtype = _dtype(dtype)
+    if name_or_path is None or str(name_or_path) == "embedded":
+        if not (EMBEDDED_DIR / SMDM_CONFIG).is_file():
+            raise FileNotFoundError(
+                f"the embedded backbone is missing from {EMBEDDED_DIR}; rebuild it with "
+                "`python -m remedi_patches.embedded.build` (see remedi_patches/embedded/README.md)"
+            )
+        name_or_path = EMBEDDED_DIR
+    source = Path(name_or_path)
+    tokenizer_source = tokenizer
+
+    if source.exists():
+        if source.is_file() or (source / SMDM_CONFIG).is_file():
+            kind = "smdm"
+            model = _load_smdm(source, smdm_size, dtype)
+            tokenizer_source = tokenizer_source or (source if source.is_dir() else None)
+            if tokenizer_source is None:
+                raise ValueError(f"{source} holds no tokenizer; pass --tokenizer (a folder or hub name)")
+        elif (source / "config.json").is_file():
+            kind = "llada"
+            model = _load_transformers(str(source), dtype)
+            tokenizer_source = tokenizer_source or source
+        else:
+            raise FileNotFoundError(
+                f"{source} is neither a transformers model folder (config.json), an SMDM export "
+                f"({SMDM_CONFIG} + model.safetensors) nor an SMDM checkpoint file (.pth)"
+            )
+    elif "/" in str(name_or_path) and not str(name_or_path).startswith((".", "/")):
+        kind = "llada"
+        model = _load_transformers(str(name_or_path), dtype)
+        tokenizer_source = tokenizer_source or str(name_or_path)
+    else:
+        raise FileNotFoundError(f"no model at {name_or_path!r}: not a local path and not a hub name (org/name)")
+
+    tok = _load_tokenizer(tokenizer_source)
+    eos_id, eot_id = _special_ids(tok)
+    if kind == "smdm":
+        mask_id = model.config.mask_id
+    else:
+        mask_id = getattr(model.config, "mask_token_id", None) or LLADA_MASK_ID
+    model.to(device).eval()
+    return Backbone(model=model, tokenizer=tok, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
+                    name=str(name_or_path), kind=kind)
+
+
+def describe(backbone: Backbone) -> dict:
+    """A JSON-able summary stored in checkpoints' metadata."""
+    cfg = backbone.model.config
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    return {"name": backbone.name, "kind": backbone.kind, "mask_id": backbone.mask_id,
+            "config": json.loads(json.dumps(cfg_dict, default=str))}
