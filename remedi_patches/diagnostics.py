@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from remedi_patches.metrics import Confusion, confusion_at, roc_auc, roc_curve
+from remedi_patches.noise import INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, tps_incorrect_noise
 from remedi_patches.remasking import Trajectory
 
 MASK_TEXT = "\u25a2"  # a small empty square stands for [MASK]
@@ -375,47 +376,55 @@ def noise_special_ids(tokenizer, mask_id: int, eos_id: Optional[int], eot_id: Op
 def ups_detection_report(backbone, head, records, *, seq_len: int = 128, r_incorrect: float = 0.1,
                          batch_size: int = 32, seed: int = 0, threshold: float = 0.5,
                          prompt_format: Optional[Callable[[str], str]] = None, t: Optional[float] = None,
-                         eps: float = 1e-3) -> DetectionReport:
+                         eps: float = 1e-3, incorrect_source: str = "uniform") -> DetectionReport:
     """Noise held-out `records` as Remask SFT does and score every unmasked answer token.
 
     backbone: a remedi_patches.backbones.Backbone (its .model may be LoRA-wrapped); head: a UPSHead.
     records: dicts / a datasets.Dataset with a prompt and an answer field (remedi_patches.data.resolve_fields).
     seq_len, r_incorrect: as the head was trained (its meta["train_args"]); t: fixed diffusion time, else
     t ~ U(eps, 1) per sequence. prompt_format: as in training (see detection_settings); None = the default
-    of remedi_patches.data.build_sft_examples.
+    of remedi_patches.data.build_sft_examples. incorrect_source: 'uniform' or 'tps' (the backbone's own
+    guesses, remedi_patches.noise.tps_incorrect_noise), as the head was trained.
     """
     from remedi_patches import data
     from remedi_patches.metrics import detection_scores
     from remedi_patches.modeling_wrappers import backbone_forward
-    from remedi_patches.noise import apply_remask_noise
 
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if incorrect_source not in INCORRECT_SOURCES:
+        raise ValueError(f"incorrect_source must be one of {INCORRECT_SOURCES}, got {incorrect_source!r}")
     tokenizer, model = backbone.tokenizer, backbone.model
     fields = data.resolve_fields(data.column_names(records))
     examples = data.build_sft_examples(records, tokenizer, seq_len, fields, prompt_format=prompt_format)
     answer_mask = data.answer_mask(examples.prompt_len, seq_len)  # (N, L)
     special = noise_special_ids(tokenizer, backbone.mask_id, backbone.eos_id, backbone.eot_id)
+    generator = torch.Generator().manual_seed(seed)
     noise = apply_remask_noise(examples.input_ids, answer_mask, backbone.mask_id, r_incorrect, len(tokenizer),
-                               special, t=t, generator=torch.Generator().manual_seed(seed), eps=eps)
+                               special, t=t, generator=generator, eps=eps)
     device = next(head.parameters()).device
     ups_scores, tps_scores, labels = [], [], []
     for start in range(0, len(examples), batch_size):
         rows = slice(start, start + batch_size)
-        noisy = noise.noisy[rows].to(device)  # (b, L)
+        part = RemaskBatch(*(x[rows] for x in noise))
+        if incorrect_source == "tps":  # one generator over the batches in order: same tokens for any batch_size
+            part = tps_incorrect_noise(lambda x: backbone_forward(model, x.to(device))[0], examples.input_ids[rows],
+                                       part, backbone.mask_id, len(tokenizer), special, generator)
+        noisy = part.noisy.to(device)  # (b, L)
         logits, hidden = backbone_forward(model, noisy, None, need_hidden=True)  # (b, L, V), (b, L, d)
         h = head(hidden)  # (b, L)
         there = noisy.clamp(max=logits.shape[-1] - 1)  # the mask id may lie past the logits; masks are not scored
         p_there = logits.float().softmax(-1).gather(-1, there.unsqueeze(-1)).squeeze(-1)  # (b, L)
-        s, y = detection_scores(h, noise.incorrect[rows], noise.masked[rows], answer_mask[rows])
-        keep = answer_mask[rows] & ~noise.masked[rows]
+        s, y = detection_scores(h, part.incorrect, part.masked, answer_mask[rows])
+        keep = answer_mask[rows] & ~part.masked
         ups_scores.append(s)
         tps_scores.append((1.0 - p_there.cpu())[keep])
         labels.append(y)
     ups_scores, tps_scores, labels = torch.cat(ups_scores), torch.cat(tps_scores), torch.cat(labels)
     fpr, tpr, _ = roc_curve(ups_scores, labels)
     tps_fpr, tps_tpr, _ = roc_curve(tps_scores, labels)
-    settings = {"records": len(examples), "seq_len": seq_len, "r_incorrect": r_incorrect, "seed": seed,
+    settings = {"records": len(examples), "seq_len": seq_len, "r_incorrect": r_incorrect,
+                "incorrect_source": incorrect_source, "seed": seed,
                 "t": t, "eps": eps, "backbone": getattr(backbone, "name", None)}
     return DetectionReport(auc=roc_auc(ups_scores, labels), tps_auc=roc_auc(tps_scores, labels),
                            confusion=confusion_at(ups_scores, labels, 1.0 - threshold), threshold=threshold,
@@ -462,19 +471,18 @@ def write_detection_report(report: DetectionReport, out_dir: str | Path) -> dict
             "json": write_text(out_dir / "detection.json", json.dumps(report.to_dict(), indent=2) + "\n")}
 
 
-def detection_settings(meta: dict, dataset: str, seq_len: Optional[int] = None,
-                       r_incorrect: Optional[float] = None) -> dict:
-    """seq_len, r_incorrect and prompt format as SMDM/pretrain/train_remedi.py trained the head (its save meta:
-    --prompt_template, else the embedded task's format for 'embedded', else "{}\\n"), unless given."""
+def detection_settings(meta: dict, dataset: Optional[str] = None, seq_len: Optional[int] = None,
+                       r_incorrect: Optional[float] = None, incorrect_source: Optional[str] = None) -> dict:
+    """seq_len, r_incorrect, incorrect_source and prompt format as SMDM/pretrain/train_remedi.py trained the head
+    (its save meta), unless given. One prompt rule for every dataset, as in training: meta["prompt_template"]
+    ("{question}" placeholder) when present, else the default of remedi_patches.data.build_sft_examples.
+    `dataset` no longer matters; it is accepted for existing callers."""
     train = meta.get("train_args") or {}
-    if train.get("prompt_template"):
-        prompt_format = lambda p: train["prompt_template"].format(prompt=p)  # noqa: E731
-    elif dataset == "embedded":
-        from remedi_patches.embedded.task import format_prompt as prompt_format
-    else:
-        prompt_format = "{}\n".format
+    template = meta.get("prompt_template")
+    prompt_format = None if template is None else (lambda question: template.replace("{question}", question))
     return {"seq_len": seq_len or train.get("seq_len") or 128,
             "r_incorrect": r_incorrect if r_incorrect is not None else train.get("r_incorrect", 0.1),
+            "incorrect_source": incorrect_source or train.get("incorrect_source", "uniform"),
             "prompt_format": prompt_format}
 
 
@@ -492,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_samples", type=int, default=200, help="records noised and scored")
     p.add_argument("--seq_len", type=int, default=None, help="None = the head's training seq_len (else 128)")
     p.add_argument("--r_incorrect", type=float, default=None, help="None = the head's training r (else 0.1)")
+    p.add_argument("--incorrect_source", default=None, choices=INCORRECT_SOURCES,
+                   help="None = the head's training source (else uniform)")
     p.add_argument("--batch_size", type=int, default=32, help="rows per forward")
     p.add_argument("--threshold", type=float, default=0.5, help="flag a token when sigmoid(h) <= threshold")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
@@ -513,7 +523,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     check_head_fits(head, backbone.model)
     report = ups_detection_report(backbone, head, load_records(args.dataset, args.split, args.subset,
                                                                limit=args.max_samples),
-                                  **detection_settings(meta, args.dataset, args.seq_len, args.r_incorrect),
+                                  **detection_settings(meta, seq_len=args.seq_len, r_incorrect=args.r_incorrect,
+                                                       incorrect_source=args.incorrect_source),
                                   batch_size=args.batch_size, seed=args.seed, threshold=args.threshold)
     files = write_detection_report(report, args.out_dir)
     print(json.dumps(report.to_dict(), indent=2))

@@ -3,17 +3,22 @@
 For one sequence with diffusion time t ~ U(eps, 1):
   * every answer token is replaced by [MASK] with probability rho_mask(t) = t;
   * every answer token that stayed unmasked is replaced, with probability rho_incorrect(t) = 4 r t (1 - t),
-    by a token drawn uniformly from the allowed vocabulary (all ids below `vocab_size` that are not special)
-    minus the token that was there, so an "incorrect" token always differs from the truth;
+    by a different token, so an "incorrect" token always differs from the truth. Its source
+    (--incorrect_source): 'uniform' (default) draws it uniformly from the allowed vocabulary (all ids below
+    `vocab_size` that are not special); 'tps' samples it from the backbone's own TPS distribution at that
+    position with the truth and special ids excluded, i.e. the plausible mistakes the sampler makes;
   * prompt tokens are never touched.
 
-Everything here is pure tensor maths: no model, no I/O. Pass a `torch.Generator` for reproducible draws.
+Everything here is pure tensor maths: no model, no I/O (the 'tps' source takes the backbone as a logits
+function). Pass a `torch.Generator` for reproducible draws.
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
+
+INCORRECT_SOURCES = ("uniform", "tps")
 
 
 class RemaskBatch(NamedTuple):
@@ -120,3 +125,66 @@ def apply_remask_noise(
     noisy = torch.where(incorrect, wrong, input_ids)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), noisy)
     return RemaskBatch(noisy=noisy, t=t, p_mask=p_mask, masked=masked, incorrect=incorrect)
+
+
+def sample_replacements(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """`targets` with, at every `positions` entry, a token sampled from softmax(logits) (temperature 1) over the
+    ids below `vocab_size` that are neither special nor the target there. (B, L) long on logits' device.
+
+    logits (B, L, V) (any dtype / device); targets (B, L) long; positions (B, L) bool. A row whose restricted
+    distribution is degenerate (no mass, NaN / inf logits) falls back to uniform over the same ids. Exactly one
+    uniform per position is drawn (inverse CDF, row-major order), so splitting a batch into chunks that share
+    one generator gives the same tokens.
+    """
+    device = logits.device
+    targets, positions = targets.to(device), positions.to(device).bool()
+    rows = logits[positions].float()  # (N, V)
+    truth = targets[positions]  # (N,)
+    v = rows.shape[-1]
+    ok = torch.arange(v, device=device) < vocab_size  # (V,)
+    special = [i for i in set(int(s) for s in special_ids) if 0 <= i < v]
+    if special:
+        ok[torch.tensor(special, device=device)] = False
+    ok = ok.expand_as(rows).clone()  # (N, V)
+    ok[torch.arange(len(truth), device=device), truth.clamp(max=v - 1)] &= truth >= v  # never the truth
+    if not ok.any(-1).all():
+        raise ValueError(f"no token below vocab_size={vocab_size} is left to sample once the special ids and the "
+                         "truth are excluded; pass the tokenizer's real vocabulary size")
+    weight = (rows - rows.max(-1, keepdim=True).values).exp().masked_fill(~ok, 0.0)  # (N, V) unnormalised
+    total = weight.sum(-1)
+    degenerate = ~(torch.isfinite(total) & (total > 0))
+    weight = torch.where(degenerate[:, None], ok.float(), weight)
+    cdf = weight.cumsum(-1)  # (N, V)
+    u = torch.rand(len(truth), generator=generator, device=generator.device if generator else device).to(device)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)  # first id with cdf > u*total
+    last = v - 1 - (weight.flip(-1) > 0).int().argmax(-1)  # last id with mass (u*total may round up to total)
+    out = targets.clone()
+    out[positions] = torch.minimum(idx, last)
+    return out
+
+
+def tps_incorrect_noise(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    batch: RemaskBatch,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    generator: Optional[torch.Generator] = None,
+) -> RemaskBatch:
+    """--incorrect_source tps: `batch` (from apply_remask_noise, same t and sets) with its incorrect tokens
+    resampled from the backbone. logits_fn(x (B, L)) -> logits (B, L, V) runs once, without grad, on the clean
+    input with the masked AND the to-be-corrupted positions set to [MASK]; mask_id is always excluded."""
+    proposal_input = torch.where(batch.masked | batch.incorrect, torch.full_like(input_ids, mask_id), input_ids)
+    with torch.no_grad():
+        logits = logits_fn(proposal_input)  # (B, L, V)
+    tokens = sample_replacements(logits, input_ids, batch.incorrect, vocab_size, list(special_ids) + [mask_id],
+                                 generator).to(input_ids.device)
+    return batch._replace(noisy=torch.where(batch.incorrect, tokens, batch.noisy))

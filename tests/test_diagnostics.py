@@ -172,3 +172,33 @@ def test_detection_without_incorrect_tokens_has_no_auc(run):
     assert report.n_incorrect == 0 and report.to_dict()["auc"] is None
     with pytest.raises(ValueError, match="threshold"):
         D.ups_detection_report(backbone, head, records, threshold=1.0)
+
+
+def test_detection_settings_follow_the_head_meta():
+    meta = {"prompt_template": "Q: {question}\nA:",
+            "train_args": {"seq_len": 64, "r_incorrect": 0.3, "incorrect_source": "tps", "prompt_template": None}}
+    got = D.detection_settings(meta, "some/dataset")
+    assert got["prompt_format"]("1+2") == "Q: 1+2\nA:"
+    assert (got["seq_len"], got["r_incorrect"], got["incorrect_source"]) == (64, 0.3, "tps")
+    got = D.detection_settings(meta, seq_len=32, r_incorrect=0.0, incorrect_source="uniform")
+    assert (got["seq_len"], got["r_incorrect"], got["incorrect_source"]) == (32, 0.0, "uniform")
+    default = D.detection_settings({}, "embedded")  # one rule for every dataset: build_sft_examples' default
+    assert default == D.detection_settings({}, "other") == {"seq_len": 128, "r_incorrect": 0.1,
+                                                            "incorrect_source": "uniform", "prompt_format": None}
+
+
+def test_detection_report_with_tps_incorrect_tokens(run):
+    from remedi_patches.embedded.task import make_split
+
+    backbone, head, _, _ = run
+    records = [{"question": p.question, "answer": p.solution} for p in make_split(6, 0, "test")]
+    kw = dict(seq_len=96, r_incorrect=0.5, seed=3)
+    tps = D.ups_detection_report(backbone, head, records, batch_size=6, incorrect_source="tps", **kw)
+    uniform = D.ups_detection_report(backbone, head, records, batch_size=6, **kw)
+    assert tps.settings["incorrect_source"] == "tps" and uniform.settings["incorrect_source"] == "uniform"
+    assert (tps.n_incorrect, tps.n_scored) == (uniform.n_incorrect, uniform.n_scored) and tps.n_incorrect > 0
+    assert tps.tps_auc != uniform.tps_auc  # other incorrect tokens, same positions
+    batched = D.ups_detection_report(backbone, head, records, batch_size=4, incorrect_source="tps", **kw)
+    assert batched.n_incorrect == tps.n_incorrect and batched.tps_auc == pytest.approx(tps.tps_auc, abs=1e-2)
+    with pytest.raises(ValueError, match="incorrect_source"):
+        D.ups_detection_report(backbone, head, records, incorrect_source="junk")

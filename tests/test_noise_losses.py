@@ -8,7 +8,7 @@ import torch
 from remedi_patches.losses import remask_losses, tps_loss, true_token_prob, ups_labels, ups_loss
 from remedi_patches.metrics import average_ranks, confusion_at, detection_scores, roc_auc, roc_curve
 from remedi_patches.noise import (allowed_token_ids, apply_remask_noise, random_other_tokens, rho_incorrect, rho_mask,
-                                  sample_t)
+                                  sample_replacements, sample_t, tps_incorrect_noise)
 
 MASK, EOS, BOS = 30, 1, 0
 SPECIAL = [EOS, BOS]
@@ -103,6 +103,81 @@ def test_noise_bad_input():
         apply_remask_noise(ids, answer[:, 1:], MASK, 0.1, V, SPECIAL)
     with pytest.raises(ValueError, match="vocab"):
         apply_remask_noise(ids, answer, 2, 0.1, 3, [0, 1])
+
+
+# ---------------------------------------------------------------- incorrect_source 'tps'
+
+
+def test_tps_replacements_are_never_the_truth_nor_special():
+    ids, answer = _batch(b=200)
+    positions = answer & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.5)
+    logits = torch.randn(*ids.shape, V + 3, generator=torch.Generator().manual_seed(4))  # padded past vocab
+    logits[..., 5] = 20.0  # most mass on one id: rows whose truth is 5 must still pick another
+    out = sample_replacements(logits, ids, positions, V, SPECIAL + [MASK], torch.Generator().manual_seed(5))
+    got = out[positions]
+    assert torch.equal(out[~positions], ids[~positions])
+    assert (got != ids[positions]).all() and (ids[positions] == 5).sum() > 100
+    assert not torch.isin(got, torch.tensor(SPECIAL + [MASK])).any() and got.max() < V
+
+
+def test_tps_replacements_follow_the_distribution():
+    n = 4000
+    targets = torch.full((1, n), 3)
+    logits = torch.zeros(1, n, V)
+    logits[..., 3] = 30.0  # the truth is the argmax: excluded
+    logits[..., 7] = 10.0  # argmax among the others: ~1 - 27 e^-10 of the rest
+    out = sample_replacements(logits, targets, torch.ones(1, n, dtype=torch.bool), V, SPECIAL + [MASK],
+                              torch.Generator().manual_seed(0))
+    assert (out == 7).float().mean() > 0.95
+    soft = torch.zeros(1, n, V)
+    soft[..., 9] = math.log(3.0)  # p(9) = 3 / (3 + 26) over the 27 allowed non-truth ids
+    out = sample_replacements(soft, targets, torch.ones(1, n, dtype=torch.bool), V, SPECIAL + [MASK],
+                              torch.Generator().manual_seed(1))
+    assert _within(int((out == 9).sum()), n, 3 / 29)
+
+
+def test_tps_degenerate_rows_fall_back_to_uniform():
+    n = 6000
+    logits = torch.full((1, n, V), float("-inf"))
+    logits[0, ::2, 4] = float("nan")
+    out = sample_replacements(logits, torch.full((1, n), 3), torch.ones(1, n, dtype=torch.bool), V,
+                              SPECIAL + [MASK], torch.Generator().manual_seed(0))
+    counts = torch.bincount(out[0], minlength=V)
+    assert counts[[0, 1, 3, MASK]].sum() == 0
+    for c in counts[[2] + list(range(4, MASK))]:
+        assert _within(int(c), n, 1 / 27)
+
+
+def test_tps_noise_keeps_the_sets_and_feeds_masks_to_the_backbone():
+    ids, answer = _batch(b=64)
+    uniform = apply_remask_noise(ids, answer, MASK, 0.5, V, SPECIAL, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    drawn = apply_remask_noise(ids, answer, MASK, 0.5, V, SPECIAL, generator=g)
+    seen = []
+
+    def logits_fn(x):  # a fake backbone: peaked on (token id + 1) of the input, masks predict 11
+        seen.append(x)
+        return torch.nn.functional.one_hot(torch.where(x == MASK, 11, (x + 1) % V), V).float() * 8.0
+
+    tps = tps_incorrect_noise(logits_fn, ids, drawn, MASK, V, SPECIAL, g)
+    for field in ("t", "p_mask", "masked", "incorrect"):  # same t and sets as the uniform source for the seed
+        assert torch.equal(getattr(tps, field), getattr(uniform, field))
+    (x,) = seen
+    assert torch.equal(x == MASK, tps.masked | tps.incorrect) and torch.equal(x[~answer], ids[~answer])
+    clean = ~tps.incorrect
+    assert torch.equal(tps.noisy[clean], uniform.noisy[clean])
+    inc = tps.noisy[tps.incorrect]
+    assert (inc != ids[tps.incorrect]).all() and not torch.isin(inc, torch.tensor(SPECIAL + [MASK])).any()
+    assert ((inc == 11) | (ids[tps.incorrect] == 11)).float().mean() > 0.9  # the backbone's guess, not uniform
+
+
+def test_tps_replacements_do_not_depend_on_the_batching():
+    ids, answer = _batch(b=12)
+    logits = torch.randn(12, ids.shape[1], V, generator=torch.Generator().manual_seed(0))
+    whole = sample_replacements(logits, ids, answer, V, SPECIAL, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    parts = [sample_replacements(logits[r], ids[r], answer[r], V, SPECIAL, g) for r in (slice(0, 5), slice(5, 12))]
+    assert torch.equal(torch.cat(parts), whole)
 
 
 # ---------------------------------------------------------------- losses

@@ -18,7 +18,7 @@ from test_data import char_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SMDM" / "pretrain"))
 import train_remedi  # noqa: E402
-from train_remedi import RemaskConfig, remask_forward, run, step_kind  # noqa: E402
+from train_remedi import RemaskConfig, propose_incorrect, remask_forward, run, step_kind  # noqa: E402
 
 SEQ_LEN = 32
 
@@ -108,6 +108,46 @@ def test_ups_only_freezes_backbone_and_trains_head(root):
                  confidence_source="ups", ups_head=head, eos_id=backbone.eos_id, eot_id=backbone.eot_id)
     assert x.shape == (1, prompt.shape[1] + 8) and torch.equal(x[:, :prompt.shape[1]], prompt)
     assert not (x == backbone.mask_id).any() and len(calls) == 4  # the head ranked every step
+
+
+@pytest.mark.slow
+def test_ups_only_with_tps_incorrect_tokens(root):
+    backbone = load_backbone(root / "llada")
+    before = snapshot(backbone.model)
+    out = run(make_cfg(root, "ups_tps", incorrect_source="tps", max_steps=12), backbone=backbone)
+    assert all(torch.equal(before[k], v) for k, v in backbone.model.state_dict().items())  # bit-identical
+    rows = csv_rows(out["metrics_csv"])
+    ups = [float(r["ups_loss"]) for r in rows]
+    assert len(ups) == 12 and sum(ups[-4:]) < sum(ups[:4])  # the UPS loss falls
+    _, meta = load_ups_head(out["head_path"])
+    assert meta["train_args"]["incorrect_source"] == "tps"
+    assert 0 <= out["eval_auc"] <= 1 and out["eval_incorrect_tokens"] > 0
+
+    uniform = run(make_cfg(root, "ups_uniform", max_steps=4), backbone=backbone)
+    same = ("mask_frac", "incorrect_frac")  # same seed: same t, masked and incorrect sets, other tokens
+    assert [[r[k] for k in same] for r in csv_rows(uniform["metrics_csv"])] == [[r[k] for k in same] for r in rows[:4]]
+    assert uniform["eval_incorrect_tokens"] == out["eval_incorrect_tokens"]
+    assert uniform["losses"] != out["losses"][:4]
+
+
+def test_propose_incorrect_uses_the_backbone_without_grad(root):
+    backbone = load_backbone(root / "llada")
+    model = backbone.model.train()
+    model.requires_grad_(True)
+    ids = backbone.tokenizer(["3+4\n3+4=7. #### 7"] * 8, return_tensors="pt")["input_ids"]
+    answer = torch.arange(ids.shape[1])[None].expand_as(ids) >= 5
+    special = [backbone.mask_id, backbone.eos_id]
+    noise = apply_remask_noise(ids, answer, backbone.mask_id, 1.0, len(backbone.tokenizer), special, t=0.5,
+                               generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = model.register_forward_hook(lambda m, args, out: calls.append((m.training, torch.is_grad_enabled())))
+    tps = propose_incorrect(model, ids, noise, backbone.mask_id, len(backbone.tokenizer), special,
+                            torch.Generator().manual_seed(1))
+    handle.remove()
+    assert calls == [(False, False)] and model.training  # eval mode and no grad for the proposal, then restored
+    assert torch.equal(tps.incorrect, noise.incorrect) and torch.equal(tps.masked, noise.masked)
+    assert noise.incorrect.sum() > 5 and (tps.noisy[tps.incorrect] != ids[tps.incorrect]).all()
+    assert not torch.isin(tps.noisy[tps.incorrect], torch.tensor(special)).any()
 
 
 @pytest.mark.slow
@@ -266,7 +306,8 @@ def test_cli_help_lists_the_seed_flags(capsys):
                  "--mask_id", "--save_path", "--load_ups_head", "--ups_width", "--grad_accum", "--train_mode",
                  "--alt_ratio", "--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target", "--lr_lora",
                  "--lr_ups", "--save_lora_dir", "--load_lora_dir", "--save_ups_head", "--devices", "--strategy",
-                 "--precision", "--num_nodes", "--smdm_size", "--max_steps", "--eval_every", "--out_dir"):
+                 "--precision", "--num_nodes", "--smdm_size", "--max_steps", "--eval_every", "--out_dir",
+                 "--incorrect_source"):
         assert flag in text, flag
     assert "(default: 0.1)" in text  # r_incorrect's default is shown
 
@@ -276,6 +317,7 @@ def test_cli_help_lists_the_seed_flags(capsys):
     (["--r_incorrect", "2"], "r_incorrect"),
     (["--batch_size", "0"], "batch_size"),
     (["--prompt_template", "Q: {prompt}"], "prompt_template"),
+    (["--incorrect_source", "random"], "incorrect_source"),
 ])
 def test_bad_flags(argv, match, capsys):
     with pytest.raises((ValueError, SystemExit)) as err:

@@ -7,9 +7,11 @@
         --tokenizer TinyLlama/TinyLlama-1.1B-intermediate-step-480k-1T --dataset data/gsm8k --train_mode joint
 
 Per sequence (prompt never noised): t ~ U(eps, 1); answer tokens masked with rho_mask(t) = t; unmasked answer
-tokens replaced by a different random token with rho_incorrect(t) = 4 r t (1 - t). Loss = TPS (CE on masked
-positions / p_mask, normalised by answer length) + lambda_ups * UPS (BCE over all answer positions; labels 1 clean,
-0 incorrect, stop-gradient p(true token) where masked). The maths lives in remedi_patches.noise / .losses;
+tokens replaced by a different token with rho_incorrect(t) = 4 r t (1 - t), drawn uniformly from the vocabulary
+(--incorrect_source uniform) or sampled from the backbone's own TPS distribution at that position, truth excluded
+(tps: one extra no-grad forward with the masked and the to-be-corrupted positions as [MASK]). Loss = TPS (CE on
+masked positions / p_mask, normalised by answer length) + lambda_ups * UPS (BCE over all answer positions; labels
+1 clean, 0 incorrect, stop-gradient p(true token) where masked). The maths lives in remedi_patches.noise / .losses;
 this script is the Fabric wiring.
 
 Modes (--train_mode):
@@ -19,8 +21,9 @@ Modes (--train_mode):
   alternating  --alt_ratio TPS (LoRA) updates, then one UPS (head) update, repeated.
 
 Determinism: the samples and the noise of optimizer step s come from generators seeded by (--seed, s) for
-the whole global batch (batch_size x devices x grad_accum), each rank / micro-batch takes its slice, so a killed
-run resumed from its newest checkpoint (--out_dir) continues the same trajectory.
+the whole global batch (batch_size x devices x grad_accum), each rank / micro-batch takes its slice (tps incorrect
+tokens: a generator seeded by (--seed, s, slice)), so a killed run resumed from its newest checkpoint (--out_dir)
+continues the same trajectory.
 """
 from __future__ import annotations
 
@@ -49,11 +52,11 @@ from remedi_patches.losses import RemaskLosses, remask_losses
 from remedi_patches.metrics import confusion_at, detection_scores, roc_auc
 from remedi_patches.modeling_wrappers import (backbone_forward, check_head_fits, hidden_size_of, load_ups_head,
                                               save_ups_head)
-from remedi_patches.noise import RemaskBatch, apply_remask_noise
+from remedi_patches.noise import INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, tps_incorrect_noise
 from remedi_patches.ups_head import UPSHead
 
 TRAIN_MODES = ("ups_only", "joint", "alternating")
-STREAM_ORDER, STREAM_NOISE, STREAM_EVAL = 10, 11, 12
+STREAM_ORDER, STREAM_NOISE, STREAM_EVAL, STREAM_PROPOSE = 10, 11, 12, 13
 LORA_TARGETS = {  # --lora_target auto: the linear layers of every transformer block (never the output head)
     "llada": r".*blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
     "smdm": r".*\.h\.\d+\.(attn\.attn|attn\.proj|mlp\.swiglu\.w1|mlp\.swiglu\.w2|mlp\.swiglu\.w3)",
@@ -96,6 +99,7 @@ class RemaskConfig:
     # Remask SFT
     lambda_ups: float = 1.0
     r_incorrect: float = 0.1
+    incorrect_source: str = "uniform"
     eps: float = 1e-3
     train_mode: str = "ups_only"
     alt_ratio: int = 1
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("remask SFT")
     r.add_argument("--lambda_ups", type=float, default=d.lambda_ups, help="total = TPS + lambda_ups * UPS")
     r.add_argument("--r_incorrect", type=float, default=d.r_incorrect, help="rho_incorrect(t) = 4 r t (1 - t)")
+    r.add_argument("--incorrect_source", default=d.incorrect_source, choices=INCORRECT_SOURCES,
+                   help="incorrect tokens: 'uniform' over the non-special vocabulary, or 'tps': sampled from the "
+                        "backbone's TPS at that position, truth excluded (the sampler's plausible mistakes)")
     r.add_argument("--eps", type=float, default=d.eps, help="t ~ U(eps, 1)")
     r.add_argument("--train_mode", default=d.train_mode, choices=TRAIN_MODES, help="see the module docstring")
     r.add_argument("--alt_ratio", type=int, default=d.alt_ratio, help="alternating: TPS updates per UPS update")
@@ -223,6 +230,8 @@ def check_config(cfg: RemaskConfig) -> RemaskConfig:
         raise ValueError(f"--train_mode must be one of {TRAIN_MODES}, got {cfg.train_mode!r}")
     if not 0.0 <= cfg.r_incorrect <= 1.0:
         raise ValueError(f"--r_incorrect must be in [0, 1] (rho_incorrect peaks at r), got {cfg.r_incorrect}")
+    if cfg.incorrect_source not in INCORRECT_SOURCES:
+        raise ValueError(f"--incorrect_source must be one of {INCORRECT_SOURCES}, got {cfg.incorrect_source!r}")
     if cfg.lambda_ups < 0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError("--lambda_ups must be >= 0 and --min_lr_ratio in [0, 1]")
     if cfg.ups_width is not None and cfg.ups_width < 0:
@@ -346,6 +355,19 @@ def _build_head(cfg: RemaskConfig, model) -> UPSHead:
     return head.train()
 
 
+def propose_incorrect(model, input_ids, batch: RemaskBatch, mask_id: int, vocab_size: int, special: list[int],
+                      generator: torch.Generator) -> RemaskBatch:
+    """--incorrect_source tps: `batch` with its incorrect tokens sampled from the backbone, run in eval mode and
+    without grad as the sampler runs it (same t, masked and incorrect sets)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return tps_incorrect_noise(lambda x: backbone_forward(model, x)[0], input_ids, batch, mask_id, vocab_size,
+                                   special, generator)
+    finally:
+        model.train(was_training)
+
+
 def remask_forward(model, head, batch: RemaskBatch, input_ids, answer_mask, answer_len, kind: str,
                    lambda_ups: float) -> tuple[RemaskLosses, torch.Tensor]:
     """One forward of backbone + head on a noised batch -> (losses, UPS logits (B, L)).
@@ -440,9 +462,15 @@ def run(cfg: RemaskConfig, backbone=None) -> dict:
 
     def micro_batch(step: int, micro: int):
         ids, amask, alen, noise = step_plan(step)
-        rows = slice((micro * world + rank) * bs, (micro * world + rank + 1) * bs)
+        part = micro * world + rank
+        rows = slice(part * bs, (part + 1) * bs)
         to = lambda x: x[rows].to(fabric.device)  # noqa: E731
-        return to(ids), to(amask), to(alen), RemaskBatch(*(to(x) for x in noise))
+        ids, noise = to(ids), RemaskBatch(*(to(x) for x in noise))
+        if cfg.incorrect_source == "tps":
+            with fabric.autocast():
+                noise = propose_incorrect(model, ids, noise, mask_id, vocab_size, special,
+                                          seeded_generator(cfg.seed, STREAM_PROPOSE, step, part))
+        return ids, to(amask), to(alen), noise
 
     def evaluate() -> dict:
         return evaluate_detection(fabric, model, head, eval_ex, cfg, mask_id, vocab_size, special)
@@ -528,22 +556,26 @@ def run(cfg: RemaskConfig, backbone=None) -> dict:
 def evaluate_detection(fabric, model, head, examples, cfg: RemaskConfig, mask_id: int, vocab_size: int,
                        special: list[int]) -> dict:
     """Held-out losses and incorrect-token detection (AUC, precision/recall at sigmoid(h) < 0.5) with the same
-    noise at every call. Every rank evaluates the whole held-out set, so all ranks return the same figures."""
+    noise (and --incorrect_source) at every call. Every rank evaluates the whole held-out set, so all ranks
+    return the same figures."""
     was_training = model.training
     model.eval()
     head.eval()
     amask_all = sft_data.answer_mask(examples.prompt_len, cfg.seq_len)
     noise_all = apply_remask_noise(examples.input_ids, amask_all, mask_id, cfg.r_incorrect, vocab_size, special,
                                    generator=seeded_generator(cfg.seed, STREAM_EVAL, 1), eps=cfg.eps)
+    propose_generator = seeded_generator(cfg.seed, STREAM_EVAL, 2)
     scores, labels, tps, ups = [], [], 0.0, 0.0
     n = len(examples)
     for start in range(0, n, cfg.batch_size):
         rows = slice(start, start + cfg.batch_size)
         to = lambda x: x[rows].to(fabric.device)  # noqa: E731
-        noise = RemaskBatch(*(to(x) for x in noise_all))
+        ids, noise = to(examples.input_ids), RemaskBatch(*(to(x) for x in noise_all))
         with fabric.autocast():
-            losses, ups_logits = remask_forward(model, head, noise, to(examples.input_ids), to(amask_all),
-                                                to(examples.answer_len), "eval", cfg.lambda_ups)
+            if cfg.incorrect_source == "tps":
+                noise = propose_incorrect(model, ids, noise, mask_id, vocab_size, special, propose_generator)
+            losses, ups_logits = remask_forward(model, head, noise, ids, to(amask_all), to(examples.answer_len),
+                                                "eval", cfg.lambda_ups)
         k = noise.noisy.shape[0]
         tps += losses.tps.item() * k
         ups += losses.ups.item() * k
