@@ -1,0 +1,220 @@
+"""TPS logits and UPS logits from one backbone forward, for every backbone the project supports.
+
+    backbone_forward(model, ids, am, need_hidden)  the one function that talks to backbones:
+        transformers-style models (forward takes `output_hidden_states`) -> hidden_states[-1];
+        models returning a bare logits tensor (SMDM TransEncoder) -> forward hook on the final norm
+        (`transformer.ln_f`, `model.transformer.ln_f`, `model.norm`, `norm`); PEFT wrappers are seen through.
+    UPSModel(backbone, head)   forward(ids, attention_mask) -> RemeDiOutput(logits, ups_logits)
+    save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code
+    check_head_fits, hidden_size_of, load_lora
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from remedi_patches.ups_head import UPSHead
+
+HEAD_FORMAT = "remedi-ups-head"
+HEAD_FORMAT_VERSION = 1
+HEAD_FILE_NAME = "ups_head.safetensors"
+FINAL_NORM_NAMES = ("transformer.ln_f", "model.transformer.ln_f", "model.norm", "norm")
+HIDDEN_SIZE_KEYS = ("d_model", "hidden_size", "n_embd")
+
+
+class RemeDiOutput(NamedTuple):
+    logits: torch.Tensor      # (B, L, V) TPS logits
+    ups_logits: torch.Tensor  # (B, L) UPS logits h
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits from whatever a model returns: a bare tensor, an object with .logits, or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; "
+                    "the model must return a logits tensor or an object with .logits")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under PEFT / UPSModel wrappers (the object holding .config and the layers)."""
+    if isinstance(model, UPSModel):
+        return base_model(model.backbone)
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_hidden_flag(cls: type) -> bool:
+    return "output_hidden_states" in inspect.signature(cls.forward).parameters
+
+
+def _takes_output_hidden_states(model: nn.Module) -> bool:
+    return _forward_takes_hidden_flag(type(base_model(model)))
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The final norm module whose output is the last hidden state (for the forward hook)."""
+    base = base_model(model)
+    for name in FINAL_NORM_NAMES:
+        try:
+            return base.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"{type(base).__name__} neither takes output_hidden_states nor has a final norm named one of "
+        f"{FINAL_NORM_NAMES}; give its forward an output_hidden_states argument or name its final norm so"
+    )
+
+
+def backbone_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                     need_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward -> (logits (B, L, V), last hidden state after the final norm (B, L, d) or None)."""
+    if not need_hidden:
+        return logits_of(model(input_ids, attention_mask=attention_mask)), None
+    if _takes_output_hidden_states(model):
+        output = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden_states = getattr(output, "hidden_states", None)
+        if not hidden_states:
+            raise RuntimeError(f"{type(base_model(model)).__name__} returned no hidden_states although "
+                               "output_hidden_states=True was passed")
+        return logits_of(output), hidden_states[-1]
+    captured: list[torch.Tensor] = []
+    handle = final_norm(model).register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        logits = logits_of(model(input_ids, attention_mask=attention_mask))
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the final norm of {type(base_model(model)).__name__} did not run during the forward")
+    return logits, captured[-1]
+
+
+def _known_hidden_size(model: nn.Module) -> Optional[int]:
+    config = getattr(base_model(model), "config", None)
+    for key in HIDDEN_SIZE_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    size = _known_hidden_size(model)
+    if size is None:
+        raise ValueError(f"cannot read the hidden size of {type(base_model(model)).__name__}: its config has none "
+                         f"of {HIDDEN_SIZE_KEYS}")
+    return size
+
+
+def check_head_fits(head: UPSHead | dict, backbone: nn.Module) -> None:
+    """ValueError when the head (or its saved meta) was built for another hidden size."""
+    head_size = head["hidden_size"] if isinstance(head, dict) else head.hidden_size
+    backbone_size = hidden_size_of(backbone)
+    if head_size != backbone_size:
+        raise ValueError(
+            f"UPS head expects hidden size {head_size} but the backbone {type(base_model(backbone)).__name__} "
+            f"has hidden size {backbone_size}; use a head trained on this backbone (or train one with "
+            "SMDM/pretrain/train_remedi.py)"
+        )
+
+
+class UPSModel(nn.Module):
+    """Backbone + UPS head: forward(input_ids, attention_mask) -> RemeDiOutput from ONE backbone forward."""
+
+    def __init__(self, backbone: nn.Module, head: UPSHead) -> None:
+        super().__init__()
+        if _known_hidden_size(backbone) is not None:
+            check_head_fits(head, backbone)
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def config(self):
+        return getattr(self.backbone, "config", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> RemeDiOutput:
+        logits, hidden = backbone_forward(self.backbone, input_ids, attention_mask, need_hidden=True)
+        if hidden.shape[-1] != self.head.hidden_size:
+            raise ValueError(f"UPS head expects hidden size {self.head.hidden_size} but the backbone's last "
+                             f"hidden state has size {hidden.shape[-1]}; use a head trained on this backbone")
+        return RemeDiOutput(logits, self.head(hidden))
+
+
+def save_ups_head(path: str | Path, head: UPSHead, meta: dict) -> Path:
+    """Write head weights + JSON meta (hidden_size, width, mask_id, backbone, train_args, format) atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full_meta = {"mask_id": None, "backbone": None, "train_args": None, **meta,
+                 "hidden_size": head.hidden_size, "width": head.width, "format_version": HEAD_FORMAT_VERSION}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": HEAD_FORMAT, "meta": json.dumps(full_meta, default=str)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_ups_head(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[UPSHead, dict]:
+    """Read a head written by save_ups_head -> (head in eval mode, meta).
+
+    A folder means <folder>/ups_head.safetensors. Only tensors and JSON are read: no code runs.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / HEAD_FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no UPS head at {path}; pass the .safetensors file written by save_ups_head "
+                                "(train_remedi.py --save_ups_head)")
+    fix = "re-save the head with remedi_patches.modeling_wrappers.save_ups_head or point at the right file"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated / corrupt headers
+        with open(path, "rb") as raw:
+            kind = "a torch pickle, not safetensors" if raw.read(2) == b"PK" else "truncated or corrupt"
+        raise ValueError(f"{path} is not a readable UPS head ({kind}: {err}); {fix}") from err
+    if header.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a UPS head (metadata format="
+                         f"{header.get('format')!r}, expected {HEAD_FORMAT!r}); {fix}")
+    try:
+        meta = json.loads(header["meta"])
+        head = UPSHead(int(meta["hidden_size"]), int(meta["width"]))
+        head.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, json.JSONDecodeError, RuntimeError) as err:
+        raise ValueError(f"{path}: UPS head metadata or weights do not match ({err}); {fix}") from err
+    if meta.get("format_version", 0) > HEAD_FORMAT_VERSION:
+        raise ValueError(f"{path} has head format version {meta['format_version']}, newer than this code "
+                         f"({HEAD_FORMAT_VERSION}); update the remedi package")
+    return head.to(map_location).eval(), meta
+
+
+def load_lora(backbone: nn.Module, path: str | Path) -> nn.Module:
+    """Wrap the backbone with the LoRA adapter saved in `path` (PEFT save_pretrained folder), eval mode."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no LoRA adapter at {path} (adapter_config.json missing); pass the folder "
+                                "written by train_remedi.py --save_lora_dir")
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ImportError("--lora_path needs the peft package: pip install peft") from err
+    return PeftModel.from_pretrained(backbone, str(path)).eval()

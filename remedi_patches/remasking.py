@@ -1,0 +1,113 @@
+"""Selection maths of the sampler: the commit schedule k_i and keep-top-k_i / re-mask-the-rest.
+
+Every block of B answer positions starts fully masked and is denoised in S steps. Step i commits
+n_i tokens, the block's B masks split evenly over the S steps with the remainder going to the
+earliest steps. Upstream LLaDA keeps what it committed and adds the n_i most confident masked
+positions; RemeDi keeps the top k_i = n_1 + ... + n_i positions of the whole block and sets
+every other block position back to [MASK]. Either way the block holds exactly B - k_i masks
+after step i (DESIGN.md 3.2).
+
+All functions here are pure tensor functions; `Trajectory` is the optional per-step record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+def commit_counts(block_length: int, steps: int) -> list[int]:
+    """n_1..n_S: tokens committed per step, the earliest steps taking the remainder."""
+    base, remainder = divmod(block_length, steps)
+    return [base + (i < remainder) for i in range(steps)]
+
+
+def commit_schedule(block_length: int, steps: int) -> list[int]:
+    """k_1..k_S: the cumulative commit counts; k_S == block_length."""
+    k, schedule = 0, []
+    for n in commit_counts(block_length, steps):
+        k += n
+        schedule.append(k)
+    return schedule
+
+
+def rank_last(confidence: torch.Tensor, gated: torch.Tensor) -> torch.Tensor:
+    """Move the `gated` positions below every other finite confidence of their row.
+
+    confidence: (B, N) float; +-inf entries (positions that can never / must always win) stay as they are.
+    gated:      (B, N) bool.
+    The gated values are shifted down by (max - min + 1) of the row's finite values, so they keep
+    their relative order, rank after every finite ungated value, and stay finite: a top-k that
+    has to reach into them never spills into -inf positions.
+    """
+    confidence = confidence.to(torch.promote_types(confidence.dtype, torch.float32))
+    finite = confidence.isfinite()
+    hi = confidence.masked_fill(~finite, -torch.inf).amax(dim=-1, keepdim=True)  # (B, 1)
+    lo = confidence.masked_fill(~finite, torch.inf).amin(dim=-1, keepdim=True)  # (B, 1)
+    return torch.where(gated & finite, confidence - (hi - lo + 1), confidence)
+
+
+def keep_top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
+    """RemeDi rule: (B, N) confidence -> (B, N) bool, True at the k largest values of each row.
+
+    k is the same for every row: each block starts fully masked in every row, so the schedule
+    does not depend on the row and one batched top-k replaces upstream's per-row loop.
+    """
+    index = confidence.topk(k, dim=-1).indices  # (B, k)
+    return torch.zeros_like(confidence, dtype=torch.bool).scatter_(-1, index, True)
+
+
+def commit_top_n(confidence: torch.Tensor, masked: torch.Tensor, n: int, seq_len: int, start: int) -> torch.Tensor:
+    """Upstream rule: (B, N) bool, True at the n most confident masked positions of the block.
+
+    The top-n runs on the (B, seq_len) row upstream ranks: the masked positions' confidences at
+    their sequence positions start + j, -inf everywhere else. Equal confidences (frequent in
+    bf16) are thus broken exactly as upstream breaks them.
+    """
+    b, width = confidence.shape
+    row = confidence.new_full((b, seq_len), -torch.inf)  # (B, L)
+    row[:, start:start + width] = confidence.masked_fill(~masked, -torch.inf)
+    chosen = torch.zeros_like(row, dtype=torch.bool).scatter_(-1, row.topk(n, dim=-1).indices, True)
+    return chosen[:, start:start + width]
+
+
+def remask_block(block: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor,
+                 mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write the candidates at the kept positions of the block and mask all the others.
+
+    block:      (B, N) current tokens of the block (mask_id where masked)
+    candidates: (B, N) token per position: the sampled token where masked, else the current one
+    keep:       (B, N) bool, from keep_top_k (RemeDi) or ~masked | commit_top_n (upstream)
+    Returns (new_block (B, N), committed (B, N) bool: was masked and now holds a token,
+             remasked (B, N) bool: held a token and is masked again).
+    """
+    masked = block == mask_id
+    new_block = torch.where(keep, candidates, torch.full_like(block, mask_id))
+    return new_block, keep & masked, ~keep & ~masked
+
+
+@dataclass
+class StepRecord:
+    block: int                      # block index
+    step: int                       # step within the block (0-based)
+    start: int                      # absolute position of the block's first token
+    committed: torch.Tensor         # (B, block_length) bool: masked before, token now
+    remasked: torch.Tensor          # (B, block_length) bool: token before, masked now
+    mask_count: torch.Tensor        # (B,) masks left in the block after the step
+    tokens: Optional[torch.Tensor]  # (B, L) whole sequence after the step, when keep_tokens
+
+
+@dataclass
+class Trajectory:
+    """Pass one as `generate(..., trajectory=Trajectory())` to record every denoising step."""
+
+    keep_tokens: bool = False
+    steps: list[StepRecord] = field(default_factory=list)
+
+    def record(self, block: int, step: int, start: int, committed: torch.Tensor, remasked: torch.Tensor,
+               mask_count: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.steps.append(StepRecord(
+            block=block, step=step, start=start, committed=committed.cpu(), remasked=remasked.cpu(),
+            mask_count=mask_count.cpu(), tokens=tokens.cpu().clone() if self.keep_tokens else None,
+        ))
