@@ -1,0 +1,197 @@
+"""lm-evaluation-harness model for LLaDA-style masked-diffusion LMs, registered as `llada_dist` (upstream LLaDA's name).
+
+    python eval_llada.py --model llada_dist --tasks gsm8k --num_fewshot 4 \\
+        --model_args model_path=GSAI-ML/LLaDA-8B-Base,gen_length=256,steps=256,block_length=32
+    python eval_llada.py --model llada_dist --tasks gsm8k_local --include_path eval_tasks \\
+        --metadata '{"data_dir": "../shared/data/gsm8k"}' --limit 50 \\
+        --model_args model_path=GSAI-ML/LLaDA-8B-Base,confidence_source=ups,ups_head=checkpoints/ups_head.safetensors
+    python eval_llada.py --model llada_dist --tasks hellaswag --batch_size 8 \\
+        --model_args model_path=GSAI-ML/LLaDA-8B-Base,mc_num=128     # likelihood tasks
+
+generate_until samples through generate.generate (batch_size prompts per call, left-padded), so
+confidence_source / ups_head / lora_path / remask act as in `python generate.py`. loglikelihood is LLaDA's
+Monte Carlo estimator (opencompass_patch.likelihood): mc_num masked copies of the answer in minibatches of
+batch_size, CE divided by the mask ratio, averaged. Seeded with --seed's torch seed as lm-eval sets it.
+`python eval_llada.py` runs lm-eval's own command line with this model registered. Launched as several
+processes (`accelerate launch eval_llada.py ...` or `torchrun --nproc_per_node N eval_llada.py ...`; on CPU
+with ACCELERATE_USE_CPU=1) each rank takes its share of the requests on its own device and lm-eval gathers
+the results.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+for _p in (ROOT, ROOT / "SMDM"):  # generate.py / remedi_patches / lit_gpt without an install
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.model import LM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from opencompass_patch.harness import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids,  # noqa: E402
+                                       load_eval_model, optional_path)
+from opencompass_patch.likelihood import mc_loglikelihood  # noqa: E402
+
+
+def distributed_accelerator():
+    """An accelerate.Accelerator when launched as several processes (accelerate launch, torchrun), else None."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}; "
+                           "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 "
+                           "eval_llada.py ...), so every process does not evaluate everything")
+    return accelerator
+
+
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """Move trailing spaces of the context to the front of the continuation (word-initial tokens)."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+@register_model("llada_dist")
+class LLaDAEvalHarness(LM):
+    def __init__(self, model_path: Optional[str] = None, mask_id: Optional[int] = None, max_length: int = 4096,
+                 batch_size: int = 32, mc_num: int = 128, is_check_greedy: bool = False, cfg: float = 0.0,
+                 steps: int = 1024, gen_length: int = 1024, block_length: int = 1024,
+                 remasking: str = "low_confidence", temperature: float = 0.0, logits_eos_inf: bool = False,
+                 confidence_eos_eot_inf: bool = False, confidence_source: Optional[str] = None, remask: bool = True,
+                 ups_head: Optional[str] = None, lora_path: Optional[str] = None, padding_id: Optional[int] = None,
+                 tokenizer: Optional[str] = None, smdm_size: Optional[str] = None, device: Optional[str] = None,
+                 dtype: Optional[str] = "auto", max_batch_size: Optional[int] = None):
+        """
+        Args (upstream llada_dist's, then RemeDi's):
+            model_path: model folder / hub name / SMDM export; None or 'embedded' = the embedded tiny model.
+            mask_id: None = the backbone's. max_length: prompt + answer token budget.
+            batch_size: rows per forward: Monte Carlo minibatch (mc_num must be a multiple) and prompts per
+                sampler call. mc_num: masked copies per log-likelihood.
+            is_check_greedy: also report whether the continuation is what the sampler decodes greedily,
+                one token per step (slow; no metric of the LLaDA paper needs it, hence off).
+            cfg: classifier-free guidance scale for both generation and likelihood.
+            steps, gen_length, block_length, remasking, temperature, logits_eos_inf,
+                confidence_eos_eot_inf: the sampler's arguments (generate.py).
+            confidence_source, remask, ups_head, lora_path: RemeDi dynamic remasking (generate.py).
+            padding_id: left-padding id (None = the tokenizer's pad, else EOS). tokenizer: when the model has none.
+            smdm_size: architecture of an SMDM iter-*-ckpt.pth checkpoint (e.g. Diff_LLaMA_170M).
+            device: None = cuda if available else cpu. dtype: 'auto' = bfloat16 on CUDA, the checkpoint's elsewhere.
+            max_batch_size: accepted from lm-eval's command line; unused (batch_size is fixed).
+        """
+        super().__init__()
+        if not isinstance(batch_size, int) and not str(batch_size).isdigit():
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r} (no 'auto' for llada_dist)")
+        self.batch_size = int(batch_size)
+        if mc_num < 1 or self.batch_size < 1 or mc_num % self.batch_size:
+            raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of batch_size ({self.batch_size}); "
+                             "e.g. mc_num=128 with --batch_size 32")
+        self.mc_num, self.max_length, self.is_check_greedy = mc_num, max_length, is_check_greedy
+        self.settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
+                                        temperature=temperature, cfg_scale=cfg, remasking=remasking,
+                                        logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                                        confidence_source=optional_path(confidence_source), remask=remask)
+        self.accelerator = distributed_accelerator()
+        if self.accelerator is not None:  # lm-eval shards the requests by rank and gathers the results
+            device = str(self.accelerator.device)
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.em = load_eval_model(optional_path(model_path), tokenizer=optional_path(tokenizer), device=device,
+                                  dtype=dtype, lora_path=optional_path(lora_path), ups_head=optional_path(ups_head),
+                                  mask_id=mask_id, pad_id=padding_id, smdm_size=optional_path(smdm_size))
+        self.tokenizer = self.em.tokenizer
+        self.model_path = optional_path(model_path) or "embedded"
+
+    @property
+    def device(self) -> torch.device:
+        return self.em.device
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.accelerator is None:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.model_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        from remedi_patches.modeling_wrappers import backbone_forward
+
+        return backbone_forward(self.em.model, x)[0]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context ids, continuation ids): the whole text is tokenised once and split after the context's tokens."""
+        context, continuation = split_pair(context, continuation)
+        whole = self.tokenizer(context + continuation)["input_ids"]
+        context_len = len(self.tokenizer(context)["input_ids"])
+        ids = torch.tensor(whole, dtype=torch.long, device=self.device)
+        return ids[:context_len], ids[context_len:]
+
+    def is_greedy(self, prefix: torch.Tensor, target: torch.Tensor) -> bool:
+        """Does the sampler, one token per step by confidence over the whole answer, decode exactly `target`?"""
+        from generate import generate
+
+        out = generate(self.em.model, prefix[None], steps=len(target), gen_length=len(target),
+                       block_length=len(target), temperature=0.0, cfg_scale=self.settings.cfg_scale,
+                       remasking="low_confidence", mask_id=self.em.mask_id, eos_id=self.em.eos_id,
+                       eot_id=self.em.eot_id)
+        return bool((out[0, len(prefix):] == target).all())
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        out = []
+        for request in tqdm(requests, desc="llada_dist loglikelihood"):
+            prefix, target = self.encode_pair(*request.args)
+            if len(prefix) + len(target) > self.max_length:
+                raise ValueError(f"context + continuation is {len(prefix)} + {len(target)} tokens, more than "
+                                 f"max_length={self.max_length}; raise max_length in --model_args")
+            logprob = mc_loglikelihood(self._logits, prefix, target, mask_id=self.em.mask_id, mc_num=self.mc_num,
+                                       batch_size=self.batch_size, cfg_scale=self.settings.cfg_scale)
+            out.append((logprob, self.is_check_greedy and self.is_greedy(prefix, target)))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Instance]):
+        raise NotImplementedError("llada_dist has no rolling (perplexity) log-likelihood; masked-diffusion LMs are "
+                                  "scored with loglikelihood (Monte Carlo) or generate_until tasks")
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        room = self.max_length - self.settings.gen_length
+        out = []
+        for start in tqdm(range(0, len(requests), self.batch_size), desc="llada_dist generate_until"):
+            chunk = requests[start:start + self.batch_size]
+            prompts = [fit_prompt(self.tokenizer(r.args[0])["input_ids"], room) for r in chunk]
+            answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.batch_size)
+            for request, answer in zip(chunk, answers):
+                gen_kwargs = request.args[1]
+                until = gen_kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else until
+                out.append(decode_answer(self.tokenizer, answer, gen_kwargs.get("max_gen_toks"), until))
+        return out
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -1,0 +1,163 @@
+"""OpenCompass model classes for LLaDA-style masked-diffusion LMs, sampling through generate.generate.
+
+    LLaDAModel       chat models (LLaDA-8B-Instruct): the prompt's turns go through the tokenizer's chat template
+    LLaDABaseModel   base models (LLaDA-8B-Base, SMDM, the embedded tiny model): raw prompt text, stop words
+
+Both are registered with opencompass.registry.MODELS (import this module, or name the class in a config as
+`from opencompass_patch.models import LLaDAModel`). Config keys, besides OpenCompass's own (type, abbr,
+max_out_len, batch_size, run_cfg):
+
+    path                   model folder / hub name / SMDM export or checkpoint; None or 'embedded' = the embedded model
+    tokenizer_path         tokenizer when the model folder has none
+    smdm_size              architecture of an SMDM iter-*-ckpt.pth checkpoint, e.g. 'Diff_LLaMA_170M'
+    gen_steps, gen_length, gen_blocksize   sampler steps, answer canvas length, block length
+    temperature, cfg, remasking            as generate.py (cfg = cfg_scale)
+    diff_logits_eos_inf, diff_confidence_eos_eot_inf   generate.py's logits_eos_inf / confidence_eos_eot_inf
+    mask_id, padding_id    None = the backbone's mask id / the tokenizer's pad (else EOS) id
+    batch_size_            prompts per sampler call (OpenCompass's batch_size is how many prompts one
+                           generate() receives; they are sampled batch_size_ at a time, left-padded)
+    confidence_source      None (upstream sampling) | 'ups' | 'tps_prob' | 'random' | 'margin' | 'entropy'
+    remask                 False: dynamic sources never re-mask committed tokens
+    ups_head, lora_path    UPS head .safetensors and PEFT LoRA folder (train_remedi.py outputs)
+    device, dtype          None = cuda if available else cpu; 'auto' = bfloat16 on CUDA, checkpoint dtype elsewhere
+    max_seq_len            prompt + gen_length budget; longer prompts keep their last tokens (with a warning)
+    stop_words             the answer text is cut at the earliest one (also OpenCompass's stopping_criteria)
+    meta_template          OpenCompass prompt meta template
+
+max_out_len: the sampler always fills a canvas of gen_length tokens (its block / step schedule depends on
+it); the answer is then cut at its first EOS / EoT token and to at most max_out_len tokens. Set
+gen_length <= max_out_len to make the cut a no-op.
+
+Likelihood benchmarks (get_ppl / get_loglikelihood) are not served here: use eval_llada.py
+(lm-evaluation-harness, LLaDA's Monte Carlo estimator).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from opencompass.models.base import BaseModel, LMTemplateParser
+from opencompass.models.base_api import APITemplateParser
+from opencompass.registry import MODELS
+from opencompass.utils.logging import get_logger
+from opencompass.utils.prompt import PromptList
+
+from opencompass_patch.harness import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids,
+                                       load_eval_model, optional_path)
+
+logger = get_logger()
+PromptType = Union[PromptList, str]
+
+# OpenCompass HuggingFace-model keys that upstream LLaDA configs carry but that mean nothing here
+IGNORED_KEYS = frozenset({"hf_cache_dir", "tokenizer_kwargs", "tokenizer_only", "model_kwargs", "generation_kwargs",
+                          "extract_pred_after_decode", "batch_padding", "pad_token_id", "mode", "end_str",
+                          "use_fastchat_template", "mc_num", "sync_rank"})
+ROLE_NAMES = {"HUMAN": "user", "BOT": "assistant", "SYSTEM": "system"}
+CHAT_META_TEMPLATE = dict(
+    round=[dict(role="HUMAN", api_role="HUMAN"), dict(role="BOT", api_role="BOT", generate=True)],
+    reserved_roles=[dict(role="SYSTEM", api_role="SYSTEM")],
+)
+
+
+def chat_messages(prompt: PromptType) -> list[dict]:
+    """An OpenCompass prompt (a string or a list of {'role', 'prompt'} turns) -> chat messages,
+    empty turns dropped and consecutive turns of one role merged with a newline."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages: list[dict] = []
+    for turn in prompt:
+        if not turn["prompt"]:
+            continue
+        role = ROLE_NAMES[turn["role"]]
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n" + turn["prompt"]
+        else:
+            messages.append({"role": role, "content": turn["prompt"]})
+    return messages
+
+
+def plain_text(prompt: PromptType) -> str:
+    """An OpenCompass prompt -> one string (the turns' texts joined as they are)."""
+    return prompt if isinstance(prompt, str) else "".join(turn["prompt"] for turn in prompt)
+
+
+@MODELS.register_module()
+class LLaDAModel(BaseModel):
+    """LLaDA-style chat model: prompts go through the tokenizer's chat template. See the module docstring."""
+
+    def __init__(self, path: Optional[str] = None, *, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
+                 meta_template: Optional[dict] = None, stop_words: Sequence[str] = (), cfg: float = 0.0,
+                 temperature: float = 0.0, remasking: str = "low_confidence", mask_id: Optional[int] = None,
+                 padding_id: Optional[int] = None, gen_steps: int = 512, gen_length: int = 512,
+                 gen_blocksize: int = 512, batch_size_: int = 1, diff_confidence_eos_eot_inf: bool = False,
+                 diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None, remask: bool = True,
+                 ups_head: Optional[str] = None, lora_path: Optional[str] = None, smdm_size: Optional[str] = None,
+                 device: Optional[str] = None, dtype: Optional[str] = "auto", **other):
+        unknown = sorted(set(other) - IGNORED_KEYS)
+        if "peft_path" in unknown:
+            raise ValueError("peft_path is called lora_path here (a PEFT LoRA folder); rename the config key")
+        if unknown:
+            raise ValueError(f"{type(self).__name__} got unknown config keys {unknown}; check their spelling "
+                             "against the keys listed in opencompass_patch/models.py")
+        for key in sorted(other):
+            logger.warning("%s ignores the config key %s=%r", type(self).__name__, key, other[key])
+        super().__init__(path=path or "embedded", max_seq_len=max_seq_len, meta_template=meta_template)
+        self.template_parser = self._template_parser(meta_template)
+        self.settings = SamplerSettings(steps=gen_steps, gen_length=gen_length, block_length=gen_blocksize,
+                                        temperature=temperature, cfg_scale=cfg, remasking=remasking,
+                                        logits_eos_inf=diff_logits_eos_inf,
+                                        confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
+                                        confidence_source=optional_path(confidence_source), remask=remask)
+        if batch_size_ < 1:
+            raise ValueError(f"batch_size_ must be >= 1, got {batch_size_}")
+        self.micro_batch = batch_size_
+        self.stop_words = list(stop_words)
+        ups_head, lora_path = optional_path(ups_head), optional_path(lora_path)
+        if ups_head and self.settings.confidence_source != "ups":
+            logger.warning("ups_head=%s is loaded but only used with confidence_source='ups' (got %r)", ups_head,
+                           self.settings.confidence_source)
+        self.em = load_eval_model(optional_path(path), tokenizer=optional_path(tokenizer_path), device=device,
+                                  dtype=dtype, lora_path=lora_path, ups_head=ups_head, mask_id=mask_id,
+                                  pad_id=padding_id, smdm_size=optional_path(smdm_size))
+        self.tokenizer = self.em.tokenizer
+        logger.info("%s sampler: %s, mask_id=%s, padding_id=%s, ups_head=%s, lora_path=%s", type(self).__name__,
+                    self.settings, self.em.mask_id, self.em.pad_id, ups_head, lora_path)
+
+    def _template_parser(self, meta_template: Optional[dict]):
+        return APITemplateParser(meta_template or CHAT_META_TEMPLATE)
+
+    def encode_prompt(self, prompt: PromptType) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.path} has no chat template; evaluate this base model with "
+                             "LLaDABaseModel instead of LLaDAModel")
+        text = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def get_token_len(self, prompt: PromptType) -> int:
+        return len(self.encode_prompt(prompt))
+
+    def generate(self, inputs: list[PromptType], max_out_len: Optional[int] = None,
+                 stopping_criteria: Sequence[str] = ()) -> list[str]:
+        """Answers for a list of prompts, cut at EOS / EoT, to max_out_len tokens and at the first stop word."""
+        room = self.max_seq_len - self.settings.gen_length
+        prompts = [fit_prompt(self.encode_prompt(p), room) for p in inputs]
+        answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.micro_batch)
+        stops = list(dict.fromkeys([*self.stop_words, *stopping_criteria]))
+        return [decode_answer(self.tokenizer, a, max_out_len, stops) for a in answers]
+
+    def get_ppl(self, inputs, mask_length=None):
+        raise NotImplementedError("masked-diffusion LMs have no left-to-right perplexity; for likelihood benchmarks "
+                                  "use eval_llada.py (lm-evaluation-harness, Monte Carlo estimator)")
+
+    get_loglikelihood = get_ppl
+    get_ppl_tokenwise = get_ppl
+
+
+@MODELS.register_module()
+class LLaDABaseModel(LLaDAModel):
+    """LLaDA-style base model: raw prompt text (the tokenizer's own special tokens added), stop words."""
+
+    def _template_parser(self, meta_template: Optional[dict]):
+        return LMTemplateParser(meta_template)
+
+    def encode_prompt(self, prompt: PromptType) -> list[int]:
+        return self.tokenizer(plain_text(prompt))["input_ids"]

