@@ -228,9 +228,9 @@ def decode_answers(tokenizer, out: torch.Tensor, prompt_len: int, stop_ids: list
 def format_trajectory(trajectory: Trajectory, answer_start: int) -> str:
     """One line per row and step; positions are counted from the start of the answer."""
     lines = []
-    for rec in trajectory.steps:
-        offset = rec.start - answer_start
-        for row in range(rec.mask_count.shape[0]):
+    for row in range(trajectory.steps[0].mask_count.shape[0] if trajectory.steps else 0):
+        for rec in trajectory.steps:
+            offset = rec.start - answer_start
             committed = (rec.committed[row].nonzero().flatten() + offset).tolist()
             remasked = (rec.remasked[row].nonzero().flatten() + offset).tolist()
             lines.append(f"row {row} block {rec.block} step {rec.step}: masks left {int(rec.mask_count[row])}, "
