@@ -120,8 +120,7 @@ def make_items(records: Iterable[dict], fmt: str, prompt_template: Optional[str]
     question/answer, MATH problem/...); for --format math the gold is the `answer` column when there is one,
     else the last \\boxed{} of the solution. The default prompt is the embedded task's "Question: ...\\nAnswer:"
     (for math with a request to box the answer); prompt_template uses {question}."""
-    from remedi_patches.data import column_names, resolve_fields
-    from remedi_patches.embedded.task import format_prompt
+    from remedi_patches.data import column_names, render_prompt, resolve_fields
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; use one of {FORMATS}")
@@ -134,15 +133,12 @@ def make_items(records: Iterable[dict], fmt: str, prompt_template: Optional[str]
     gold_field = fields.answer
     if fmt == "math" and answer_field is None and "answer" in columns:
         gold_field = "answer"
-    if prompt_template is not None and "{question}" not in prompt_template:
-        raise ValueError(f"--prompt_template {prompt_template!r} has no {{question}} placeholder; add one")
     items = []
     for i, record in enumerate(records):
         question = str(record[fields.prompt])
-        if prompt_template is not None:
-            prompt = prompt_template.replace("{question}", question)
-        else:
-            prompt = format_prompt(question if fmt == "gsm8k" else f"{question}\n{BOXED_HINT}")
+        if fmt == "math" and prompt_template is None:
+            question = f"{question}\n{BOXED_HINT}"
+        prompt = render_prompt(question, prompt_template)
         gold = _gold(str(record[gold_field]), fmt, i, gold_field)
         items.append(EvalItem(i, prompt, gold, str(record[fields.answer])))
     return items

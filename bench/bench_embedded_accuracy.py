@@ -155,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not args.no_detection and em.ups_head is not None:
         from remedi_patches.diagnostics import detection_settings, ups_detection_report
 
-        report = ups_detection_report(em, em.ups_head, records, **detection_settings(meta, "embedded"),
+        report = ups_detection_report(em, em.ups_head, records, **detection_settings(meta),
                                       seed=args.seed)
         detection = report.to_dict()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -269,11 +269,21 @@ def answer_mask(prompt_len: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.arange(seq_len, device=prompt_len.device)[None, :] >= prompt_len[:, None]
 
 
-def _encode_plain(tokenizer, prompts: list, answers: list[str], prompt_format: Callable[[str], str]):
+def render_prompt(question: str, template: Optional[str] = None) -> str:
+    """The project's one plain-prompt rule (training, evaluation, sampling): `template` with {question}
+    filled in, or by default the embedded task's "Question: ...\nAnswer:"."""
+    if template is None:
+        return format_prompt(question)
+    if "{question}" not in template:
+        raise ValueError(f"--prompt_template {template!r} has no {{question}} placeholder; add one")
+    return template.replace("{question}", question)
+
+
+def _encode_plain(tokenizer, prompts: list, answers: list[str], prompt_template: Optional[str]):
     def render(p) -> str:
         if p is None:  # answer-only text: no prompt beyond the tokenizer's own special tokens
             return ""
-        return prompt_format(p if isinstance(p, str) else "\n\n".join(m["content"] for m in p))
+        return render_prompt(p if isinstance(p, str) else "\n\n".join(m["content"] for m in p), prompt_template)
 
     texts = [render(p) for p in prompts]
     prompt_ids = tokenizer(texts)["input_ids"]  # the tokenizer's own special tokens (e.g. LLaDA's BOS)
@@ -301,13 +311,13 @@ def build_sft_examples(
     seq_len: int,
     fields: FieldSpec,
     chat_template: bool = False,
-    prompt_format: Optional[Callable[[str], str]] = None,
+    prompt_template: Optional[str] = None,
 ) -> SFTExamples:
     """Tokenise records into rows of exactly `seq_len` tokens: prompt, answer, EOS padding.
 
     chat_template: render prompt and reply with the tokenizer's chat template (instruct models); otherwise the
-    prompt is `prompt_format(prompt)` (default: the embedded task's format_prompt, "Question: ...\nAnswer:", the
-    format the evaluators use) tokenised with the tokenizer's special tokens, and the answer is followed by EOS.
+    prompt is `render_prompt(prompt, prompt_template)` (default "Question: ...\nAnswer:", the format the
+    evaluators use) tokenised with the tokenizer's special tokens, and the answer is followed by EOS.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -321,7 +331,7 @@ def build_sft_examples(
                              "(base model) or use the instruct model's tokenizer")
         prompt_ids, answer_ids = _encode_chat(tokenizer, prompts, answers)
     else:
-        prompt_ids, answer_ids = _encode_plain(tokenizer, prompts, answers, prompt_format or format_prompt)
+        prompt_ids, answer_ids = _encode_plain(tokenizer, prompts, answers, prompt_template)
 
     rows, plens = [], []
     dropped = truncated = 0

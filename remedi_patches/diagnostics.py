@@ -375,14 +375,14 @@ def noise_special_ids(tokenizer, mask_id: int, eos_id: Optional[int], eot_id: Op
 @torch.no_grad()
 def ups_detection_report(backbone, head, records, *, seq_len: int = 128, r_incorrect: float = 0.1,
                          batch_size: int = 32, seed: int = 0, threshold: float = 0.5,
-                         prompt_format: Optional[Callable[[str], str]] = None, t: Optional[float] = None,
+                         prompt_template: Optional[str] = None, t: Optional[float] = None,
                          eps: float = 1e-3, incorrect_source: str = "uniform") -> DetectionReport:
     """Noise held-out `records` as Remask SFT does and score every unmasked answer token.
 
     backbone: a remedi_patches.backbones.Backbone (its .model may be LoRA-wrapped); head: a UPSHead.
     records: dicts / a datasets.Dataset with a prompt and an answer field (remedi_patches.data.resolve_fields).
     seq_len, r_incorrect: as the head was trained (its meta["train_args"]); t: fixed diffusion time, else
-    t ~ U(eps, 1) per sequence. prompt_format: as in training (see detection_settings); None = the default
+    t ~ U(eps, 1) per sequence. prompt_template: as in training (see detection_settings); None = the default
     of remedi_patches.data.build_sft_examples. incorrect_source: 'uniform' or 'tps' (the backbone's own
     guesses, remedi_patches.noise.tps_incorrect_noise), as the head was trained.
     """
@@ -396,7 +396,7 @@ def ups_detection_report(backbone, head, records, *, seq_len: int = 128, r_incor
         raise ValueError(f"incorrect_source must be one of {INCORRECT_SOURCES}, got {incorrect_source!r}")
     tokenizer, model = backbone.tokenizer, backbone.model
     fields = data.resolve_fields(data.column_names(records))
-    examples = data.build_sft_examples(records, tokenizer, seq_len, fields, prompt_format=prompt_format)
+    examples = data.build_sft_examples(records, tokenizer, seq_len, fields, prompt_template=prompt_template)
     answer_mask = data.answer_mask(examples.prompt_len, seq_len)  # (N, L)
     special = noise_special_ids(tokenizer, backbone.mask_id, backbone.eos_id, backbone.eot_id)
     generator = torch.Generator().manual_seed(seed)
@@ -471,19 +471,16 @@ def write_detection_report(report: DetectionReport, out_dir: str | Path) -> dict
             "json": write_text(out_dir / "detection.json", json.dumps(report.to_dict(), indent=2) + "\n")}
 
 
-def detection_settings(meta: dict, dataset: Optional[str] = None, seq_len: Optional[int] = None,
+def detection_settings(meta: dict, seq_len: Optional[int] = None,
                        r_incorrect: Optional[float] = None, incorrect_source: Optional[str] = None) -> dict:
     """seq_len, r_incorrect, incorrect_source and prompt format as SMDM/pretrain/train_remedi.py trained the head
     (its save meta), unless given. One prompt rule for every dataset, as in training: meta["prompt_template"]
-    ("{question}" placeholder) when present, else the default of remedi_patches.data.build_sft_examples.
-    `dataset` no longer matters; it is accepted for existing callers."""
+    ("{question}" placeholder) when present, else the default of remedi_patches.data.render_prompt."""
     train = meta.get("train_args") or {}
-    template = meta.get("prompt_template")
-    prompt_format = None if template is None else (lambda question: template.replace("{question}", question))
     return {"seq_len": seq_len or train.get("seq_len") or 128,
             "r_incorrect": r_incorrect if r_incorrect is not None else train.get("r_incorrect", 0.1),
             "incorrect_source": incorrect_source or train.get("incorrect_source", "uniform"),
-            "prompt_format": prompt_format}
+            "prompt_template": meta.get("prompt_template")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,7 +129,7 @@ def test_chat_layout_with_and_without_template(tmp_path):
     assert (ex.input_ids[0, p + 2:] == tok.eos_token_id).all()
     plain = build_sft_examples(recs, tok, seq_len=64, fields=f)
     assert tok.decode(plain.input_ids[1, :int(plain.prompt_len[1])]) == "<|startoftext|>Question: x?\nAnswer:"
-    custom = build_sft_examples(recs, tok, seq_len=64, fields=f, prompt_format="Q: {}\n".format)
+    custom = build_sft_examples(recs, tok, seq_len=64, fields=f, prompt_template="Q: {question}\n")
     assert tok.decode(custom.input_ids[1, :int(custom.prompt_len[1])]) == "<|startoftext|>Q: x?\n"
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):

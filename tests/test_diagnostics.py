@@ -177,14 +177,13 @@ def test_detection_without_incorrect_tokens_has_no_auc(run):
 def test_detection_settings_follow_the_head_meta():
     meta = {"prompt_template": "Q: {question}\nA:",
             "train_args": {"seq_len": 64, "r_incorrect": 0.3, "incorrect_source": "tps", "prompt_template": None}}
-    got = D.detection_settings(meta, "some/dataset")
-    assert got["prompt_format"]("1+2") == "Q: 1+2\nA:"
+    got = D.detection_settings(meta)
+    assert got["prompt_template"] == meta["prompt_template"]
     assert (got["seq_len"], got["r_incorrect"], got["incorrect_source"]) == (64, 0.3, "tps")
     got = D.detection_settings(meta, seq_len=32, r_incorrect=0.0, incorrect_source="uniform")
     assert (got["seq_len"], got["r_incorrect"], got["incorrect_source"]) == (32, 0.0, "uniform")
-    default = D.detection_settings({}, "embedded")  # one rule for every dataset: build_sft_examples' default
-    assert default == D.detection_settings({}, "other") == {"seq_len": 128, "r_incorrect": 0.1,
-                                                            "incorrect_source": "uniform", "prompt_format": None}
+    assert D.detection_settings({}) == {"seq_len": 128, "r_incorrect": 0.1, "incorrect_source": "uniform",
+                                        "prompt_template": None}  # None: data.render_prompt's default
 
 
 def test_detection_report_with_tps_incorrect_tokens(run):

@@ -47,7 +47,7 @@ def pair_data(tmp_path_factory) -> Path:
 def sft_args(data: Path, tok: Path, out_dir: Path, **kw) -> list[str]:
     flags = dict(model_name="Diff_LLaMA_tiny", vocab_size=VOCAB, tokenizer=tok, dataset=data, seq_len=SEQ_LEN,
                  micro_batch_size=4, global_batch_size=8, max_steps=4, warmup_steps=2, lr=3e-3, min_lr=3e-4,
-                 save_interval=2, out_dir=out_dir, accelerator="cpu")
+                 save_interval=2, out_dir=out_dir, accelerator="cpu", prompt_template="{question}\n")
     flags.update(kw)
     return [x for k, v in flags.items() if v is not None for x in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
 

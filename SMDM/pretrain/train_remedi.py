@@ -305,9 +305,8 @@ def _examples(cfg: RemaskConfig, tokenizer, split: str, limit: Optional[int]):
     records = sft_data.load_records(cfg.dataset, split, cfg.subset, limit=limit)
     fields = sft_data.resolve_fields(sft_data.column_names(records), cfg.text_field, cfg.prompt_field,
                                      cfg.answer_field, cfg.thinking_field, cfg.attempt_field)
-    template = cfg.prompt_template
-    prompt_format = None if template is None else (lambda question: template.replace("{question}", question))
-    return sft_data.build_sft_examples(records, tokenizer, cfg.seq_len, fields, cfg.chat_template, prompt_format)
+    return sft_data.build_sft_examples(records, tokenizer, cfg.seq_len, fields, cfg.chat_template,
+                                       cfg.prompt_template)
 
 
 def _split_train_eval(cfg: RemaskConfig, tokenizer):

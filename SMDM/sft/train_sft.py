@@ -60,6 +60,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     d.add_argument("--answer_field", default=None, help="answer field (default: found from the known layouts)")
     d.add_argument("--chat_template", action="store_true", help="render prompt and answer with the tokenizer's "
                                                                   "chat template")
+    d.add_argument("--prompt_template", default=None,
+                   help="prompt text around {question} for non-chat data; default 'Question: {question}\\nAnswer:' "
+                        "(the format train_remedi.py and the evaluators use)")
     d.add_argument("--limit", type=int, default=None, help="use at most this many records")
     d.add_argument("--seq_len", type=int, default=2048, help="tokens per row (prompt + answer + EOS padding)")
     s = p.add_argument_group("schedule")
@@ -105,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
                          "(its mask id); use the tokenizer the model was trained with, or set --vocab_size.")
     records = load_records(args.dataset, args.split, args.subset, args.limit)
     fields = resolve_fields(column_names(records), args.text_field, args.prompt_field, args.answer_field)
-    ex = build_sft_examples(records, tokenizer, args.seq_len, fields, chat_template=args.chat_template)
+    ex = build_sft_examples(records, tokenizer, args.seq_len, fields, args.chat_template, args.prompt_template)
 
     args.micro_batch_size = args.micro_batch_size or default_micro_batch_size(num_non_embedding_params(config) / 1e6)
     G, L, micro = args.global_batch_size, args.seq_len, args.micro_batch_size
