@@ -2,26 +2,30 @@
 # Both create .venv and install the project first. torch is installed on its own, before the
 # project, so pip never swaps it: `torch==2.13.0` is a CUDA build on a GPU machine and the local
 # CPU wheel on a CPU-only one. Override with e.g. `make test TORCH="torch==2.13.0 --index-url ..."`.
-PYTHON ?= python3
-VENV   ?= .venv
-TORCH  ?= torch==2.13.0
-EXTRAS ?= dev
-PY     := $(VENV)/bin/python
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch==2.13.0
+DEMO_EXTRAS := dev
+TEST_EXTRAS := dev,opencompass,lmeval
+PY          := $(VENV)/bin/python
 
-.PHONY: install demo test clean
+# $(call install,EXTRAS): venv + torch + the project with EXTRAS, once per set of extras
+define install
+	@test -f $(VENV)/.installed-$(1) || { \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install --quiet $(TORCH) && \
+	  $(PY) -m pip install --quiet -e ".[$(1)]" && \
+	  touch $(VENV)/.installed-$(1); }
+endef
 
-$(VENV)/.installed-$(EXTRAS): setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	touch $@
+.PHONY: demo test clean
 
-install: $(VENV)/.installed-$(EXTRAS)
-
-demo: install
+demo:
+	$(call install,$(DEMO_EXTRAS))
 	$(PY) demo.py
 
-test: install
+test:
+	$(call install,$(TEST_EXTRAS))
 	$(PY) -m pytest -q
 
 clean:

