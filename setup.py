@@ -38,7 +38,7 @@ setup(
     packages=find_packages(include=["remedi_patches*", "opencompass_patch*"])
     + ["lit_gpt"],
     package_dir={"lit_gpt": "SMDM/lit_gpt"},
-    py_modules=["generate"],
+    py_modules=["generate", "eval_gsm_math", "infer_compare", "eval_llada"],
     include_package_data=True,
     package_data={"remedi_patches.embedded": ["assets/**/*"], "opencompass_patch": ["configs/**/*.py"]},
     install_requires=core,

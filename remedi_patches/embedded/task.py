@@ -1,7 +1,7 @@
 """The embedded task: seeded GSM8K-shaped word problems with short worked solutions.
 
-    Question: Mia has 14 shells. She finds 7 more. She doubles them. She gives away 9. How many shells does Mia have now?
-    Answer: 14+7=21. 21*2=42. 42-9=33. #### 33
+    Question: Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. How many shells does Mia have now?
+    Answer: 14+7=21. 21-9=12. 12*2=24. #### 24
 
 Each solution line copies its operands (the previous line's result and a number from the question) and does
 one small operation, so every step is local for a tiny bidirectional model, while later lines depend on earlier
@@ -42,7 +42,7 @@ class TaskConfig:
     max_ops: int = 3
     max_start: int = 20  # starting amount in [2, max_start]
     max_operand: int = 9  # add / subtract amounts in [1, max_operand]
-    max_value: int = 30  # every intermediate result stays in [0, max_value]
+    max_value: int = 30  # every intermediate result stays in [0, max_value] (99 is far harder to learn)
     mul: bool = True  # besides add and subtract, "doubles / triples them"
 
     def __post_init__(self):
