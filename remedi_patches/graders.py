@@ -21,7 +21,7 @@ from typing import Optional
 _NUMBER = (
     r"(?:(?<![\w)\]])[-\u2212])?\$?"
     r"(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
-    r"(?:/(?:\d+))?"
+    r"(?:/\d+)?"
 )
 _NUMBER_RE = re.compile(_NUMBER)
 _HASH_RE = re.compile(r"####\s*(" + _NUMBER + ")")
@@ -49,8 +49,7 @@ def _canonical(value: Fraction) -> str:
         d //= 5
     if d != 1:
         return f"{value.numerator}/{value.denominator}"
-    text = f"{float(value):.12f}".rstrip("0").rstrip(".")
-    return text
+    return f"{float(value):.12f}".rstrip("0").rstrip(".")
 
 
 def _numbers(text: str) -> list[Fraction]:

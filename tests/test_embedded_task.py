@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from remedi_patches.embedded import TOKENIZER_DIR
+from remedi_patches.embedded import ASSETS_DIR, TOKENIZER_DIR
 from remedi_patches.embedded import task as T
 from remedi_patches.embedded.tokenizer import SPM_FILE, load_tokenizer, train_tokenizer
 from remedi_patches.graders import extract_gsm8k_answer, grade_gsm8k
@@ -29,7 +29,7 @@ def test_generation_is_deterministic_and_seed_dependent():
     assert [T.generate_problem(rng_a) for _ in range(20)] == [T.generate_problem(rng_b) for _ in range(20)]
 
 
-@pytest.mark.parametrize("config", [T.TaskConfig(), T.TaskConfig(min_ops=1, max_ops=1, mul=False, max_value=30)])
+@pytest.mark.parametrize("config", [T.TaskConfig(), T.TaskConfig(min_ops=1, max_ops=4, max_value=99, mul=False)])
 def test_solutions_are_correct_worked_chains(config):
     for p in T.make_split(2000, 0, "train", config):
         parts = p.solution.split(" ")
@@ -210,3 +210,10 @@ def test_shipped_tokenizer_is_reproduced_by_the_default_build(tmp_path):
     assert all(shipped.decode(ids) == text for ids, text in zip(shipped(texts)["input_ids"], texts))
     assert max(len(ids) for ids in shipped([T.format_prompt(p.question) for p in train[:5000]])["input_ids"]) <= 40
     assert max(len(ids) for ids in shipped([p.solution for p in train[:5000]])["input_ids"]) <= 31
+
+
+def test_shipped_tokenizer_is_the_backbones_tokenizer():
+    # the backbone export carries its own copy; the two must never drift apart
+    for name in (SPM_FILE, "tokenizer.json"):
+        assert (TOKENIZER_DIR / name).read_bytes() == (ASSETS_DIR / "backbone" / name).read_bytes()
+    assert json.loads((TOKENIZER_DIR / "task.json").read_text())["config"] == dataclasses.asdict(T.TaskConfig())

@@ -1,6 +1,7 @@
 """The embedded task: seeded GSM8K-shaped word problems with short worked solutions.
 
-    Question: Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. How many shells does Mia have now?
+    Question: Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. How many shells does
+    Mia have now?
     Answer: 14+7=21. 21-9=12. 12*2=24. #### 24
 
 Each solution line copies its operands (the previous line's result and a number from the question) and does
