@@ -29,7 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from remedi_patches.metrics import Confusion, confusion_at, roc_auc, roc_curve
-from remedi_patches.noise import INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, tps_incorrect_noise
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, noise_special_ids,
+                                  tps_incorrect_noise)
 from remedi_patches.remasking import Trajectory
 
 MASK_TEXT = "\u25a2"  # a small empty square stands for [MASK]
@@ -364,12 +365,6 @@ class DetectionReport:
                 "confusion": {"tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn, "precision": clean(c.precision),
                               "recall": clean(c.recall)},
                 "n_scored": self.n_scored, "n_incorrect": self.n_incorrect, "settings": self.settings}
-
-
-def noise_special_ids(tokenizer, mask_id: int, eos_id: Optional[int], eot_id: Optional[int]) -> list[int]:
-    """Ids never used as incorrect tokens: mask, EOS / EoT and the tokenizer's special tokens."""
-    ids = set(tokenizer.all_special_ids) | {mask_id}
-    return sorted(ids | {i for i in (eos_id, eot_id) if i is not None})
 
 
 @torch.no_grad()

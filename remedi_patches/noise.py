@@ -188,3 +188,11 @@ def tps_incorrect_noise(
     tokens = sample_replacements(logits, input_ids, batch.incorrect, vocab_size, list(special_ids) + [mask_id],
                                  generator).to(input_ids.device)
     return batch._replace(noisy=torch.where(batch.incorrect, tokens, batch.noisy))
+
+
+def noise_special_ids(tokenizer, mask_id: int, eos_id: Optional[int], eot_id: Optional[int]) -> list[int]:
+    """Ids never drawn as incorrect tokens: mask, EOS/EoT, and every special token of the tokenizer."""
+    ids = set(tokenizer.all_special_ids) | {mask_id}
+    ids |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    ids |= {i for i in (eos_id, eot_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
+    return sorted(ids)

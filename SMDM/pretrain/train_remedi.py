@@ -52,7 +52,8 @@ from remedi_patches.losses import RemaskLosses, remask_losses
 from remedi_patches.metrics import confusion_at, detection_scores, roc_auc
 from remedi_patches.modeling_wrappers import (backbone_forward, check_head_fits, hidden_size_of, load_ups_head,
                                               save_ups_head)
-from remedi_patches.noise import INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, tps_incorrect_noise
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, noise_special_ids,
+                                  tps_incorrect_noise)
 from remedi_patches.ups_head import UPSHead
 
 TRAIN_MODES = ("ups_only", "joint", "alternating")
@@ -267,14 +268,6 @@ def sample_indices(seed: int, n: int, start: int, count: int) -> list[int]:
 @lru_cache(maxsize=4)
 def _epoch_order(seed: int, n: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=seeded_generator(seed, STREAM_ORDER, epoch))
-
-
-def noise_special_ids(tokenizer, mask_id: int, eos_id: Optional[int], eot_id: Optional[int]) -> list[int]:
-    """Ids never drawn as incorrect tokens: mask, EOS/EoT, and every special token of the tokenizer."""
-    ids = set(tokenizer.all_special_ids) | {mask_id}
-    ids |= {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    ids |= {i for i in (eos_id, eot_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
-    return sorted(ids)
 
 
 def resolve_lora_target(spec: str, kind: str, model: torch.nn.Module):
