@@ -12,7 +12,6 @@ sampler needs, so callers never branch on the backbone type.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -107,7 +106,7 @@ def load_backbone(
         if not (EMBEDDED_DIR / SMDM_CONFIG).is_file():
             raise FileNotFoundError(
                 f"the embedded backbone is missing from {EMBEDDED_DIR}; rebuild it with "
-                "`python -m remedi_patches.embedded.build` (see remedi_patches/embedded/README.md)"
+                "`python -m remedi_patches.embedded.build`"
             )
         name_or_path = EMBEDDED_DIR
     source = Path(name_or_path)
@@ -146,10 +145,3 @@ def load_backbone(
     return Backbone(model=model, tokenizer=tok, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
                     name=str(name_or_path), kind=kind)
 
-
-def describe(backbone: Backbone) -> dict:
-    """A JSON-able summary stored in checkpoints' metadata."""
-    cfg = backbone.model.config
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    return {"name": backbone.name, "kind": backbone.kind, "mask_id": backbone.mask_id,
-            "config": json.loads(json.dumps(cfg_dict, default=str))}
