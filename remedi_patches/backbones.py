@@ -77,6 +77,18 @@ def _load_transformers(source: str, dtype: Optional[torch.dtype]) -> nn.Module:
         ) from err
 
 
+def _checkpoint_vocab(model_file: Path) -> dict:
+    """{"vocab_size": N} when a train_mdm / train_sft checkpoint records a --vocab_size override, else {}."""
+    if model_file.suffix != ".pth":
+        return {}
+    try:
+        ckpt = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable here: lit_gpt.model.load_weights raises the clear error
+        return {}
+    vocab = (ckpt.get("hparams") or {}).get("vocab_size") if isinstance(ckpt, dict) else None
+    return {} if vocab is None else {"vocab_size": int(vocab)}
+
+
 def _load_smdm(model_file: Path, config_name: Optional[str], dtype: Optional[torch.dtype]) -> nn.Module:
     from lit_gpt.model import TransEncoder, load_smdm_folder, load_weights
 
@@ -87,7 +99,7 @@ def _load_smdm(model_file: Path, config_name: Optional[str], dtype: Optional[tor
             f"{model_file} is an SMDM training checkpoint; say which architecture it holds with "
             "--smdm_size Diff_LLaMA_<N>M (e.g. Diff_LLaMA_170M)"
         )
-    model = TransEncoder.from_name(config_name)
+    model = TransEncoder.from_name(config_name, **_checkpoint_vocab(model_file))
     load_weights(model, model_file)
     return model.to(dtype) if dtype is not None else model
 
