@@ -17,7 +17,7 @@ DATA_DIR = Path(os.environ.get("REMEDI_DATA_DIR", REPO.parent / "shared" / "data
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         raise FileNotFoundError(

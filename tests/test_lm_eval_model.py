@@ -21,17 +21,8 @@ SAMPLER = dict(steps=4, gen_length=8, block_length=4)
 
 
 @pytest.fixture(scope="module")
-def shared_data() -> Path:
-    from conftest import DATA_DIR
-
-    if not DATA_DIR.is_dir():
-        raise FileNotFoundError(f"evaluation data not found at {DATA_DIR}; set REMEDI_DATA_DIR")
-    return DATA_DIR
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, shared_data):
-    return tiny_llada_dir(tmp_path_factory.mktemp("lm_tiny"), shared_data)
+def model_dir(tmp_path_factory, data_dir):
+    return tiny_llada_dir(tmp_path_factory.mktemp("lm_tiny"), data_dir)
 
 
 def request(kind, *args):
@@ -138,12 +129,12 @@ def test_generate_until_is_the_sampler_with_ups_head_and_stops(model_dir, tmp_pa
     assert short == " ".join(outs[0].split()[:2])
 
 
-def run_cli(model_dir, shared_data, tmp_path, launcher, env_extra=None):
+def run_cli(model_dir, data_dir, tmp_path, launcher, env_extra=None):
     """`eval_llada.py --tasks gsm8k_local` on the first 5 local GSM8K problems; returns (results, logged samples)."""
     data = tmp_path / "gsm8k"
     data.mkdir()
     for split in ("train", "test"):
-        lines = (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:5]
+        lines = (data_dir / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:5]
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
     cmd = [*launcher, str(REPO / "eval_llada.py"), "--model", "llada_dist", "--device", "cpu",
@@ -175,9 +166,9 @@ def check_samples_against_sampler(samples, model_dir):
 
 
 @pytest.mark.slow
-def test_eval_llada_cli_offline_gsm8k(model_dir, shared_data, tmp_path):
+def test_eval_llada_cli_offline_gsm8k(model_dir, data_dir, tmp_path):
     """`python eval_llada.py --tasks gsm8k_local` on 5 local GSM8K problems reports exact_match scores."""
-    result, samples = run_cli(model_dir, shared_data, tmp_path, [sys.executable])
+    result, samples = run_cli(model_dir, data_dir, tmp_path, [sys.executable])
     for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
         assert 0.0 <= result[key] <= 1.0
     assert sorted({s["doc_id"] for s in samples}) == [0, 1, 2, 3, 4]
@@ -185,9 +176,9 @@ def test_eval_llada_cli_offline_gsm8k(model_dir, shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_llada_two_processes_share_the_problems(model_dir, shared_data, tmp_path):
+def test_eval_llada_two_processes_share_the_problems(model_dir, data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo): each problem is evaluated once, by one rank, and gathered."""
-    result, samples = run_cli(model_dir, shared_data, tmp_path,
+    result, samples = run_cli(model_dir, data_dir, tmp_path,
                               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
                               {"ACCELERATE_USE_CPU": "1"})
     assert 0.0 <= result["exact_match,flexible-extract"] <= 1.0

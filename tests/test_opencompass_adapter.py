@@ -26,18 +26,9 @@ RUNNER_KEYS = {"type", "abbr", "run_cfg", "max_out_len", "batch_size", "min_out_
 
 
 @pytest.fixture(scope="module")
-def shared_data() -> Path:
-    from conftest import DATA_DIR
-
-    if not DATA_DIR.is_dir():
-        raise FileNotFoundError(f"evaluation data not found at {DATA_DIR}; set REMEDI_DATA_DIR")
-    return DATA_DIR
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, shared_data):
+def tiny(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("oc_tiny")
-    return tiny_llada_dir(root, shared_data), tiny_ups_head(root)
+    return tiny_llada_dir(root, data_dir), tiny_ups_head(root)
 
 
 def load_config(name):
@@ -212,13 +203,13 @@ models = [
 
 
 @pytest.fixture(scope="module")
-def opencompass_run(tiny, shared_data, tmp_path_factory):
+def opencompass_run(tiny, data_dir, tmp_path_factory):
     """One `opencompass` run: the shipped embedded GSM8K config on the tiny model, tps_prob and ups, 5 problems."""
     from opencompass_patch.prepare_data import prepare
 
     model_dir, ups_head = tiny
     work = tmp_path_factory.mktemp("oc_run")
-    prepare(work / "cache", gsm8k=shared_data / "gsm8k", limit=5)
+    prepare(work / "cache", gsm8k=data_dir / "gsm8k", limit=5)
     config = work / "eval_tiny.py"
     config.write_text(RUN_CONFIG.format(model_dir=str(model_dir), ups_head=str(ups_head)))
     exe = shutil.which("opencompass", path=os.pathsep.join([str(Path(sys.executable).parent),
