@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # upstream `remasking=` rule -> the confidence source that reproduces it on masked positions only
 UPSTREAM_RULES = {"low_confidence": "tps_prob", "random": "random"}
-DEFAULT_PROMPT = ("Mia has 14 shells. She finds 7 more. She doubles them. She gives away 9. "
+DEFAULT_PROMPT = ("Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. "
                   "How many shells does Mia have now?")
 
 
@@ -278,41 +278,29 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     smdm = str(Path(__file__).resolve().parent / "SMDM")  # lit_gpt, for a clone that is not pip-installed
     if smdm not in sys.path:
         sys.path.append(smdm)
-    from remedi_patches.backbones import load_backbone
-    from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
+    from remedi_patches.backbones import load_eval_model
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else None)
-    backbone = load_backbone(args.model, device=args.device, dtype=dtype, smdm_size=args.smdm_size,
-                             tokenizer=args.tokenizer)
-    model = backbone.model
-    if args.lora_path:
-        model = load_lora(model, args.lora_path)
-    ups_head = None
-    if args.ups_head:
-        ups_head, meta = load_ups_head(args.ups_head, map_location=args.device)
-        check_head_fits(ups_head, model)
-        if meta.get("mask_id") not in (None, backbone.mask_id):
-            logger.warning("UPS head was trained with mask id %s, the backbone uses %s", meta["mask_id"],
-                           backbone.mask_id)
+    em = load_eval_model(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                         lora_path=args.lora_path, ups_head=args.ups_head, mask_id=args.mask_id,
+                         smdm_size=args.smdm_size)  # backbone, then LoRA, then UPS head (checked to fit)
     prompts, chat = args.prompt or [DEFAULT_PROMPT], args.chat
     if args.model in (None, "embedded") and chat != "off":  # the embedded task's own prompt format
         from remedi_patches.embedded import format_prompt
 
         prompts, chat = [format_prompt(p) for p in prompts], "off"
-    ids, attention_mask = encode_prompts(backbone.tokenizer, prompts, chat)
-    ids, attention_mask = ids.to(args.device), attention_mask.to(args.device)
+    ids, attention_mask = encode_prompts(em.tokenizer, prompts, chat)
+    ids, attention_mask = ids.to(em.device), attention_mask.to(em.device)
     trajectory = Trajectory() if args.show_trajectory else None
     torch.manual_seed(args.seed)
-    out = generate(model, ids, attention_mask, steps=args.steps, gen_length=args.gen_length,
+    out = generate(em.model, ids, attention_mask, steps=args.steps, gen_length=args.gen_length,
                    block_length=args.block_length, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                   remasking=args.remasking, mask_id=backbone.mask_id if args.mask_id is None else args.mask_id,
-                   logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
-                   confidence_source=args.confidence_source, ups_head=ups_head, remask=not args.no_remask,
-                   eos_id=backbone.eos_id, eot_id=backbone.eot_id, trajectory=trajectory)
-    stop_ids = [t for t in (backbone.eos_id, backbone.eot_id) if t is not None]
-    answers = decode_answers(backbone.tokenizer, out, ids.shape[1], stop_ids)
+                   remasking=args.remasking, mask_id=em.mask_id, logits_eos_inf=args.logits_eos_inf,
+                   confidence_eos_eot_inf=args.confidence_eos_eot_inf, confidence_source=args.confidence_source,
+                   ups_head=em.ups_head, remask=not args.no_remask, eos_id=em.eos_id, eot_id=em.eot_id,
+                   trajectory=trajectory)
+    answers = decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids)
     for prompt, answer in zip(prompts, answers):
         print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
     if trajectory is not None:

@@ -12,12 +12,15 @@ sampler needs, so callers never branch on the backbone type.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
 LLADA_MASK_ID = 126336
@@ -157,3 +160,68 @@ def load_backbone(
     return Backbone(model=model, tokenizer=tok, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
                     name=str(name_or_path), kind=kind)
 
+
+@dataclass
+class EvalModel:
+    model: nn.Module  # the backbone, wrapped by PEFT when a LoRA adapter was loaded
+    tokenizer: object
+    ups_head: Optional[nn.Module]
+    mask_id: int
+    pad_id: int
+    eos_id: Optional[int]
+    eot_id: Optional[int]
+    device: torch.device
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer (EOS, EoT)."""
+        return [t for t in (self.eos_id, self.eot_id) if t is not None]
+
+
+def resolve_dtype(dtype: Optional[str], device: str) -> Optional[str]:
+    """'auto' -> bfloat16 on CUDA, the checkpoint's dtype elsewhere (as generate.py's --dtype auto)."""
+    if dtype == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else None
+    return dtype
+
+
+def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = None, device: Optional[str] = None,
+                    dtype: Optional[str] = "auto", lora_path: Optional[str] = None, ups_head: Optional[str] = None,
+                    mask_id: Optional[int] = None, pad_id: Optional[int] = None,
+                    smdm_size: Optional[str] = None) -> EvalModel:
+    """Backbone (None / 'embedded' = the embedded tiny model), then the LoRA adapter, then the UPS head.
+
+    mask_id / pad_id None take the backbone's mask id and the tokenizer's pad id (else its EOS id).
+    """
+    from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch has no CUDA device; pass device cpu "
+                         "(lm-eval: --device cpu, OpenCompass: device='cpu' in the model config)")
+    for name, value in (("lora_path", lora_path), ("ups_head", ups_head)):
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{name}={value!r} does not exist; pass the folder / .safetensors file written by "
+                                    f"SMDM/pretrain/train_remedi.py, or leave {name} unset")
+    backbone = load_backbone(path, device=device, dtype=resolve_dtype(dtype, device), smdm_size=smdm_size,
+                             tokenizer=tokenizer)
+    model = load_lora(backbone.model, lora_path) if lora_path else backbone.model
+    head = None
+    if ups_head:
+        head, meta = load_ups_head(ups_head, map_location=device)
+        check_head_fits(head, model)
+        if meta.get("mask_id") not in (None, backbone.mask_id):
+            logger.warning("UPS head %s was trained with mask id %s, the backbone uses %s", ups_head, meta["mask_id"],
+                           backbone.mask_id)
+    if mask_id is not None and mask_id != backbone.mask_id:
+        logger.warning("mask_id=%s given, but the backbone %s uses %s; sampling with %s", mask_id, backbone.name,
+                       backbone.mask_id, mask_id)
+    if pad_id is None:
+        pad_id = backbone.tokenizer.pad_token_id
+        pad_id = backbone.eos_id if pad_id is None else pad_id
+    if pad_id is None:
+        raise ValueError(f"the tokenizer of {backbone.name} has neither a pad nor an EOS token; set padding_id "
+                         "to a token id of this model")
+    return EvalModel(model=model, tokenizer=backbone.tokenizer, ups_head=head,
+                     mask_id=backbone.mask_id if mask_id is None else mask_id, pad_id=pad_id,
+                     eos_id=backbone.eos_id, eot_id=backbone.eot_id, device=torch.device(device))
