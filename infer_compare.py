@@ -10,10 +10,10 @@
 Prompts come from --prompt (used as written, repeatable) or, without one, from --dataset (formatted as in
 eval_gsm_math.py, answers graded). Every source starts from torch.manual_seed(--seed) with the same settings.
 Printed per prompt: each source's answer with its re-masking events by kind (same / changed; with a reference:
-corrected / broken, see remedi_patches.diagnostics.revisions); then per source and step the tokens committed
+corrected / broken, see remedi_patches.trajectory_views.revisions); then per source and step the tokens committed
 (+pos:'tok') and re-masked (-pos:'tok'), with the masks left in the current block and in the whole answer.
 --html writes one self-contained page with every trajectory (step x position tables); --png_dir writes per
-prompt the mask-count curves of all sources and one trajectory picture per source (remedi_patches.diagnostics).
+prompt the mask-count curves of all sources and one trajectory picture per source (remedi_patches.trajectory_views).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from eval_gsm_math import (FORMATS, EvalItem, add_model_args, add_sampler_args, grade, load_model,  # noqa: E402
                            make_items, parse_runs, sample, sampler_settings)
-from remedi_patches import diagnostics as diag  # noqa: E402
+from remedi_patches import trajectory_views as diag  # noqa: E402
 from remedi_patches.remasking import Trajectory  # noqa: E402
 
 

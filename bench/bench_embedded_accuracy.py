@@ -9,7 +9,7 @@ and entropy heuristics. Columns: steps = gen_length, 1/2, 1/4, 1/8 of it (--frac
 settings from torch.manual_seed(--seed), through eval_gsm_math.evaluate. Also reported: ups vs tps_prob paired
 per budget (problems only one of them solves, exact two-sided sign test: with 200 problems a 3-point gap is
 within noise unless the pairs say otherwise), and the UPS incorrect-token detection AUC on the same problems
-noised as in training (remedi_patches.diagnostics), next to the TPS-probability baseline.
+noised as in training (remedi_patches.detection), next to the TPS-probability baseline.
 Writes --out_dir/results.md (tables, the exact command, seed, machine), results.json and predictions.jsonl
 (sources labelled NAME@STEPS; re-grade with `python eval_gsm_math.py --predictions ...`).
 """
@@ -153,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pairs = paired(rows, "ups", "tps_prob", steps) if {"ups", "tps_prob"} <= set(labels) else []
     detection = None
     if not args.no_detection and em.ups_head is not None:
-        from remedi_patches.diagnostics import detection_settings, ups_detection_report
+        from remedi_patches.detection import detection_settings, ups_detection_report
 
         report = ups_detection_report(em, em.ups_head, records, **detection_settings(meta),
                                       seed=args.seed)

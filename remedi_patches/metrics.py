@@ -1,7 +1,9 @@
 """Incorrect-token detection metrics for the UPS: ROC AUC, ROC curve, confusion matrix.
 
 Convention: the positive class is an incorrect token; the score of a token is 1 - sigmoid(h), h its UPS logit
-(a UPS that trusts a token little calls it likely incorrect). Only unmasked answer tokens are scored.
+(a UPS that trusts a token little calls it likely incorrect). Only unmasked answer tokens are scored. The baseline
+the sampler's `tps_prob` source stands for scores a token 1 - p_TPS(token there | x_t) (token_prob_scores).
+The held-out measurement that uses these is remedi_patches.detection.measure_detection.
 """
 from __future__ import annotations
 
@@ -98,3 +100,16 @@ def detection_scores(
     """Scores 1 - sigmoid(h) and labels (incorrect) of the unmasked answer tokens, flattened. (N,), (N,) bool."""
     keep = answer_mask.bool() & ~masked.bool()
     return (1.0 - torch.sigmoid(ups_logits.detach().float()))[keep].cpu(), incorrect.bool()[keep].cpu()
+
+
+@torch.no_grad()
+def token_prob_scores(
+    logits: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor, answer_mask: torch.Tensor
+) -> torch.Tensor:
+    """Baseline scores 1 - p_TPS(token there | x_t) of the unmasked answer tokens, flattened in the order of
+    detection_scores. logits (B, L, V); noisy (B, L) the tokens fed to the model. (N,) float32 on the CPU."""
+    keep = answer_mask.bool() & ~masked.bool()
+    there = noisy.clamp(max=logits.shape[-1] - 1)  # the mask id may lie past the logits; masks are not scored
+    lf = logits.detach().float()
+    p_there = (lf.gather(-1, there.unsqueeze(-1)).squeeze(-1) - lf.logsumexp(-1)).exp()  # (B, L)
+    return (1.0 - p_there)[keep].cpu()

@@ -11,8 +11,8 @@ import eval_gsm_math as E
 from conftest import DATA_DIR
 import infer_compare
 from opencompass_patch.harness import SamplerSettings, load_eval_model
-from remedi_patches import diagnostics
-from remedi_patches.diagnostics import answer_mask_counts, is_non_increasing
+from remedi_patches import detection
+from remedi_patches.trajectory_views import answer_mask_counts, is_non_increasing
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -176,7 +176,7 @@ def test_bad_inputs_name_the_fix(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("build", [E.build_parser, infer_compare.build_parser, B.build_parser,
-                                   diagnostics.build_parser])
+                                   detection.build_parser])
 def test_every_flag_is_documented_with_its_default(build):
     parser = build()
     undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]

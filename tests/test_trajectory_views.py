@@ -1,14 +1,11 @@
-"""remedi_patches.diagnostics: trajectory views (mask counts, step changes, revisions), pictures, HTML, and the
-UPS incorrect-token detection report."""
+"""remedi_patches.trajectory_views: trajectory views (mask counts, step changes, revisions), pictures, HTML."""
 import html
-import json
 
 import pytest
 import torch
 
 from generate import generate
-from remedi_patches import diagnostics as D
-from remedi_patches.metrics import roc_auc
+from remedi_patches import trajectory_views as D
 from remedi_patches.remasking import Trajectory, commit_schedule
 from test_eval_tools import tiny  # noqa: F401  (module fixture: tiny SMDM backbone + head)
 
@@ -125,79 +122,3 @@ def test_token_texts_show_masks_and_unknown_ids(tiny):  # noqa: F811
     ids = D.reference_ids(tokenizer, "3+4=7. #### 7", 16, tokenizer.eos_token_id)
     assert len(ids) == 16 and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == "3+4=7. #### 7"
-
-
-@pytest.mark.slow
-def test_detection_report_matches_a_direct_computation(run, tmp_path):
-    from remedi_patches.embedded.task import make_split
-    from remedi_patches.metrics import detection_scores
-    from remedi_patches.modeling_wrappers import backbone_forward
-
-    backbone, head, _, _ = run
-    records = [{"question": p.question, "answer": p.solution} for p in make_split(12, 0, "test")]
-    kw = dict(seq_len=96, r_incorrect=0.5, seed=3)
-    report = D.ups_detection_report(backbone, head, records, batch_size=12, **kw)
-    c = report.confusion
-    assert report.n_scored == c.tp + c.fp + c.tn + c.fn and report.n_incorrect == c.tp + c.fn > 0
-    assert 0.0 <= report.auc <= 1.0 and 0.0 <= report.tps_auc <= 1.0
-    assert report.to_dict() == D.ups_detection_report(backbone, head, records, batch_size=12, **kw).to_dict()
-    batched = D.ups_detection_report(backbone, head, records, batch_size=5, **kw)
-    assert batched.n_incorrect == report.n_incorrect and batched.auc == pytest.approx(report.auc, abs=1e-2)
-
-    from remedi_patches import data
-    from remedi_patches.noise import apply_remask_noise
-
-    ex = data.build_sft_examples(records, backbone.tokenizer, 96, data.resolve_fields(["question", "answer"]))
-    amask = data.answer_mask(ex.prompt_len, 96)
-    noise = apply_remask_noise(ex.input_ids, amask, backbone.mask_id, 0.5, len(backbone.tokenizer),
-                               D.noise_special_ids(backbone.tokenizer, backbone.mask_id, backbone.eos_id, None),
-                               generator=torch.Generator().manual_seed(3))
-    logits, hidden = backbone_forward(backbone.model, noise.noisy, None, need_hidden=True)
-    scores, labels = detection_scores(head(hidden), noise.incorrect, noise.masked, amask)
-    assert report.auc == pytest.approx(roc_auc(scores, labels), abs=1e-9)
-    p_there = logits.softmax(-1).gather(-1, noise.noisy.clamp(max=logits.shape[-1] - 1)[..., None])[..., 0]
-    assert report.tps_auc == pytest.approx(roc_auc((1 - p_there)[amask & ~noise.masked], labels), abs=1e-6)
-
-    files = D.write_detection_report(report, tmp_path / "det")
-    assert files["roc"].read_bytes().startswith(PNG) and files["confusion"].read_bytes().startswith(PNG)
-    assert json.loads(files["json"].read_text())["n_scored"] == report.n_scored
-
-
-def test_detection_without_incorrect_tokens_has_no_auc(run):
-    from remedi_patches.embedded.task import make_split
-
-    backbone, head, _, _ = run
-    records = [{"question": p.question, "answer": p.solution} for p in make_split(2, 0, "test")]
-    report = D.ups_detection_report(backbone, head, records, seq_len=96, r_incorrect=0.0)
-    assert report.n_incorrect == 0 and report.to_dict()["auc"] is None
-    with pytest.raises(ValueError, match="threshold"):
-        D.ups_detection_report(backbone, head, records, threshold=1.0)
-
-
-def test_detection_settings_follow_the_head_meta():
-    meta = {"prompt_template": "Q: {question}\nA:",
-            "train_args": {"seq_len": 64, "r_incorrect": 0.3, "incorrect_source": "tps", "prompt_template": None}}
-    got = D.detection_settings(meta)
-    assert got["prompt_template"] == meta["prompt_template"]
-    assert (got["seq_len"], got["r_incorrect"], got["incorrect_source"]) == (64, 0.3, "tps")
-    got = D.detection_settings(meta, seq_len=32, r_incorrect=0.0, incorrect_source="uniform")
-    assert (got["seq_len"], got["r_incorrect"], got["incorrect_source"]) == (32, 0.0, "uniform")
-    assert D.detection_settings({}) == {"seq_len": 128, "r_incorrect": 0.1, "incorrect_source": "uniform",
-                                        "prompt_template": None}  # None: data.render_prompt's default
-
-
-def test_detection_report_with_tps_incorrect_tokens(run):
-    from remedi_patches.embedded.task import make_split
-
-    backbone, head, _, _ = run
-    records = [{"question": p.question, "answer": p.solution} for p in make_split(6, 0, "test")]
-    kw = dict(seq_len=96, r_incorrect=0.5, seed=3)
-    tps = D.ups_detection_report(backbone, head, records, batch_size=6, incorrect_source="tps", **kw)
-    uniform = D.ups_detection_report(backbone, head, records, batch_size=6, **kw)
-    assert tps.settings["incorrect_source"] == "tps" and uniform.settings["incorrect_source"] == "uniform"
-    assert (tps.n_incorrect, tps.n_scored) == (uniform.n_incorrect, uniform.n_scored) and tps.n_incorrect > 0
-    assert tps.tps_auc != uniform.tps_auc  # other incorrect tokens, same positions
-    batched = D.ups_detection_report(backbone, head, records, batch_size=4, incorrect_source="tps", **kw)
-    assert batched.n_incorrect == tps.n_incorrect and batched.tps_auc == pytest.approx(tps.tps_auc, abs=1e-2)
-    with pytest.raises(ValueError, match="incorrect_source"):
-        D.ups_detection_report(backbone, head, records, incorrect_source="junk")

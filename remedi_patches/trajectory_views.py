@@ -1,6 +1,6 @@
-"""Diagnostics a person looks at: what the sampler did, step by step, and how well the UPS spots wrong tokens.
+"""What the sampler did, step by step: trajectory views a person looks at.
 
-Trajectories (record with `generate(..., trajectory=Trajectory(keep_tokens=True))`):
+Record a run with `generate(..., trajectory=Trajectory(keep_tokens=True))`, then:
     trace = row_trace(trajectory, row, answer_start, mask_id)   one row's answer tokens before and after every step
     answer_mask_counts(trace)      masks left in the answer per step (non-increasing: the monotone-noise check)
     step_changes(trace)            per step: tokens committed, tokens re-masked, masks left (block / answer)
@@ -8,29 +8,18 @@ Trajectories (record with `generate(..., trajectory=Trajectory(keep_tokens=True)
                                    "wrong -> re-masked -> corrected" cases are marked `corrected`
     plot_mask_counts / plot_trajectory (PNG, matplotlib Agg), trajectory_html (one self-contained HTML page)
 
-UPS incorrect-token detection on held-out noised data (remedi_patches.noise, remedi_patches.metrics):
-    report = ups_detection_report(backbone, head, records, seq_len=128, r_incorrect=0.1)
-    write_detection_report(report, out_dir)   roc.png, confusion.png, detection.json
-Positive class = incorrect token, score = 1 - sigmoid(h) (UPS) and, as the baseline the sampler's `tps_prob`
-source stands for, 1 - p_TPS(token there | x_t). Only unmasked answer tokens are scored.
-
-    python -m remedi_patches.diagnostics --ups_head out/remedi/ups_head.safetensors --out_dir out/diagnostics
+infer_compare.py draws these for several confidence sources side by side. How well the UPS spots incorrect tokens
+on held-out noised data is measured in remedi_patches.detection.
 """
 from __future__ import annotations
 
-import argparse
 import html
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from remedi_patches.metrics import Confusion, confusion_at, roc_auc, roc_curve
-from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, noise_special_ids,
-                                  tps_incorrect_noise)
 from remedi_patches.remasking import Trajectory
 
 MASK_TEXT = "\u25a2"  # a small empty square stands for [MASK]
@@ -181,7 +170,8 @@ def _cell_kind(trace: RowTrace, s: int, pos: int, reference: Optional[Sequence[i
 # ---------------------------------------------------------------- pictures (matplotlib, Agg)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,18 +180,19 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (parents created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_mask_counts(traces: dict[str, RowTrace], path: str | Path, title: str = "") -> Path:
     """Two panels over the global step, one line per run: masks left in the answer (must never rise; the
     schedule makes it the same for every source) and tokens re-masked at the step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
     for i, (label, trace) in enumerate(traces.items()):
         style = dict(marker=".", ls=("-", "--", ":", "-.")[i % 4], label=label)  # equal curves stay visible
@@ -215,7 +206,7 @@ def plot_mask_counts(traces: dict[str, RowTrace], path: str | Path, title: str =
     bottom.set_ylabel("tokens re-masked")
     bottom.set_xlabel("denoising step")
     bottom.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trajectory(trace: RowTrace, text: Callable[[int], str], path: str | Path,
@@ -226,7 +217,7 @@ def plot_trajectory(trace: RowTrace, text: Callable[[int], str], path: str | Pat
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     kinds = list(COLOURS)
     steps, width = trace.states.shape
     grid = [[kinds.index(_cell_kind(trace, s, p, reference)) for p in range(width)] for s in range(steps)]
@@ -251,7 +242,7 @@ def plot_trajectory(trace: RowTrace, text: Callable[[int], str], path: str | Pat
     shown = [k for k in kinds if reference is not None or k not in ("right", "wrong")]
     ax.legend(handles=[Patch(facecolor=COLOURS[k], edgecolor="#999", label=k) for k in shown], loc="upper left",
               bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- HTML
@@ -337,192 +328,8 @@ def trajectory_html(views: Sequence[TraceView], title: str = "RemeDi denoising t
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text at `path` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-# ---------------------------------------------------------------- UPS incorrect-token detection
-
-
-@dataclass
-class DetectionReport:
-    auc: float                  # UPS: score 1 - sigmoid(h)
-    tps_auc: float              # baseline: score 1 - p_TPS(token there)
-    confusion: Confusion        # UPS at sigmoid(h) <= threshold  <=>  score >= 1 - threshold
-    threshold: float
-    n_scored: int               # unmasked answer tokens
-    n_incorrect: int
-    roc: tuple[torch.Tensor, torch.Tensor]      # (fpr, tpr) of the UPS
-    tps_roc: tuple[torch.Tensor, torch.Tensor]  # (fpr, tpr) of the baseline
-    settings: dict
-
-    def to_dict(self) -> dict:
-        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
-        c = self.confusion
-        return {"auc": clean(self.auc), "tps_auc": clean(self.tps_auc), "threshold": self.threshold,
-                "confusion": {"tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn, "precision": clean(c.precision),
-                              "recall": clean(c.recall)},
-                "n_scored": self.n_scored, "n_incorrect": self.n_incorrect, "settings": self.settings}
-
-
-@torch.no_grad()
-def ups_detection_report(backbone, head, records, *, seq_len: int = 128, r_incorrect: float = 0.1,
-                         batch_size: int = 32, seed: int = 0, threshold: float = 0.5,
-                         prompt_template: Optional[str] = None, t: Optional[float] = None,
-                         eps: float = 1e-3, incorrect_source: str = "uniform") -> DetectionReport:
-    """Noise held-out `records` as Remask SFT does and score every unmasked answer token.
-
-    backbone: a remedi_patches.backbones.Backbone (its .model may be LoRA-wrapped); head: a UPSHead.
-    records: dicts / a datasets.Dataset with a prompt and an answer field (remedi_patches.data.resolve_fields).
-    seq_len, r_incorrect: as the head was trained (its meta["train_args"]); t: fixed diffusion time, else
-    t ~ U(eps, 1) per sequence. prompt_template: as in training (see detection_settings); None = the default
-    of remedi_patches.data.build_sft_examples. incorrect_source: 'uniform' or 'tps' (the backbone's own
-    guesses, remedi_patches.noise.tps_incorrect_noise), as the head was trained.
-    """
-    from remedi_patches import data
-    from remedi_patches.metrics import detection_scores
-    from remedi_patches.modeling_wrappers import backbone_forward
-
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if incorrect_source not in INCORRECT_SOURCES:
-        raise ValueError(f"incorrect_source must be one of {INCORRECT_SOURCES}, got {incorrect_source!r}")
-    tokenizer, model = backbone.tokenizer, backbone.model
-    fields = data.resolve_fields(data.column_names(records))
-    examples = data.build_sft_examples(records, tokenizer, seq_len, fields, prompt_template=prompt_template)
-    answer_mask = data.answer_mask(examples.prompt_len, seq_len)  # (N, L)
-    special = noise_special_ids(tokenizer, backbone.mask_id, backbone.eos_id, backbone.eot_id)
-    generator = torch.Generator().manual_seed(seed)
-    noise = apply_remask_noise(examples.input_ids, answer_mask, backbone.mask_id, r_incorrect, len(tokenizer),
-                               special, t=t, generator=generator, eps=eps)
-    device = next(head.parameters()).device
-    ups_scores, tps_scores, labels = [], [], []
-    for start in range(0, len(examples), batch_size):
-        rows = slice(start, start + batch_size)
-        part = RemaskBatch(*(x[rows] for x in noise))
-        if incorrect_source == "tps":  # one generator over the batches in order: same tokens for any batch_size
-            part = tps_incorrect_noise(lambda x: backbone_forward(model, x.to(device))[0], examples.input_ids[rows],
-                                       part, backbone.mask_id, len(tokenizer), special, generator)
-        noisy = part.noisy.to(device)  # (b, L)
-        logits, hidden = backbone_forward(model, noisy, None, need_hidden=True)  # (b, L, V), (b, L, d)
-        h = head(hidden)  # (b, L)
-        there = noisy.clamp(max=logits.shape[-1] - 1)  # the mask id may lie past the logits; masks are not scored
-        p_there = logits.float().softmax(-1).gather(-1, there.unsqueeze(-1)).squeeze(-1)  # (b, L)
-        s, y = detection_scores(h, part.incorrect, part.masked, answer_mask[rows])
-        keep = answer_mask[rows] & ~part.masked
-        ups_scores.append(s)
-        tps_scores.append((1.0 - p_there.cpu())[keep])
-        labels.append(y)
-    ups_scores, tps_scores, labels = torch.cat(ups_scores), torch.cat(tps_scores), torch.cat(labels)
-    fpr, tpr, _ = roc_curve(ups_scores, labels)
-    tps_fpr, tps_tpr, _ = roc_curve(tps_scores, labels)
-    settings = {"records": len(examples), "seq_len": seq_len, "r_incorrect": r_incorrect,
-                "incorrect_source": incorrect_source, "seed": seed,
-                "t": t, "eps": eps, "backbone": getattr(backbone, "name", None)}
-    return DetectionReport(auc=roc_auc(ups_scores, labels), tps_auc=roc_auc(tps_scores, labels),
-                           confusion=confusion_at(ups_scores, labels, 1.0 - threshold), threshold=threshold,
-                           n_scored=int(labels.numel()), n_incorrect=int(labels.sum()), roc=(fpr, tpr),
-                           tps_roc=(tps_fpr, tps_tpr), settings=settings)
-
-
-def plot_roc(report: DetectionReport, path: str | Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    ax.plot(report.roc[0], report.roc[1], label=f"UPS 1 - sigmoid(h), AUC {report.auc:.3f}")
-    ax.plot(report.tps_roc[0], report.tps_roc[1], label=f"TPS 1 - p(token), AUC {report.tps_auc:.3f}", ls="--")
-    ax.plot([0, 1], [0, 1], color="#999", lw=0.8)
-    ax.set_xlabel("false positive rate (clean tokens flagged)")
-    ax.set_ylabel("true positive rate (incorrect tokens flagged)")
-    ax.set_title(f"incorrect-token detection, {report.n_incorrect} / {report.n_scored} incorrect")
-    ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_confusion(report: DetectionReport, path: str | Path) -> Path:
-    plt = _pyplot()
-    c = report.confusion
-    counts = [[c.tp, c.fn], [c.fp, c.tn]]  # rows: truth incorrect / clean; columns: flagged / kept
-    rates = [[n / max(sum(row), 1) for n in row] for row in counts]  # colour by share of the true class
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{counts[i][j]}\n{rates[i][j]:.1%}", ha="center", va="center", fontsize=11,
-                    color="white" if rates[i][j] > 0.6 else "black")
-    ax.set_xticks([0, 1], ["flagged (remask)", "kept"])
-    ax.set_yticks([0, 1], ["incorrect", "clean"])
-    ax.set_xlabel(f"UPS verdict at sigmoid(h) <= {report.threshold}")
-    ax.set_ylabel("truth")
-    ax.set_title(f"precision {c.precision:.3f}, recall {c.recall:.3f}")
-    return _save(fig, path)
-
-
-def write_detection_report(report: DetectionReport, out_dir: str | Path) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    return {"roc": plot_roc(report, out_dir / "roc.png"),
-            "confusion": plot_confusion(report, out_dir / "confusion.png"),
-            "json": write_text(out_dir / "detection.json", json.dumps(report.to_dict(), indent=2) + "\n")}
-
-
-def detection_settings(meta: dict, seq_len: Optional[int] = None,
-                       r_incorrect: Optional[float] = None, incorrect_source: Optional[str] = None) -> dict:
-    """seq_len, r_incorrect, incorrect_source and prompt format as SMDM/pretrain/train_remedi.py trained the head
-    (its save meta), unless given. One prompt rule for every dataset, as in training: meta["prompt_template"]
-    ("{question}" placeholder) when present, else the default of remedi_patches.data.render_prompt."""
-    train = meta.get("train_args") or {}
-    return {"seq_len": seq_len or train.get("seq_len") or 128,
-            "r_incorrect": r_incorrect if r_incorrect is not None else train.get("r_incorrect", 0.1),
-            "incorrect_source": incorrect_source or train.get("incorrect_source", "uniform"),
-            "prompt_template": meta.get("prompt_template")}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="UPS incorrect-token detection (ROC/AUC, confusion matrix) on held-out "
-                                "noised data.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model_name", "--model", dest="model_name", default=None, help="None = the embedded model")
-    p.add_argument("--smdm_size", default=None, help="architecture of an SMDM .pth checkpoint")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model has none")
-    p.add_argument("--lora_path", default=None, help="PEFT LoRA adapter folder")
-    p.add_argument("--ups_head", required=True, help="UPS head .safetensors written by train_remedi.py")
-    p.add_argument("--dataset", default="embedded", help="held-out records: hub name, local file or 'embedded'")
-    p.add_argument("--split", default="test", help="held-out split")
-    p.add_argument("--subset", default=None, help="hub config / sub-folder")
-    p.add_argument("--max_samples", type=int, default=200, help="records noised and scored")
-    p.add_argument("--seq_len", type=int, default=None, help="None = the head's training seq_len (else 128)")
-    p.add_argument("--r_incorrect", type=float, default=None, help="None = the head's training r (else 0.1)")
-    p.add_argument("--incorrect_source", default=None, choices=INCORRECT_SOURCES,
-                   help="None = the head's training source (else uniform)")
-    p.add_argument("--batch_size", type=int, default=32, help="rows per forward")
-    p.add_argument("--threshold", type=float, default=0.5, help="flag a token when sigmoid(h) <= threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--out_dir", default="out/diagnostics", help="roc.png, confusion.png, detection.json")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> dict:
-    from remedi_patches.backbones import load_backbone
-    from remedi_patches.data import load_records
-    from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
-
-    args = build_parser().parse_args(argv)
-    backbone = load_backbone(args.model_name, device=args.device, smdm_size=args.smdm_size, tokenizer=args.tokenizer)
-    if args.lora_path:
-        backbone.model = load_lora(backbone.model, args.lora_path)
-    head, meta = load_ups_head(args.ups_head, map_location=args.device)
-    check_head_fits(head, backbone.model)
-    report = ups_detection_report(backbone, head, load_records(args.dataset, args.split, args.subset,
-                                                               limit=args.max_samples),
-                                  **detection_settings(meta, seq_len=args.seq_len, r_incorrect=args.r_incorrect,
-                                                       incorrect_source=args.incorrect_source),
-                                  batch_size=args.batch_size, seed=args.seed, threshold=args.threshold)
-    files = write_detection_report(report, args.out_dir)
-    print(json.dumps(report.to_dict(), indent=2))
-    print("wrote " + ", ".join(str(f) for f in files.values()))
-    return report.to_dict()
-
-
-if __name__ == "__main__":
-    main()
