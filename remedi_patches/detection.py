@@ -331,6 +331,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(ReportConfig, args)
     device = _check(cfg)
+    unset = {k: getattr(DetectionSettings(), k) for k in NONE_MEANS_THE_HEADS if getattr(args, k) is None}
+    config_from_args(DetectionSettings, args, **unset)  # the flags given, checked before any file is read
     head, meta = load_ups_head(cfg.ups_head, map_location=device)  # small: read before the backbone
     preset = detection_settings(meta, seq_len=cfg.seq_len, r_incorrect=args.r_incorrect,
                                 incorrect_source=args.incorrect_source, eps=args.eps)

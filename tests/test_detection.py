@@ -161,6 +161,8 @@ def test_cli_checks_flags_before_loading_the_model(tiny, tmp_path):  # noqa: F81
     missing_model = str(tmp_path / "no_model")  # loading it would fail with another message
     with pytest.raises(ValueError, match="--threshold"):
         D.main(["--ups_head", head, "--model_name", missing_model, "--threshold", "1.5"])
+    with pytest.raises(ValueError, match="--batch_size"):  # before the head file is read, too
+        D.main(["--ups_head", str(tmp_path / "no_head.safetensors"), "--batch_size", "0"])
     with pytest.raises(ValueError, match="--max_samples"):
         D.main(["--ups_head", head, "--model_name", missing_model, "--max_samples", "0"])
     with pytest.raises(ValueError, match="--ups_head is required"):
