@@ -1,4 +1,4 @@
-"""One loader for every backbone the sampler, trainers and evaluators accept.
+"""Every backbone the sampler, trainers and evaluators accept: ONE registry entry per kind, and one loader.
 
     load_backbone(None)                       the embedded tiny model shipped in remedi_patches/embedded/assets
     load_backbone("GSAI-ML/LLaDA-8B-Base")    a hub name (needs the hub, or a warm HF cache)
@@ -7,24 +7,140 @@
     load_backbone("iter-010000-ckpt.pth", smdm_size="Diff_LLaMA_170M", tokenizer="TinyLlama/...")
                                               an SMDM training checkpoint
 
-Every path returns a `Backbone`: the model in eval mode, its tokenizer and the special ids the
-sampler needs, so callers never branch on the backbone type.
+Every path returns a `Backbone`: the model in eval mode, its tokenizer and the special ids the sampler needs, so
+callers never branch on the backbone type. Whether a value is a local path or a hub name follows
+`remedi_patches.sources` (a missing local path is reported as such, never as a failed download).
+
+Adding a backbone is one `register_backbone(BackboneKind(...))` call (see the two built-in entries at the end of
+this file): how to recognise its files, its loader and mask id, the module path of its final norm and its hidden
+size (for the UPS head's hook, `modeling_wrappers`), its LoRA targets for `--lora_target auto`, its transformer
+block classes (FSDP auto-wrap units) and its context length. `kind_of(model)` tells which entry a loaded module
+belongs to, through PEFT / UPSModel / Fabric wrappers.
+
+A module of no registered kind (a test toy, a research prototype) still works with the wrappers when it follows
+the convention: `config.hidden_size`, and either a forward taking `output_hidden_states` or a final norm named
+`norm` (see UNREGISTERED_FINAL_NORM).
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from remedi_patches.sources import hub_unreachable_message, is_hub_name, resolve_source
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
 LLADA_MASK_ID = 126336
 SMDM_CONFIG = "smdm_config.json"
+UNREGISTERED_FINAL_NORM = "norm"  # final norm of a module of no registered kind (the convention above)
+
+Source = Union[str, Path]  # a hub name (str) or an existing local path (Path)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a user may add to the backbone's name; a kind ignores what it does not need."""
+    dtype: Optional[torch.dtype] = None
+    tokenizer: Optional[Source] = None     # tokenizer folder / hub name when the source holds none
+    smdm_size: Optional[str] = None        # architecture of a bare SMDM checkpoint (Diff_LLaMA_<N>M)
+
+
+@dataclass(frozen=True)
+class BackboneKind:
+    """One backbone family. Every callable is lazy: nothing heavy is imported until the kind is used."""
+    name: str                                         # Backbone.kind, meta["backbone_kind"] of heads
+    lora_targets: str                                 # regex over module names for --lora_target auto
+    block_classes: Callable[[], tuple[type, ...]]     # transformer block classes (FSDP auto-wrap units)
+    final_norm: str                                   # module path (below the base model) of the final norm
+    hidden_size: Callable[[object], int]              # config -> hidden size d
+    model_types: tuple[str, ...]                      # "module.QualName" of its model classes (for kind_of)
+    recognise: Callable[[Path], bool]                 # an existing local file / folder of this kind?
+    load: Callable[[Source, LoadOptions], tuple[nn.Module, object]]  # -> (model, tokenizer)
+    mask_id: Callable[[nn.Module, object], int]       # (model, tokenizer) -> [MASK] id
+    hub_names: Callable[[str], bool] = field(default=lambda name: False)  # loads this hub name (org/name)?
+    max_length: Callable[[object], Optional[int]] = field(default=lambda config: None)  # config -> context
+    sources: str = ""                                 # what a user passes, for error messages
+
+
+_KINDS: dict[str, BackboneKind] = {}
+
+
+def register_backbone(kind: BackboneKind, replace: bool = False) -> BackboneKind:
+    """Add a backbone kind. Sources are matched newest entry first, so a specific kind registered later wins
+    over a broad built-in one (e.g. another transformers model_type over "llada"'s any-config.json rule)."""
+    if kind.name in _KINDS and not replace:
+        raise ValueError(f"backbone kind {kind.name!r} is already registered; pick another name or pass replace=True")
+    _KINDS.pop(kind.name, None)
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_backbone(name: str) -> None:
+    _KINDS.pop(name, None)
+
+
+def backbone_kinds() -> list[BackboneKind]:
+    """Registered kinds, newest first (the order sources are matched in)."""
+    return list(reversed(_KINDS.values()))
+
+
+def backbone_kind(name: str) -> BackboneKind:
+    if name not in _KINDS:
+        raise ValueError(f"unknown backbone kind {name!r}; registered: {sorted(_KINDS)} "
+                         "(add one with remedi_patches.backbones.register_backbone)")
+    return _KINDS[name]
+
+
+def fsdp_block_classes(kinds: Optional[list[str]] = None) -> set[type]:
+    """Transformer block classes of the given kinds (default: every registered kind), for FSDP auto-wrap."""
+    chosen = [backbone_kind(k) for k in kinds] if kinds is not None else list(_KINDS.values())
+    return {cls for kind in chosen for cls in kind.block_classes()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under UPSModel / PEFT / Fabric / DDP / FSDP wrappers (the object holding .config and the layers)."""
+    from remedi_patches.modeling_wrappers import UPSModel
+
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = None
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            inner = model.get_base_model()
+        elif isinstance(model, UPSModel):
+            inner = model.backbone
+        elif type(model).__name__ == "_FabricModule":
+            inner = getattr(model, "_forward_module", None)
+        elif type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def kind_of(model: nn.Module) -> Optional[BackboneKind]:
+    """The registered kind a loaded module belongs to (seen through wrappers), or None. Imports nothing."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(unwrap(model)).__mro__}
+    return next((k for k in backbone_kinds() if names.intersection(k.model_types)), None)
+
+
+def max_length_of(model: nn.Module) -> Optional[int]:
+    """Longest sequence the backbone takes (its context), or None when unknown."""
+    kind = kind_of(model)
+    config = getattr(unwrap(model), "config", None)
+    return kind.max_length(config) if kind is not None and config is not None else None
+
+
+# ---------------------------------------------------------------- loading
 
 
 @dataclass
@@ -35,7 +151,7 @@ class Backbone:
     eos_id: Optional[int]
     eot_id: Optional[int]
     name: str
-    kind: str  # "llada" (transformers) or "smdm" (lit_gpt TransEncoder)
+    kind: str  # a registered BackboneKind.name ("llada", "smdm", ...)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> Optional[torch.dtype]:
@@ -54,57 +170,39 @@ def _special_ids(tokenizer) -> tuple[Optional[int], Optional[int]]:
     return eos, eot
 
 
-def _load_tokenizer(source: str | Path):
+def load_tokenizer(source: Source):
+    """A transformers tokenizer from a local folder or a hub name; errors name the source and the fix."""
     from transformers import AutoTokenizer
 
+    if is_hub_name(source):
+        try:
+            return AutoTokenizer.from_pretrained(str(source))
+        except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
+            if isinstance(err, (ImportError, MemoryError)):
+                raise
+            raise FileNotFoundError(hub_unreachable_message(str(source), err, "tokenizer", "--tokenizer")) from err
+    path = resolve_source(source, "tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
-            f"could not load a tokenizer from {source!r} ({err}); pass --tokenizer with a local tokenizer "
-            "folder or a hub name that is reachable"
+            f"could not load a tokenizer from {str(path)!r} ({err}); pass --tokenizer with a folder holding "
+            "tokenizer.json / tokenizer_config.json"
         ) from err
 
 
-def _load_transformers(source: str, dtype: Optional[torch.dtype]) -> nn.Module:
-    from transformers import AutoModel
-
-    from remedi_patches import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
-
-    try:
-        return AutoModel.from_pretrained(source, dtype=dtype)
-    except OSError as err:
-        raise FileNotFoundError(
-            f"could not load model {source!r}: {err}\nIf this machine cannot reach the Hugging Face hub, "
-            "download the model elsewhere (huggingface-cli download <name> --local-dir DIR) and pass DIR."
-        ) from err
-
-
-def _checkpoint_vocab(model_file: Path) -> dict:
-    """{"vocab_size": N} when a train_mdm / train_sft checkpoint records a --vocab_size override, else {}."""
-    if model_file.suffix != ".pth":
-        return {}
-    try:
-        ckpt = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable here: lit_gpt.model.load_weights raises the clear error
-        return {}
-    vocab = (ckpt.get("hparams") or {}).get("vocab_size") if isinstance(ckpt, dict) else None
-    return {} if vocab is None else {"vocab_size": int(vocab)}
-
-
-def _load_smdm(model_file: Path, config_name: Optional[str], dtype: Optional[torch.dtype]) -> nn.Module:
-    from lit_gpt.model import TransEncoder, load_smdm_folder, load_weights
-
-    if model_file.is_dir():
-        return load_smdm_folder(model_file, dtype=dtype)
-    if config_name is None:
-        raise ValueError(
-            f"{model_file} is an SMDM training checkpoint; say which architecture it holds with "
-            "--smdm_size Diff_LLaMA_<N>M (e.g. Diff_LLaMA_170M)"
-        )
-    model = TransEncoder.from_name(config_name, **_checkpoint_vocab(model_file))
-    load_weights(model, model_file)
-    return model.to(dtype) if dtype is not None else model
+def detect_kind(source: Source) -> BackboneKind:
+    """The registered kind that loads `source` (hub name or existing local path); ValueError if none does."""
+    if isinstance(source, str):
+        kind = next((k for k in backbone_kinds() if k.hub_names(source)), None)
+        if kind is None:
+            raise ValueError(f"no registered backbone kind loads hub name {source!r}; pass a local folder")
+        return kind
+    kind = next((k for k in backbone_kinds() if k.recognise(source)), None)
+    if kind is None:
+        accepted = "; ".join(f"{k.name}: {k.sources}" for k in backbone_kinds())
+        raise FileNotFoundError(f"{source} is not a backbone this project can load. Accepted: {accepted}")
+    return kind
 
 
 def load_backbone(
@@ -116,7 +214,7 @@ def load_backbone(
     tokenizer: str | Path | None = None,
 ) -> Backbone:
     """Load a backbone and its tokenizer; see the module docstring for the accepted sources."""
-    dtype = _dtype(dtype)
+    options = LoadOptions(dtype=_dtype(dtype), tokenizer=tokenizer, smdm_size=smdm_size)
     if name_or_path is None or str(name_or_path) == "embedded":
         if not (EMBEDDED_DIR / SMDM_CONFIG).is_file():
             raise FileNotFoundError(
@@ -124,41 +222,14 @@ def load_backbone(
                 "`python -m remedi_patches.embedded.build`"
             )
         name_or_path = EMBEDDED_DIR
-    source = Path(name_or_path)
-    tokenizer_source = tokenizer
-
-    if source.exists():
-        if source.is_file() or (source / SMDM_CONFIG).is_file():
-            kind = "smdm"
-            model = _load_smdm(source, smdm_size, dtype)
-            tokenizer_source = tokenizer_source or (source if source.is_dir() else None)
-            if tokenizer_source is None:
-                raise ValueError(f"{source} holds no tokenizer; pass --tokenizer (a folder or hub name)")
-        elif (source / "config.json").is_file():
-            kind = "llada"
-            model = _load_transformers(str(source), dtype)
-            tokenizer_source = tokenizer_source or source
-        else:
-            raise FileNotFoundError(
-                f"{source} is neither a transformers model folder (config.json), an SMDM export "
-                f"({SMDM_CONFIG} + model.safetensors) nor an SMDM checkpoint file (.pth)"
-            )
-    elif "/" in str(name_or_path) and not str(name_or_path).startswith((".", "/")):
-        kind = "llada"
-        model = _load_transformers(str(name_or_path), dtype)
-        tokenizer_source = tokenizer_source or str(name_or_path)
-    else:
-        raise FileNotFoundError(f"no model at {name_or_path!r}: not a local path and not a hub name (org/name)")
-
-    tok = _load_tokenizer(tokenizer_source)
+    source = resolve_source(name_or_path, "model")
+    kind = detect_kind(source)
+    model, tok = kind.load(source, options)
     eos_id, eot_id = _special_ids(tok)
-    if kind == "smdm":
-        mask_id = model.config.mask_id
-    else:
-        mask_id = getattr(model.config, "mask_token_id", None) or LLADA_MASK_ID
+    mask_id = kind.mask_id(model, tok)
     model.to(device).eval()
     return Backbone(model=model, tokenizer=tok, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
-                    name=str(name_or_path), kind=kind)
+                    name=str(name_or_path), kind=kind.name)
 
 
 @dataclass
@@ -186,33 +257,41 @@ def resolve_dtype(dtype: Optional[str], device: str) -> Optional[str]:
 
 
 def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = None, device: Optional[str] = None,
-                    dtype: Optional[str] = "auto", lora_path: Optional[str] = None, ups_head: Optional[str] = None,
-                    mask_id: Optional[int] = None, pad_id: Optional[int] = None,
-                    smdm_size: Optional[str] = None) -> EvalModel:
+                    dtype: Optional[str] = "auto", lora_path: Optional[str] = None,
+                    ups_head_path: Optional[str] = None, mask_id: Optional[int] = None, pad_id: Optional[int] = None,
+                    smdm_size: Optional[str] = None, ups_head: Optional[str] = None) -> EvalModel:
     """Backbone (None / 'embedded' = the embedded tiny model), then the LoRA adapter, then the UPS head.
 
+    ups_head_path: the head's .safetensors file (or its folder); `ups_head=` is its old, deprecated name.
     mask_id / pad_id None take the backbone's mask id and the tokenizer's pad id (else its EOS id).
     """
     from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
 
+    if ups_head is not None:
+        if ups_head_path is not None:
+            raise ValueError("pass the UPS head file once, as ups_head_path= (ups_head= is its old name)")
+        warnings.warn("load_eval_model(ups_head=...) is deprecated; pass ups_head_path=", DeprecationWarning,
+                      stacklevel=2)
+        ups_head_path = ups_head
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but this torch has no CUDA device; pass device cpu "
                          "(lm-eval: --device cpu, OpenCompass: device='cpu' in the model config)")
-    for name, value in (("lora_path", lora_path), ("ups_head", ups_head)):
-        if value is not None and not Path(value).exists():
-            raise FileNotFoundError(f"{name}={value!r} does not exist; pass the folder / .safetensors file written by "
-                                    f"SMDM/pretrain/train_remedi.py, or leave {name} unset")
+    for name, value in (("lora_path", lora_path), ("ups_head", ups_head_path)):
+        if value is not None and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{name} path {str(value)!r} does not exist; pass the folder / .safetensors file "
+                                    f"written by SMDM/pretrain/train_remedi.py, or leave {name} unset")
+    head = meta = None
+    if ups_head_path:  # read (and check for NaN / inf) before the backbone: a bad head fails in a second
+        head, meta = load_ups_head(ups_head_path, map_location=device)
     backbone = load_backbone(path, device=device, dtype=resolve_dtype(dtype, device), smdm_size=smdm_size,
                              tokenizer=tokenizer)
     model = load_lora(backbone.model, lora_path) if lora_path else backbone.model
-    head = None
-    if ups_head:
-        head, meta = load_ups_head(ups_head, map_location=device)
+    if head is not None:
         check_head_fits(head, model)
         if meta.get("mask_id") not in (None, backbone.mask_id):
-            logger.warning("UPS head %s was trained with mask id %s, the backbone uses %s", ups_head, meta["mask_id"],
-                           backbone.mask_id)
+            logger.warning("UPS head %s was trained with mask id %s, the backbone uses %s", ups_head_path,
+                           meta["mask_id"], backbone.mask_id)
     if mask_id is not None and mask_id != backbone.mask_id:
         logger.warning("mask_id=%s given, but the backbone %s uses %s; sampling with %s", mask_id, backbone.name,
                        backbone.mask_id, mask_id)
@@ -225,3 +304,128 @@ def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = No
     return EvalModel(model=model, tokenizer=backbone.tokenizer, ups_head=head,
                      mask_id=backbone.mask_id if mask_id is None else mask_id, pad_id=pad_id,
                      eos_id=backbone.eos_id, eot_id=backbone.eot_id, device=torch.device(device))
+
+
+# ---------------------------------------------------------------- built-in kinds: LLaDA (transformers)
+
+
+def _llada_weight_file(folder: Path, tensor: str) -> str:
+    """The safetensors file of `folder` that holds `tensor` (for error messages)."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return str(folder / json.loads(index.read_text())["weight_map"][tensor])
+    except (ValueError, KeyError):
+        pass
+    single = folder / "model.safetensors"
+    return str(single) if single.is_file() else str(folder)
+
+
+def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object]:
+    from transformers import AutoModel
+
+    from lit_gpt.model import first_nonfinite
+    from remedi_patches import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
+
+    if isinstance(source, str):  # a hub name
+        try:
+            model = AutoModel.from_pretrained(source, dtype=options.dtype)
+        except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
+            if not isinstance(err, (OSError, ValueError)) and type(err).__module__.split(".")[0] not in (
+                    "huggingface_hub", "requests", "httpx", "urllib3"):
+                raise
+            raise FileNotFoundError(hub_unreachable_message(source, err)) from err
+    else:
+        try:
+            model = AutoModel.from_pretrained(str(source), dtype=options.dtype)
+        except OSError as err:
+            raise FileNotFoundError(f"could not load the transformers model folder {source} ({err}); check that it "
+                                    "holds config.json and its weight files, or re-download it") from err
+        bad = first_nonfinite(model.state_dict())
+        if bad is not None:
+            raise ValueError(f"{_llada_weight_file(source, bad)}: tensor {bad!r} holds NaN or inf values; "
+                             "re-download or re-save the model (the run that wrote it diverged)")
+    return model, load_tokenizer(options.tokenizer or source)
+
+
+def _llada_mask_id(model: nn.Module, tokenizer) -> int:
+    return getattr(model.config, "mask_token_id", None) or LLADA_MASK_ID
+
+
+def _llada_blocks() -> tuple[type, ...]:
+    from remedi_patches.llada import LLaDABlock
+
+    return (LLaDABlock,)
+
+
+register_backbone(BackboneKind(
+    name="llada",
+    lora_targets=r".*blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
+    block_classes=_llada_blocks,
+    final_norm="model.transformer.ln_f",
+    hidden_size=lambda config: int(config.d_model),
+    model_types=("remedi_patches.llada.modeling_llada.LLaDAModelLM",),
+    recognise=lambda path: path.is_dir() and (path / "config.json").is_file(),
+    load=_load_llada,
+    mask_id=_llada_mask_id,
+    hub_names=lambda name: True,  # any org/name: the transformers Auto classes resolve it
+    max_length=lambda config: getattr(config, "max_sequence_length", None),
+    sources="a transformers folder (config.json, model_type llada) or a hub name org/name",
+))
+
+
+# ---------------------------------------------------------------- built-in kinds: SMDM (lit_gpt TransEncoder)
+
+
+def _checkpoint_vocab(model_file: Path) -> dict:
+    """{"vocab_size": N} when a train_mdm / train_sft checkpoint records a --vocab_size override, else {}."""
+    if model_file.suffix != ".pth":
+        return {}
+    try:
+        ckpt = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable here: lit_gpt.model.load_weights raises the clear error
+        return {}
+    vocab = (ckpt.get("hparams") or {}).get("vocab_size") if isinstance(ckpt, dict) else None
+    return {} if vocab is None else {"vocab_size": int(vocab)}
+
+
+def _load_smdm(source: Source, options: LoadOptions) -> tuple[nn.Module, object]:
+    from lit_gpt.model import TransEncoder, load_smdm_folder, load_weights
+
+    source = Path(source)
+    if source.is_dir():
+        model = load_smdm_folder(source, dtype=options.dtype)
+        return model, load_tokenizer(options.tokenizer or source)
+    if options.smdm_size is None:
+        raise ValueError(
+            f"{source} is an SMDM training checkpoint; say which architecture it holds with "
+            "--smdm_size Diff_LLaMA_<N>M (e.g. Diff_LLaMA_170M)"
+        )
+    if options.tokenizer is None:
+        raise ValueError(f"{source} holds no tokenizer; pass --tokenizer (a folder or hub name)")
+    tokenizer = load_tokenizer(options.tokenizer)
+    model = TransEncoder.from_name(options.smdm_size, **_checkpoint_vocab(source))
+    load_weights(model, source)
+    return (model.to(options.dtype) if options.dtype is not None else model), tokenizer
+
+
+def _smdm_blocks() -> tuple[type, ...]:
+    from lit_gpt.model import Block
+
+    return (Block,)
+
+
+register_backbone(BackboneKind(
+    name="smdm",
+    lora_targets=r".*\.h\.\d+\.(attn\.attn|attn\.proj|mlp\.swiglu\.w1|mlp\.swiglu\.w2|mlp\.swiglu\.w3)",
+    block_classes=_smdm_blocks,
+    final_norm="transformer.ln_f",
+    hidden_size=lambda config: int(config.n_embd),
+    model_types=("lit_gpt.model.TransEncoder",),
+    recognise=lambda path: path.is_file() or (path / SMDM_CONFIG).is_file(),
+    load=_load_smdm,
+    mask_id=lambda model, tokenizer: int(model.config.mask_id),
+    max_length=lambda config: getattr(config, "block_size", None),
+    sources=f"an SMDM export folder ({SMDM_CONFIG} + model.safetensors) or an SMDM checkpoint file (.pth, "
+            ".safetensors) with --smdm_size and --tokenizer",
+))

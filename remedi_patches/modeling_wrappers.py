@@ -2,10 +2,11 @@
 
     backbone_forward(model, ids, am, need_hidden)  the one function that talks to backbones:
         transformers-style models (forward takes `output_hidden_states`) -> hidden_states[-1];
-        models returning a bare logits tensor (SMDM TransEncoder) -> forward hook on the final norm
-        (`transformer.ln_f`, `model.transformer.ln_f`, `model.norm`, `norm`); PEFT wrappers are seen through.
+        models returning a bare logits tensor (SMDM TransEncoder) -> forward hook on the final norm named by the
+        backbone's registry entry (remedi_patches.backbones); PEFT / UPSModel wrappers are seen through.
     UPSModel(backbone, head)   forward(ids, attention_mask) -> RemeDiOutput(logits, ups_logits)
-    save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code
+    save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code,
+                                    NaN / inf refused on both sides
     check_head_fits, hidden_size_of, load_lora
 """
 from __future__ import annotations
@@ -14,19 +15,19 @@ import functools
 import inspect
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from remedi_patches.backbones import UNREGISTERED_FINAL_NORM, kind_of, unwrap
 from remedi_patches.ups_head import UPSHead
 
 HEAD_FORMAT = "remedi-ups-head"
 HEAD_FORMAT_VERSION = 1
 HEAD_FILE_NAME = "ups_head.safetensors"
-FINAL_NORM_NAMES = ("transformer.ln_f", "model.transformer.ln_f", "model.norm", "norm")
-HIDDEN_SIZE_KEYS = ("d_model", "hidden_size", "n_embd")
 
 
 class RemeDiOutput(NamedTuple):
@@ -47,12 +48,8 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The model under PEFT / UPSModel wrappers (the object holding .config and the layers)."""
-    if isinstance(model, UPSModel):
-        return base_model(model.backbone)
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
+    """The model under PEFT / UPSModel / Fabric wrappers (the object holding .config and the layers)."""
+    return unwrap(model)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,16 +62,20 @@ def _takes_output_hidden_states(model: nn.Module) -> bool:
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    """The final norm module whose output is the last hidden state (for the forward hook)."""
+    """The final norm module whose output is the last hidden state (for the forward hook): the module path of
+    the backbone's registry entry, or `norm` for a module of no registered kind."""
     base = base_model(model)
-    for name in FINAL_NORM_NAMES:
-        try:
-            return base.get_submodule(name)
-        except AttributeError:
-            continue
+    kind = kind_of(base)
+    name = kind.final_norm if kind is not None else UNREGISTERED_FINAL_NORM
+    try:
+        return base.get_submodule(name)
+    except AttributeError:
+        pass
+    where = f"its registry entry ({kind.name!r}) names {name!r}" if kind is not None else (
+        f"it is of no registered backbone kind and has no module named {name!r}")
     raise ValueError(
-        f"{type(base).__name__} neither takes output_hidden_states nor has a final norm named one of "
-        f"{FINAL_NORM_NAMES}; give its forward an output_hidden_states argument or name its final norm so"
+        f"cannot find the final norm of {type(base).__name__}: {where}; give its forward an output_hidden_states "
+        "argument, or register it with remedi_patches.backbones.register_backbone (final_norm=...)"
     )
 
 
@@ -102,19 +103,23 @@ def backbone_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 def _known_hidden_size(model: nn.Module) -> Optional[int]:
-    config = getattr(base_model(model), "config", None)
-    for key in HIDDEN_SIZE_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
+    base = base_model(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        return None
+    kind = kind_of(base)
+    value = kind.hidden_size(config) if kind is not None else getattr(config, "hidden_size", None)
+    return value if isinstance(value, int) else None
 
 
 def hidden_size_of(model: nn.Module) -> int:
+    """d of the backbone's last hidden state: from its registry entry, or `config.hidden_size` for a module of no
+    registered kind."""
     size = _known_hidden_size(model)
     if size is None:
-        raise ValueError(f"cannot read the hidden size of {type(base_model(model)).__name__}: its config has none "
-                         f"of {HIDDEN_SIZE_KEYS}")
+        raise ValueError(f"cannot read the hidden size of {type(base_model(model)).__name__}: it is of no registered "
+                         "backbone kind and its config has no integer hidden_size; register it with "
+                         "remedi_patches.backbones.register_backbone (hidden_size=...)")
     return size
 
 
@@ -156,12 +161,18 @@ def save_ups_head(path: str | Path, head: UPSHead, meta: dict) -> Path:
     """Write head weights + JSON meta (hidden_size, width, mask_id, backbone, train_args, format) atomically."""
     from safetensors.torch import save_file
 
+    from lit_gpt.model import first_nonfinite
+
     path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise ValueError(f"refusing to save the UPS head to {path}: tensor {bad!r} holds NaN or inf values "
+                         "(training diverged); keep the last good head and retrain with a lower learning rate")
     path.parent.mkdir(parents=True, exist_ok=True)
     full_meta = {"mask_id": None, "backbone": None, "train_args": None, **meta,
                  "hidden_size": head.hidden_size, "width": head.width, "format_version": HEAD_FORMAT_VERSION}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": HEAD_FORMAT, "meta": json.dumps(full_meta, default=str)})
         os.replace(tmp, path)
@@ -201,6 +212,12 @@ def load_ups_head(path: str | Path, map_location: str | torch.device = "cpu") ->
         head.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, json.JSONDecodeError, RuntimeError) as err:
         raise ValueError(f"{path}: UPS head metadata or weights do not match ({err}); {fix}") from err
+    from lit_gpt.model import first_nonfinite
+
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise ValueError(f"UPS head {path}: tensor {bad!r} holds NaN or inf values (the run that wrote it "
+                         "diverged); use an earlier head, or retrain it with a lower learning rate")
     if meta.get("format_version", 0) > HEAD_FORMAT_VERSION:
         raise ValueError(f"{path} has head format version {meta['format_version']}, newer than this code "
                          f"({HEAD_FORMAT_VERSION}); update the remedi package")

@@ -1,11 +1,19 @@
 """remedi_patches.backbones.load_backbone: one loader for every source, with the special ids the sampler needs."""
+import json
+import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from lit_gpt.model import TransEncoder, save_smdm_folder
-from remedi_patches.backbones import EMBEDDED_DIR, LLADA_MASK_ID, load_backbone
+from remedi_patches import backbones
+from remedi_patches.backbones import (EMBEDDED_DIR, LLADA_MASK_ID, BackboneKind, backbone_kind, fsdp_block_classes,
+                                      kind_of, load_backbone, max_length_of, register_backbone, unregister_backbone)
+from remedi_patches.modeling_wrappers import UPSModel, final_norm, hidden_size_of
+from remedi_patches.ups_head import UPSHead
 from remedi_patches.embedded import TOKENIZER_DIR
 from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
 
@@ -55,10 +63,114 @@ def test_smdm_export_and_training_checkpoint(tmp_path):
 
 
 def test_bad_sources_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local path"):
+    with pytest.raises(FileNotFoundError, match="'no_such_model' does not exist.*not a hub name"):
         load_backbone("no_such_model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a transformers model folder"):
+    with pytest.raises(FileNotFoundError, match="not a backbone this project can load"):
         load_backbone(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown dtype"):
         load_backbone(None, dtype="float8")
+
+
+# ---------------------------------------------------------------- the registry: one entry per backbone kind
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.mix(x)
+
+
+class ToyNet(nn.Module):
+    """A backbone of a kind the project does not know: bare logits, final norm `final`, width in config.width."""
+
+    def __init__(self, vocab=600, width=24):
+        super().__init__()
+        self.config = SimpleNamespace(width=width, vocab=vocab, context=32)
+        self.emb = nn.Embedding(vocab + 1, width)
+        self.layers = nn.ModuleList([ToyBlock(width), ToyBlock(width)])
+        self.final = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, idx, attention_mask=None):
+        x = self.emb(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(self.final(x))
+
+
+def _load_toy(source, options):
+    spec = json.loads((source / "toy.json").read_text())
+    torch.manual_seed(spec["seed"])
+    return ToyNet(width=spec["width"]), backbones.load_tokenizer(options.tokenizer or TOKENIZER_DIR)
+
+
+TOY = BackboneKind(
+    name="toy",
+    lora_targets=r".*layers\.\d+\.mix",
+    block_classes=lambda: (ToyBlock,),
+    final_norm="final",
+    hidden_size=lambda config: config.width,
+    model_types=(f"{__name__}.ToyNet",),
+    recognise=lambda path: (path / "toy.json").is_file(),
+    load=_load_toy,
+    mask_id=lambda model, tokenizer: model.config.vocab,
+    max_length=lambda config: config.context,
+    sources="a folder with toy.json",
+)
+
+
+@pytest.fixture
+def toy_kind():
+    register_backbone(TOY)
+    yield TOY
+    unregister_backbone(TOY.name)
+
+
+def test_registry_round_trip_one_entry_is_enough(toy_kind, tmp_path):
+    """A new kind registered here (no other file touched) is loaded, recognised through wrappers, hooked for the
+    UPS head, LoRA-targeted and FSDP-wrapped."""
+    (tmp_path / "toy.json").write_text(json.dumps({"seed": 0, "width": 24}))
+    bb = load_backbone(tmp_path)
+    assert bb.kind == "toy" and isinstance(bb.model, ToyNet) and bb.mask_id == 600 and not bb.model.training
+    assert backbone_kind("toy") is toy_kind and kind_of(bb.model) is toy_kind
+    assert hidden_size_of(bb.model) == 24 and max_length_of(bb.model) == 32
+    assert final_norm(bb.model) is bb.model.final
+    ids = torch.randint(0, 600, (2, 7))
+    wrapped = UPSModel(bb.model, UPSHead(24, 4))
+    assert kind_of(wrapped) is toy_kind
+    out = wrapped(ids)
+    assert out.ups_logits.shape == (2, 7)
+    torch.testing.assert_close(out.logits, bb.model(ids))
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(bb.model, peft.LoraConfig(r=2, target_modules=kind_of(bb.model).lora_targets))
+    assert kind_of(lora) is toy_kind and hidden_size_of(lora) == 24
+    assert sorted(n for n, m in lora.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)) == [
+        "base_model.model.layers.0.mix", "base_model.model.layers.1.mix"]
+    assert ToyBlock in fsdp_block_classes() and fsdp_block_classes(["toy"]) == {ToyBlock}
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone(TOY)
+
+
+def test_builtin_entries():
+    from lit_gpt.model import Block
+    from remedi_patches.llada import LLaDABlock
+
+    assert fsdp_block_classes() >= {Block, LLaDABlock}
+    smdm = TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64, block_size=16)
+    assert kind_of(smdm).name == "smdm" and hidden_size_of(smdm) == 64 and max_length_of(smdm) == 16
+    assert final_norm(smdm) is smdm.transformer.ln_f
+    llada = LLaDAModelLM(LLaDAConfig(d_model=32, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=64,
+                                     vocab_size=100, embedding_size=100, max_sequence_length=48))
+    assert kind_of(llada).name == "llada" and hidden_size_of(llada) == 32 and max_length_of(llada) == 48
+    assert final_norm(llada) is llada.model.transformer.ln_f
+    for model in (smdm, llada):
+        names = [n for n, _ in model.named_modules()]
+        hits = [n for n in names if re.fullmatch(kind_of(model).lora_targets, n)]
+        assert hits and all(".lm_head" not in n and "transformer.ff_out" not in n for n in hits)
+    assert kind_of(nn.Linear(2, 2)) is None
+    with pytest.raises(ValueError, match="unknown backbone kind 'nope'"):
+        backbone_kind("nope")

@@ -11,7 +11,7 @@ from torch import nn
 from remedi_patches.modeling_wrappers import (RemeDiOutput, UPSModel, backbone_forward, check_head_fits,
                                               hidden_size_of, load_lora, load_ups_head, save_ups_head)
 from remedi_patches.ups_head import UPSHead
-from test_generate_upstream import D, MASK, PROMPT, BareToyMDM, ToyMDM
+from toy_models import D, MASK, PROMPT, BareToyMDM, ToyMDM
 
 IDS = torch.cat([PROMPT, torch.full((1, 4), MASK)], dim=1)  # (1, 9)
 
@@ -21,17 +21,15 @@ def seeded_head(width, seed=0, d=D):
     return UPSHead(d, width).eval()
 
 
-class CountingCalls(nn.Module):
-    """Wraps a model and counts its forward calls (keeps the wrapped model's signature visible)."""
+def counting_calls(model):
+    """`model` with a `calls` counter of its forward calls (a hook: the model's own type and signature stay)."""
+    model.calls = 0
 
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
-        self.config = model.config
+    def count(module, args, kwargs):
+        module.calls += 1
 
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.model(*args, **kwargs)
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    return model
 
 
 @pytest.mark.parametrize("width,n_params", [(0, D + 1), (8, D * 8 + 8 + 8 + 1)])
@@ -93,10 +91,12 @@ def test_load_errors(tmp_path):
 
 def test_hidden_size_checks():
     assert hidden_size_of(ToyMDM()) == D
-    for key in ("d_model", "hidden_size", "n_embd"):
-        model = nn.Linear(2, 2)
-        model.config = SimpleNamespace(**{key: 48})
-        assert hidden_size_of(model) == 48
+    model = nn.Linear(2, 2)  # of no registered kind: the convention is config.hidden_size
+    model.config = SimpleNamespace(hidden_size=48)
+    assert hidden_size_of(model) == 48
+    model.config = SimpleNamespace(d_model=48)  # a registered kind's own key is not guessed for other modules
+    with pytest.raises(ValueError, match="cannot read the hidden size.*register_backbone"):
+        hidden_size_of(model)
     with pytest.raises(ValueError, match="cannot read the hidden size"):
         hidden_size_of(nn.Linear(2, 2))
     with pytest.raises(ValueError, match=f"hidden size {D + 1}.*hidden size {D}"):
@@ -109,14 +109,14 @@ def test_hidden_size_checks():
 
 @pytest.mark.parametrize("model_cls", [ToyMDM, BareToyMDM])
 def test_ups_model_one_forward(model_cls):
-    backbone = CountingCalls(model_cls().eval())
+    backbone = counting_calls(model_cls().eval())
     head = seeded_head(8)
     model = UPSModel(backbone, head)
     assert model.config is backbone.config
     out = model(IDS)
     assert isinstance(out, RemeDiOutput) and isinstance(out, tuple)
     assert backbone.calls == 1
-    _, hidden, logits = backbone.model.run(IDS)
+    _, hidden, logits = backbone.run(IDS)
     assert torch.equal(out.logits, logits)
     assert torch.equal(out.ups_logits, head(hidden))
     assert out.ups_logits.shape == IDS.shape
@@ -149,13 +149,13 @@ def test_bare_model_without_final_norm_is_a_clear_error():
 def test_smdm_trans_encoder_hook():
     lit_model = pytest.importorskip("lit_gpt.model")
     torch.manual_seed(0)
-    backbone = CountingCalls(lit_model.TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64).eval())
+    backbone = counting_calls(lit_model.TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64).eval())
     head = UPSHead(hidden_size_of(backbone), 8)
     ids = torch.randint(0, 64, (2, 10))
     out = UPSModel(backbone, head)(ids, attention_mask=torch.ones_like(ids))
     assert backbone.calls == 1 and out.ups_logits.shape == (2, 10)
     _, hidden = backbone_forward(backbone, ids, need_hidden=True)
-    assert torch.allclose(backbone.model.lm_head(hidden), out.logits)  # the hook caught ln_f's output
+    assert torch.allclose(backbone.lm_head(hidden), out.logits)  # the hook caught ln_f's output
 
 
 def lora_toy(tmp_path):

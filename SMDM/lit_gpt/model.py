@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pickle
+import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -38,6 +39,21 @@ from lit_gpt.config import Config
 
 CONFIG_FILE = "smdm_config.json"
 WEIGHTS_FILE = "model.safetensors"
+_CHUNK = 1 << 26  # elements per isfinite() call, so a huge tensor needs no tensor-sized boolean copy at once
+
+
+def first_nonfinite(tensors) -> Optional[str]:
+    """Name of the first floating tensor holding NaN or +-inf in `tensors` (a mapping or (name, tensor) pairs),
+    else None."""
+    items = tensors.items() if hasattr(tensors, "items") else tensors
+    for name, t in items:
+        if not (torch.is_tensor(t) and (t.is_floating_point() or t.is_complex())) or t.device.type == "meta":
+            continue
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            if not bool(torch.isfinite(flat[start:start + _CHUNK]).all()):
+                return name
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -234,25 +250,42 @@ def load_weights(model: TransEncoder, path: Union[str, Path]) -> None:
             f"Weights in {path} do not fit SMDM config {model.config.name!r}: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
             f"shape mismatches {shape_errors[:5]}. Build the model with the config the weights were trained with.")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"SMDM weights file {path}: tensor {bad!r} holds NaN or inf values (the run that wrote it "
+                         "diverged); use an earlier checkpoint, or retrain with a lower learning rate.")
     model.load_state_dict(state, strict=True)
 
 
 def save_smdm_folder(model: TransEncoder, path: Union[str, Path]) -> Path:
     """Write `smdm_config.json` (the Config fields) and `model.safetensors` into folder `path`.
 
-    Each file is written to a temporary name in the same folder and renamed, so an interrupted
-    export never leaves a half-written file under the final name.
+    A model holding NaN or inf is refused (ValueError naming the tensor) before anything is written. Each file
+    is written to a temporary name unique to this process in the same folder and renamed, so an interrupted or
+    concurrent export never leaves a half-written file under the final name.
     """
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"refusing to export an SMDM model to {path}: tensor {bad!r} holds NaN or inf values "
+                         "(training diverged); export an earlier checkpoint, or retrain with a lower learning rate.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp_weights = path / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp_weights), metadata={"format": "pt", "smdm_config": json.dumps(model.config.to_dict())})
-    os.replace(tmp_weights, path / WEIGHTS_FILE)
-    tmp_config = path / (CONFIG_FILE + ".tmp")
-    tmp_config.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    os.replace(tmp_config, path / CONFIG_FILE)
+    config = model.config.to_dict()
+    _write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(
+        state, str(tmp), metadata={"format": "pt", "smdm_config": json.dumps(config)}))
+    _write_atomically(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
+
+
+def _write_atomically(target: Path, write) -> None:
+    """write(tmp) to a temporary file unique to this process beside `target`, then rename it to `target`."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_smdm_config(path: Union[str, Path]) -> Config:
