@@ -1,9 +1,11 @@
 """RemeDi additions that the LLaDA sampler, the SMDM trainers and the evaluation adapters call into.
 
-Modules (one concept each; importing this package imports nothing heavy):
+Modules (one concept each; importing this package imports nothing heavy, yet registers model_type "llada" with
+transformers' Auto classes as soon as those are imported: see auto_register.py):
 
     llada/              native LLaDA backbone (transformers, model_type "llada", Auto-registered)
-    backbones.py        load_backbone(): one loader for LLaDA folders / hub names, SMDM checkpoints, the embedded model
+    backbones.py        the backbone registry (one entry per kind) and load_backbone() / load_eval_model()
+    sources.py          one rule for "local path or hub name?"
     ups_head.py         UPSHead: per-token Unmasking Policy Stream logit on the last hidden state
     modeling_wrappers.py  TPS logits + UPS logits from one forward; save/load of heads; LoRA loading
     confidence.py       confidence sources for dynamic remasking (ups, tps_prob, random, margin, entropy)
@@ -15,3 +17,7 @@ Modules (one concept each; importing this package imports nothing heavy):
     graders.py          GSM8K and MATH answer extraction and grading
     embedded/           the tiny task, tokenizer and backbone that make everything run on a CPU
 """
+
+from remedi_patches.auto_register import install as _install_auto_register
+
+_install_auto_register()  # AutoModel.from_pretrained(<LLaDA folder>) works after `import remedi_patches` (lazily)
