@@ -14,6 +14,11 @@ s1K reasoning traces: `thinking_field` + `attempt_field` make the answer "Thinki
 Rows are [prompt][answer][EOS ... EOS]: the EOS padding counts as answer (LLaDA SFT), so answer_len =
 seq_len - prompt_len. Examples whose prompt leaves no room for an answer token are dropped (count logged);
 longer answers are cut at seq_len (count logged).
+
+Bad input: local .json/.jsonl files are checked line by line before `datasets` reads them (validate_json_file), so
+an empty file, a line that is not UTF-8 or not a JSON object, or a field changing type names the file and line.
+Rows with an empty / whitespace-only / null / missing prompt or answer are skipped, never trained on: a warning
+gives their count and row numbers, and SFTExamples.skipped holds the count; if every row is empty it is an error.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from remedi_patches.embedded.task import format_prompt
+from remedi_patches.sources import missing_path_message, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,85 @@ def _files_for_split(folder: Path, split: str) -> list[Path]:
     raise ValueError(f"no files for split {split!r} under {folder}; splits found: {found}. Pass --split one of them")
 
 
+_JSON_KINDS = {str: "a string", bool: "true/false", int: "a number", float: "a number", list: "a list",
+               dict: "an object"}
+
+
+def _json_kind(value) -> Optional[str]:
+    return None if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _check_record(path: Path, where: str, record, kinds: dict) -> None:
+    """A record must be a JSON object whose fields keep one JSON type throughout the file (Arrow needs that)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, {where}: expected a JSON object {{...}} per record, found {_json_kind(record)}; "
+                         "fix or delete it")
+    for key, value in record.items():
+        kind = _json_kind(value)
+        if kind is None:
+            continue
+        first = kinds.setdefault(key, (kind, where))
+        if first[0] != kind:
+            raise ValueError(f"{path}, {where}: field {key!r} is {kind} here but {first[0]} at {first[1]}; give every "
+                             "value of a field one type (e.g. quote numbers meant as text)")
+
+
+def _utf8_lines(path: Path):
+    """(1-based number, text) of each line; ValueError naming the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or "
+                                 "delete the line") from None
+
+
+def validate_json_file(path: Path) -> int:
+    """Check a .json / .jsonl data file before `datasets` reads it; returns its number of records.
+
+    Raises ValueError naming the file and the (1-based) line for: an empty file, a line that is not UTF-8, a
+    line that is not valid JSON or not a JSON object, and a field whose JSON type changes between records.
+    A `.json` file may be one JSON document (an array of objects); otherwise, and always for `.jsonl`, each
+    non-blank line is one JSON object."""
+    import json
+
+    kinds: dict = {}
+    count = 0
+    if path.suffix == ".json":
+        text = "".join(line for _, line in _utf8_lines(path))
+        if not text.strip():
+            raise ValueError(f"{path} is empty (no records); point --dataset at a file of JSON records")
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            if text.lstrip().startswith("["):  # one (broken) array; anything else is read as JSON lines below
+                raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}); fix "
+                                 "the file (one JSON array of objects, or one JSON object per line)") from None
+        else:
+            records = document if isinstance(document, list) else [document]
+            for i, record in enumerate(records, 1):
+                _check_record(path, f"record {i}", record, kinds)
+            if not records:
+                raise ValueError(f"{path} holds no records (an empty JSON array); point --dataset at a file of "
+                                 "JSON records")
+            return len(records)
+    for number, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); fix or delete "
+                             "the line (each line of a JSON-lines file is one JSON object)") from None
+        _check_record(path, f"line {number}", record, kinds)
+        count += 1
+    if count == 0:
+        raise ValueError(f"{path} is empty (no records); point --dataset at a file with one JSON object per line")
+    return count
+
+
 def _load_local(path: Path, split: str, subset: Optional[str]):
     import datasets
 
@@ -83,7 +168,20 @@ def _load_local(path: Path, split: str, subset: Optional[str]):
     builders = {DATA_SUFFIXES[p.suffix] for p in files}
     if len(builders) > 1:
         raise ValueError(f"{path} mixes json and parquet files; keep one format per folder")
-    return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+    builder = builders.pop()
+    if builder == "json":
+        for p in files:
+            validate_json_file(p)
+    import pyarrow
+
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:  # corrupt parquet, ...
+        cause = err.__cause__ or err.__context__ or err
+        detail = next(iter(str(cause).splitlines()), "")
+        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise ValueError(f"could not read {names} ({type(cause).__name__}: {detail}); check that the files are "
+                         "complete (re-download them) and share one set of fields and types") from err
 
 
 def _load_hub(name: str, split: str, subset: Optional[str]):
@@ -91,11 +189,14 @@ def _load_hub(name: str, split: str, subset: Optional[str]):
 
     try:
         return datasets.load_dataset(name, subset, split=split)
-    except OSError as err:  # includes ConnectionError / offline mode / not found
+    except Exception as err:  # noqa: BLE001  hub / connection errors come from several libraries
+        if isinstance(err, (ImportError, MemoryError)):
+            raise
         raise FileNotFoundError(
-            f"could not load dataset {name!r} (subset={subset!r}, split={split!r}) from the Hugging Face hub: {err}\n"
-            "This machine may be offline: download the data elsewhere and pass a local .json/.jsonl/.parquet file "
-            "or folder, e.g. --dataset ../shared/data/gsm8k/train.jsonl"
+            f"could not load dataset {name!r} (subset={subset!r}, split={split!r}) from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). If the hub is unreachable "
+            "from this machine, download the data elsewhere and pass a local .json/.jsonl/.parquet file or folder, "
+            "e.g. --dataset ../shared/data/gsm8k/train.jsonl"
         ) from err
 
 
@@ -117,13 +218,12 @@ def load_records(dataset: str, split: str = "train", subset: Optional[str] = Non
         raise ValueError(f"limit must be a positive number of records, got {limit}")
     if dataset == "embedded":
         return _load_embedded(split, limit or EMBEDDED_RECORDS)
-    path = Path(dataset).expanduser()
-    if path.exists():
-        records = _load_local(path, split, subset)
-    elif dataset.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES:
-        raise FileNotFoundError(f"dataset file or folder {dataset!r} does not exist; check the path")
-    else:
-        records = _load_hub(dataset, split, subset)
+    if Path(str(dataset)).suffix in DATA_SUFFIXES and not Path(str(dataset)).expanduser().exists():
+        raise FileNotFoundError(missing_path_message(dataset, "dataset"))  # a file name is never a hub repo
+    source = resolve_source(dataset, "dataset")
+    records = _load_hub(source, split, subset) if isinstance(source, str) else _load_local(source, split, subset)
+    if len(records) == 0:
+        raise ValueError(f"dataset {str(dataset)!r} (split {split!r}) holds no records; check --dataset / --split")
     return records.select(range(min(limit, len(records)))) if limit else records
 
 
@@ -225,8 +325,8 @@ def _chat_turns(messages) -> tuple[list[dict], str]:
         content = m.get("content") if m.get("content") is not None else m.get("value")
         turns.append({"role": role, "content": _as_text(content)})
     last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise ValueError("a conversation has no assistant message to train on; every record needs one")
+    if last is None:  # nothing to train on: an empty answer, skipped and counted by build_sft_examples
+        return turns, ""
     return turns[:last], turns[last]["content"]
 
 
@@ -237,16 +337,57 @@ def prompts_and_answers(records, fields: FieldSpec) -> tuple[list, list[str]]:
         texts = [_as_text(v) for v in _column(records, fields.text)]
         return [None] * len(texts), texts
     if fields.kind == "chat":
-        pairs = [_chat_turns(m) for m in _column(records, fields.chat)]
+        pairs = []
+        for row, messages in enumerate(_column(records, fields.chat), 1):
+            try:
+                pairs.append(_chat_turns(messages or []))
+            except (ValueError, TypeError, AttributeError) as err:
+                raise ValueError(f"row {row}, field {fields.chat!r}: {err}; fix the conversation (a list of "
+                                 "{'role': ..., 'content': ...} messages)") from None
         return [p for p, _ in pairs], [a for _, a in pairs]
     prompts = [_as_text(v) for v in _column(records, fields.prompt)]
     if fields.thinking is not None:
         thinking = _column(records, fields.thinking)
         attempt = _column(records, fields.attempt)
-        answers = [f"Thinking: {_as_text(t)}\n\nAttempt: {_as_text(a)}" for t, a in zip(thinking, attempt)]
+        answers = [f"Thinking: {_as_text(t)}\n\nAttempt: {_as_text(a)}" if _as_text(a).strip() else ""
+                   for t, a in zip(thinking, attempt)]  # no attempt: nothing to learn the answer from
     else:
         answers = [_as_text(v) for v in _column(records, fields.answer)]
     return prompts, answers
+
+
+def _blank(prompt) -> bool:
+    if prompt is None:  # answer-only text has no prompt by design
+        return False
+    if isinstance(prompt, list):  # chat messages before the reply
+        return not any(str(m.get("content") or "").strip() for m in prompt)
+    return not str(prompt).strip()
+
+
+def _field_names(fields: FieldSpec) -> str:
+    if fields.kind == "chat":
+        return f"conversation field {fields.chat!r}"
+    if fields.kind == "text":
+        return f"text field {fields.text!r}"
+    answer = f"{fields.thinking!r} + {fields.attempt!r}" if fields.thinking else repr(fields.answer)
+    return f"prompt field {fields.prompt!r}, answer field {answer}"
+
+
+def drop_empty_rows(prompts: list, answers: list[str], fields: FieldSpec) -> tuple[list, list[str], int]:
+    """Rows whose prompt or answer is empty, whitespace-only, null or missing are left out, never trained on:
+    their count (and first row numbers, 1-based) is logged as a warning and returned. All rows empty: ValueError."""
+    empty = [i for i, (p, a) in enumerate(zip(prompts, answers)) if _blank(p) or not str(a or "").strip()]
+    if not empty:
+        return prompts, answers, 0
+    rows = ", ".join(str(i + 1) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
+    if len(empty) == len(prompts):
+        raise ValueError(f"every one of the {len(prompts)} rows has an empty or missing prompt or answer "
+                         f"({_field_names(fields)}); check --prompt_field / --answer_field (or --text_field) name the "
+                         "fields that hold the text, or fix the data")
+    log.warning("skipped %d of %d rows with an empty or missing prompt or answer (%s; rows %s)", len(empty),
+                len(prompts), _field_names(fields), rows)
+    keep = sorted(set(range(len(prompts))) - set(empty))
+    return [prompts[i] for i in keep], [answers[i] for i in keep], len(empty)
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -259,6 +400,7 @@ class SFTExamples:
     answer_len: torch.Tensor  # (N,) long, seq_len - prompt_len (EOS padding counted)
     dropped: int  # prompts that left no room for an answer
     truncated: int  # answers cut at seq_len
+    skipped: int = 0  # rows with an empty or missing prompt or answer (never trained on)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -325,6 +467,7 @@ def build_sft_examples(
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token (it is the SFT padding token)")
     prompts, answers = prompts_and_answers(records, fields)
+    prompts, answers, skipped = drop_empty_rows(prompts, answers, fields)
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat_template was given but the tokenizer has no chat template; drop the flag "
@@ -352,4 +495,4 @@ def build_sft_examples(
     input_ids = torch.tensor(rows, dtype=torch.long)
     prompt_len = torch.tensor(plens, dtype=torch.long)
     return SFTExamples(input_ids=input_ids, prompt_len=prompt_len, answer_len=seq_len - prompt_len,
-                       dropped=dropped, truncated=truncated)
+                       dropped=dropped, truncated=truncated, skipped=skipped)

@@ -171,3 +171,75 @@ def test_hub_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="pass a local .json/.jsonl/.parquet"):
         load_records("no-such-org/no-such-dataset-remedi", split="train")
+
+
+# ---------------------------------------------------------------- bad input: the error names the file and line
+
+
+@pytest.mark.parametrize("name,content,fragments", [
+    ("empty.jsonl", b"", ["empty.jsonl is empty"]),
+    ("blank.jsonl", b"\n  \n", ["blank.jsonl is empty"]),
+    ("empty.json", b"[]", ["empty.json holds no records"]),
+    ("latin1.jsonl", b'{"question": "a", "answer": "b"}\n{"question": "caf\xe9", "answer": "b"}\n',
+     ["latin1.jsonl, line 2", "not UTF-8", "byte 0xe9", "iconv"]),
+    ("broken.jsonl", b'{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": }\n',
+     ["broken.jsonl, line 3", "not valid JSON", "fix or delete the line"]),
+    ("list.jsonl", b'{"question": "a", "answer": "b"}\n[1, 2]\n', ["list.jsonl, line 2", "JSON object"]),
+    ("types.jsonl", b'{"question": "a", "answer": "b"}\n{"question": "c", "answer": 7}\n',
+     ["types.jsonl, line 2", "'answer' is a number here but a string at line 1"]),
+    ("broken.json", b'[{"question": "a", "answer": "b"},\n {"question": "c" "answer": "d"}]\n',
+     ["broken.json, line 2", "not valid JSON"]),
+])
+def test_bad_json_files_name_the_file_and_line(tmp_path, name, content, fragments):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_records(str(path))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_good_json_layouts_still_load(tmp_path):
+    rows = [{"question": "a", "answer": "b"}, {"question": "c", "answer": None}]
+    (tmp_path / "arr.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n\n" for r in rows))  # blank lines are fine
+    assert len(load_records(str(tmp_path / "arr.json"))) == 2
+    assert len(load_records(str(tmp_path / "lines.json"))) == 2
+    assert data.validate_json_file(tmp_path / "lines.json") == 2
+
+
+def test_corrupt_parquet_names_the_file(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match="could not read .*train.parquet"):
+        load_records(str(tmp_path / "train.parquet"))
+
+
+def test_rows_with_empty_prompt_or_answer_are_skipped_and_counted(tmp_path, caplog):
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "", "answer": "a2"}, {"question": "q3", "answer": "  "},
+            {"question": "q4", "answer": None}, {"question": "q5"}, {"question": "q6", "answer": "a6"}]
+    recs = load_records(str(_write_jsonl(tmp_path / "d.jsonl", rows)))
+    with caplog.at_level("WARNING", logger="remedi_patches.data"):
+        ex = build_sft_examples(recs, char_tokenizer(), seq_len=32, fields=resolve_fields(column_names(recs)))
+    assert ex.skipped == 4 and len(ex) == 2
+    assert "skipped 4 of 6 rows" in caplog.text and "rows 2, 3, 4, 5" in caplog.text
+    tok = char_tokenizer()
+    assert tok.decode(ex.input_ids[1, int(ex.prompt_len[1]):int(ex.prompt_len[1]) + 2]) == "a6"
+
+    chat = [{"messages": [{"role": "user", "content": "hi"}]},  # no reply to learn
+            {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "yo"}]},  # no prompt
+            {"messages": [{"role": "user", "content": "x?"}, {"role": "assistant", "content": "y"}]}]
+    recs = load_records(str(_write_jsonl(tmp_path / "chat.jsonl", chat)))
+    ex = build_sft_examples(recs, tok, seq_len=48, fields=resolve_fields(column_names(recs)), chat_template=True)
+    assert (ex.skipped, len(ex)) == (2, 1)
+
+    empty = load_records(str(_write_jsonl(tmp_path / "e.jsonl", [{"question": "q", "answer": ""}] * 3)))
+    with pytest.raises(ValueError, match="every one of the 3 rows.*answer field 'answer'.*--answer_field"):
+        build_sft_examples(empty, tok, seq_len=32, fields=resolve_fields(column_names(empty)))
+
+
+def test_missing_dataset_path_is_not_a_hub_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("./nope", str(tmp_path / "nope"), "runs/train", "nope.jsonl", "~/no/such/data.jsonl"):
+        with pytest.raises(FileNotFoundError, match="dataset path .* does not exist"):
+            load_records(name)
