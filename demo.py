@@ -13,24 +13,22 @@ steps<N>_summary.json / .md per step budget and report.json. Re-running resumes 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-for _p in (ROOT, ROOT / "SMDM", ROOT / "SMDM" / "pretrain"):  # runs from a clone without an install
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from eval_gsm_math import evaluate, make_items, markdown_table, parse_runs, write_jsonl, write_summary  # noqa: E402
-from opencompass_patch.harness import SamplerSettings, load_eval_model  # noqa: E402
-from remedi_patches.data import load_records  # noqa: E402
-from train_remedi import RemaskConfig, run  # noqa: E402  (SMDM/pretrain/train_remedi.py)
+from eval_gsm_math import evaluate, make_items, markdown_table, parse_runs, write_jsonl, write_summary, write_text
+from remedi_patches.cli import ArgumentParser, run_main
+from remedi_patches.data import load_records
+from remedi_patches.model_args import ModelSpec
+from remedi_patches.remask_sft import RemaskConfig, run
+from remedi_patches.run_lock import RunLock
+from remedi_patches.sampling import SamplerSettings
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", type=Path, default=Path("out/demo"), help="head, logs, predictions, summary")
     p.add_argument("--train_steps", type=int, default=400, help="Remask SFT optimizer steps")
     p.add_argument("--batch_size", type=int, default=32, help="Remask SFT sequences per step")
@@ -43,12 +41,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block size")
     p.add_argument("--infer_bs", type=int, default=50, help="problems per sampler batch")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """Parsed flags, every one checked (ValueError naming the flag) before anything is trained or loaded."""
+    args = build_parser().parse_args(argv)
+    for flag in ("train_steps", "batch_size", "n_eval", "infer_bs"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.lr <= 0 or args.ups_width < 0:
+        raise ValueError(f"--lr must be > 0 and --ups_width >= 0, got {args.lr} and {args.ups_width}")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise NotADirectoryError(f"--out_dir {args.out_dir} is a file; pass a folder")
+    args.budgets = {s: SamplerSettings(steps=s, gen_length=args.gen_length, block_length=args.block_length)
+                    for s in args.steps}  # ValueError for a budget that does not fit gen_length / block_length
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = args.out_dir
+    with RunLock(out):
+        return demo(args, out)
+
+
+def demo(args, out: Path) -> dict:
     head_path = out / "ups_head.safetensors"
     cfg = RemaskConfig(dataset="embedded", seq_len=72, batch_size=args.batch_size, max_steps=args.train_steps,
                           lr=args.lr, warmup_steps=20, ups_width=args.ups_width, train_mode="ups_only",
@@ -58,12 +76,11 @@ def main(argv=None) -> dict:
     train_metrics = run(cfg)
 
     print(f"[2/2] decoding {args.n_eval} held-out problems with random / tps_prob / ups", flush=True)
-    em = load_eval_model(None, ups_head=str(head_path), device="cpu")
+    em = ModelSpec(ups_head_path=str(head_path), device="cpu").check().load()
     items = make_items(load_records("embedded", "test", limit=args.n_eval), "gsm8k")
     runs = parse_runs(["random", "tps_prob", "ups"])
     tables, all_rows, summaries = [], [], {}
-    for steps in args.steps:
-        settings = SamplerSettings(steps=steps, gen_length=args.gen_length, block_length=args.block_length)
+    for steps, settings in args.budgets.items():
         rows, summary = evaluate(em, items, runs, settings, batch_size=args.infer_bs, seed=args.seed)
         for row in rows:
             row["steps"] = steps
@@ -76,7 +93,7 @@ def main(argv=None) -> dict:
     auc = train_metrics.get("eval_auc")
     report = {"train": {k: v for k, v in train_metrics.items() if k != "losses"},
               "decoding": {str(k): v for k, v in summaries.items()}}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
 
     print("\nAccuracy on held-out embedded problems (exact final answer):\n")
     print("\n\n".join(tables))
@@ -86,4 +103,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

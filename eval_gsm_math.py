@@ -17,8 +17,11 @@ extracted, gold, correct, seconds), summary.json and summary.md (accuracy, cover
 extractable answer, n, mean seconds per problem, per source). The summary is computed from the rows alone, so
 re-grading the predictions file with the same graders reproduces it exactly.
 
+Flags are checked before any model is loaded; a second run on the same --out_dir refuses while the first holds it
+(remedi_patches.run_lock). Files are written to a temporary file of this process and renamed into place.
+
 From Python (the demo and bench/bench_embedded_accuracy.py do this):
-    em = load_eval_model(None, ups_head="out/remedi/ups_head.safetensors")      # opencompass_patch.harness
+    em = ModelSpec(ups_head_path="out/remedi/ups_head.safetensors").load()   # remedi_patches.model_args
     items = make_items(load_records("embedded", "test", limit=50), "gsm8k")
     predictions, summary = evaluate(em, items, parse_runs(["ups", "tps_prob"]), SamplerSettings(32, 32, 32))
     print(markdown_table(summary))
@@ -28,30 +31,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parent
-for _p in (ROOT, ROOT / "SMDM"):  # generate.py / remedi_patches / lit_gpt without an install
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from generate import UPSTREAM_RULES, decode_answers, encode_prompts, generate  # noqa: E402
-from opencompass_patch.harness import EvalModel, SamplerSettings, load_eval_model  # noqa: E402
-from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math  # noqa: E402
-from remedi_patches.modeling_wrappers import UPSModel  # noqa: E402
+from remedi_patches.backbones import EvalModel
+from remedi_patches.cli import ArgumentParser, run_main
+from remedi_patches.confidence import get_confidence_source
+from remedi_patches.data import column_names, load_records, render_prompt, resolve_fields
+from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math
+from remedi_patches.model_args import add_model_args, model_spec_from_args
+from remedi_patches.run_lock import RunLock
+from remedi_patches.sampling import (SamplerSettings, add_sampler_args, decode_answers, encode_prompts,
+                                     needs_ups_head, sample, settings_from_args)
 
 FORMATS = ("gsm8k", "math")
 NOREMASK = ":noremask"
 UPSTREAM = "upstream"
 BOXED_HINT = "Put the final answer in \\boxed{}."
 PREDICTION_KEYS = ("index", "source", "format", "prompt", "output", "extracted", "gold", "correct", "seconds")
+EVAL_DEFAULTS = {"steps": 32, "gen_length": 32, "block_length": 32}  # the embedded task: answers < 32 tokens
+DEFAULT_SOURCES = ("ups", "tps_prob", "random")
 
 
 # ---------------------------------------------------------------- runs (what is compared)
@@ -70,11 +77,13 @@ class Run:
             return UPSTREAM
         return self.source if self.remask else self.source + NOREMASK
 
+    def settings(self, base: SamplerSettings) -> SamplerSettings:
+        """`base` with this run's confidence source and re-masking."""
+        return base.replace(confidence_source=self.source, remask=self.remask)
+
 
 def parse_run(text: str, no_remask: bool = False) -> Run:
     """'ups' | 'ups:noremask' | 'upstream' -> Run; no_remask turns re-masking off for every source."""
-    from remedi_patches.confidence import get_confidence_source
-
     if text == UPSTREAM:
         return Run(None, remask=False)
     name, remask = (text[: -len(NOREMASK)], False) if text.endswith(NOREMASK) else (text, not no_remask)
@@ -120,8 +129,6 @@ def make_items(records: Iterable[dict], fmt: str, prompt_template: Optional[str]
     question/answer, MATH problem/...); for --format math the gold is the `answer` column when there is one,
     else the last \\boxed{} of the solution. The default prompt is the embedded task's "Question: ...\\nAnswer:"
     (for math with a request to box the answer); prompt_template uses {question}."""
-    from remedi_patches.data import column_names, render_prompt, resolve_fields
-
     if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; use one of {FORMATS}")
     records = list(records)
@@ -156,20 +163,14 @@ def grade(fmt: str, output: str, gold: str) -> tuple[Optional[str], bool]:
 # ---------------------------------------------------------------- sampling
 
 
-def sample(em: EvalModel, prompts: list[str], settings: SamplerSettings, run: Run, chat: str = "off",
-           trajectory=None) -> tuple[list[str], int]:
-    """Answers to `prompts` (one left-padded batch) under `run` -> (answers cut at EOS/EoT, padded prompt length)."""
-    if run.source == "ups" and em.ups_head is None and not isinstance(em.model, UPSModel):
+def sample_texts(em: EvalModel, prompts: list[str], settings: SamplerSettings, chat: str = "off",
+                 trajectory=None) -> tuple[list[str], int]:
+    """Answers to `prompts` (one left-padded batch) -> (answers cut at EOS/EoT, padded prompt length)."""
+    if needs_ups_head(em, settings):
         raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), "
                          "or drop 'ups' from --confidence_sources")
     ids, attention_mask = encode_prompts(em.tokenizer, prompts, chat)
-    out = generate(em.model, ids.to(em.device), attention_mask.to(em.device), steps=settings.steps,
-                   gen_length=settings.gen_length, block_length=settings.block_length,
-                   temperature=settings.temperature, cfg_scale=settings.cfg_scale, remasking=settings.remasking,
-                   mask_id=em.mask_id, logits_eos_inf=settings.logits_eos_inf,
-                   confidence_eos_eot_inf=settings.confidence_eos_eot_inf, confidence_source=run.source,
-                   ups_head=em.ups_head, remask=run.remask, eos_id=em.eos_id, eot_id=em.eot_id,
-                   trajectory=trajectory)  # (B, Lp + gen_length)
+    out = sample(em, ids, attention_mask, settings, trajectory)  # (B, Lp + gen_length)
     return decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids), ids.shape[1]
 
 
@@ -183,19 +184,24 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
     """
     if batch_size < 1:
         raise ValueError(f"--infer_bs must be >= 1, got {batch_size}")
+    run_settings = [run.settings(settings) for run in runs]
+    for run, rs in zip(runs, run_settings):
+        if needs_ups_head(em, rs):
+            raise ValueError(f"source {run.label!r} needs a UPS head: pass --ups_head (a head written by "
+                             "train_remedi.py), or drop it from --confidence_sources")
     if not items:
         raise ValueError("no problems to evaluate; check --dataset / --split / --max_samples")
     lengths = [len(ids) for ids in em.tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     batches = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
     rows = []
-    for run in runs:
+    for run, rs in zip(runs, run_settings):
         torch.manual_seed(seed)
         run_rows = []
         with tqdm(total=len(items), desc=run.label, disable=not progress, file=sys.stderr) as bar:
             for batch in batches:
                 start = time.perf_counter()
-                answers, _ = sample(em, [it.prompt for it in batch], settings, run, chat)
+                answers, _ = sample_texts(em, [it.prompt for it in batch], rs, chat)
                 seconds = (time.perf_counter() - start) / len(batch)
                 for item, output in zip(batch, answers):
                     extracted, correct = grade(fmt, output, item.gold)
@@ -242,24 +248,39 @@ def regrade(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file of this process beside `path`, then rename it into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def read_predictions(path: str | Path) -> list[dict]:
+    """The rows of a predictions.jsonl; a malformed line is a ValueError naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no predictions file at {path}; pass the predictions.jsonl an earlier "
                                 "eval_gsm_math.py run wrote")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n} is not UTF-8 text; the file is damaged or not a predictions "
+                                 "file") from None
             if not line.strip():
                 continue
             try:
@@ -267,75 +288,61 @@ def read_predictions(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n} is not valid JSON ({err}); the file is truncated or not a "
                                  "predictions file") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; pass a "
+                                 "predictions.jsonl written by eval_gsm_math.py")
             missing = [k for k in PREDICTION_KEYS if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n} lacks {missing}; pass a predictions.jsonl written by eval_gsm_math.py")
+            if row["format"] not in FORMATS:
+                raise ValueError(f"{path}:{n} has format {row['format']!r}; a row's format is one of {FORMATS}")
+            bad = [k for k in ("output", "gold", "source") if not isinstance(row[k], str)]
+            if bad:
+                raise ValueError(f"{path}:{n}: {bad} must be strings; the row was edited by hand or not written by "
+                                 "eval_gsm_math.py")
+            if isinstance(row["seconds"], bool) or not isinstance(row["seconds"], (int, float)):
+                raise ValueError(f"{path}:{n}: seconds must be a number, got {row['seconds']!r}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no predictions")
+        raise ValueError(f"{path} holds no predictions; pass the predictions.jsonl of a finished run")
     return rows
 
 
 def write_summary(out_dir: Path, summary: dict, prefix: str = "") -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{prefix}summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / f"{prefix}summary.md").write_text(markdown_table(summary) + "\n")
+    write_text(out_dir / f"{prefix}summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / f"{prefix}summary.md", markdown_table(summary) + "\n")
 
 
 # ---------------------------------------------------------------- command line
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Backbone / adapter / head flags shared by eval_gsm_math.py, infer_compare.py and the benchmarks."""
-    p.add_argument("--model_name", "--model", dest="model_name", default=None,
-                   help="model folder, SMDM export / .pth, or hub name; None = the embedded tiny model")
-    p.add_argument("--smdm_size", default=None, help="architecture of an SMDM .pth checkpoint, e.g. Diff_LLaMA_170M")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name when the model has none")
-    p.add_argument("--ups_head", default=None, help="UPS head .safetensors (train_remedi.py); needed by source 'ups'")
-    p.add_argument("--lora_path", default=None, help="PEFT LoRA adapter folder applied to the backbone")
-    p.add_argument("--mask_id", type=int, default=None, help="None = the backbone's mask id")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: bfloat16 on CUDA, the checkpoint's dtype otherwise")
+def add_eval_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = DEFAULT_SOURCES,
+                          defaults: Optional[dict] = None, exclude: Sequence[str] = ()) -> None:
+    """The sampler flags of the evaluators: SamplerSettings' (remedi_patches.sampling, embedded-task defaults) with
+    --confidence_sources in place of --confidence_source, plus --eos_gating, --chat and --seed."""
+    group = p.add_argument_group("sampler")
+    group.add_argument("--confidence_sources", nargs="+", default=list(sources),
+                       help=f"sources compared under the same settings: NAME, NAME{NOREMASK} or {UPSTREAM}")
+    add_sampler_args(p, defaults={**EVAL_DEFAULTS, **(defaults or {})},
+                     exclude=("confidence_source", *exclude))
+    group.add_argument("--eos_gating", action="store_true", help="= --logits_eos_inf --confidence_eos_eot_inf")
+    group.add_argument("--chat", choices=["auto", "on", "off"], default="off",
+                       help="wrap prompts in the tokenizer's chat template (instruct models: on)")
+    group.add_argument("--seed", type=int, default=0, help="torch.manual_seed before each source")
 
 
-def add_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = ("ups", "tps_prob", "random")) -> None:
-    """Sampler flags (names as in generate.py); the defaults fit the embedded task (answers < 32 tokens)."""
-    p.add_argument("--confidence_sources", nargs="+", default=list(sources),
-                   help=f"sources compared under the same settings: NAME, NAME{NOREMASK} or {UPSTREAM}")
-    p.add_argument("--no_remask", action="store_true", help="never re-mask committed tokens, for every source")
-    p.add_argument("--steps", type=int, default=32, help="denoising steps in all (a multiple of the block count)")
-    p.add_argument("--gen_length", type=int, default=32, help="answer tokens sampled per prompt")
-    p.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block size (divides gen_length)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max sampling temperature (0 = argmax)")
-    p.add_argument("--cfg_scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
-    p.add_argument("--remasking", choices=sorted(UPSTREAM_RULES), default="low_confidence",
-                   help=f"upstream rule of the {UPSTREAM!r} source")
-    p.add_argument("--eos_gating", action="store_true", help="= --logits_eos_inf --confidence_eos_eot_inf")
-    p.add_argument("--logits_eos_inf", action="store_true", help="never sample EOS")
-    p.add_argument("--confidence_eos_eot_inf", action="store_true",
-                   help="commit EOS / EoT candidates after all other candidates of a block")
-    p.add_argument("--chat", choices=["auto", "on", "off"], default="off",
-                   help="wrap prompts in the tokenizer's chat template (instruct models: on)")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before each source")
+def runs_and_settings(args: argparse.Namespace, **overrides) -> tuple[list[Run], SamplerSettings]:
+    """The parsed --confidence_sources and the common SamplerSettings, checked (ValueError names the flag)."""
+    runs = parse_runs(args.confidence_sources, no_remask=args.remask is False)
+    settings = settings_from_args(args, remask=None, **overrides)
+    if any(r.source == "ups" for r in runs) and args.ups_head_path is None:
+        raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), or "
+                         "drop 'ups' from --confidence_sources")
+    return runs, settings
 
 
-def sampler_settings(args: argparse.Namespace) -> SamplerSettings:
-    return SamplerSettings(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
-                           temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                           logits_eos_inf=args.logits_eos_inf or args.eos_gating,
-                           confidence_eos_eot_inf=args.confidence_eos_eot_inf or args.eos_gating)
-
-
-def load_model(args: argparse.Namespace) -> EvalModel:
-    return load_eval_model(args.model_name, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                           lora_path=args.lora_path, ups_head=args.ups_head, mask_id=args.mask_id,
-                           smdm_size=args.smdm_size)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="GSM8K / MATH accuracy per confidence source (RemeDi vs baselines).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="GSM8K / MATH accuracy per confidence source (RemeDi vs baselines).")
     add_model_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="embedded",
@@ -349,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt_template", default=None,
                    help="prompt with a {question} placeholder; None = 'Question: {question}\\nAnswer:' (math: plus "
                         "a request to box the answer)")
-    add_sampler_args(p)
+    add_eval_sampler_args(p)
     r = p.add_argument_group("run")
-    r.add_argument("--infer_bs", type=int, default=1, help="prompts per generate() call (left-padded)")
+    r.add_argument("--infer_bs", type=int, default=1, help="prompts per sampler call (left-padded)")
     r.add_argument("--out_dir", default=None,
                    help="where outputs go; None = out/eval_gsm_math (re-grading: the predictions file's folder)")
     r.add_argument("--predictions", default=None,
@@ -366,8 +373,9 @@ def run_regrade(path: str, out_dir: Optional[str]) -> dict:
     changed = sum(a["correct"] != b["correct"] for a, b in zip(rows, new_rows))
     summary = summarise(new_rows)
     target = Path(out_dir) if out_dir else Path(path).parent
-    write_jsonl(target / "regraded_predictions.jsonl", new_rows)
-    write_summary(target, {**summary, "regraded_from": str(path), "changed": changed}, prefix="regraded_")
+    with RunLock(target):
+        write_jsonl(target / "regraded_predictions.jsonl", new_rows)
+        write_summary(target, {**summary, "regraded_from": str(path), "changed": changed}, prefix="regraded_")
     print(markdown_table(summary))
     print(f"\n{changed} of {len(rows)} verdicts changed; wrote {target / 'regraded_predictions.jsonl'}")
     return summary
@@ -378,24 +386,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.predictions:
         return run_regrade(args.predictions, args.out_dir)
-    from remedi_patches.data import load_records
-
     if args.max_samples < 0:
         raise ValueError(f"--max_samples must be >= 0 (0 = all), got {args.max_samples}")
-    runs = parse_runs(args.confidence_sources, args.no_remask)
-    settings = sampler_settings(args)
-    records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples or None)
-    items = make_items(records, args.format, args.prompt_template, args.prompt_field, args.answer_field)
-    em = load_model(args)
-    rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs, seed=args.seed,
-                             chat=args.chat, progress=not args.no_progress)
+    if args.infer_bs < 1:
+        raise ValueError(f"--infer_bs must be >= 1, got {args.infer_bs}")
+    runs, settings = runs_and_settings(args)
+    spec = model_spec_from_args(args)
     out_dir = Path(args.out_dir or "out/eval_gsm_math")
-    write_jsonl(out_dir / "predictions.jsonl", rows)
-    write_summary(out_dir, {**summary, "settings": vars(args)})
+    with RunLock(out_dir):
+        records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples or None)
+        items = make_items(records, args.format, args.prompt_template, args.prompt_field, args.answer_field)
+        em = spec.load()
+        rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs,
+                                 seed=args.seed, chat=args.chat, progress=not args.no_progress)
+        write_jsonl(out_dir / "predictions.jsonl", rows)
+        write_summary(out_dir, {**summary, "settings": vars(args)})
     print(markdown_table(summary))
     print(f"\nwrote {out_dir / 'predictions.jsonl'} and {out_dir / 'summary.json'}")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,13 +4,14 @@
         --model_args model_path=GSAI-ML/LLaDA-8B-Base,gen_length=256,steps=256,block_length=32
     python eval_llada.py --model llada_dist --tasks gsm8k_local --include_path eval_tasks \\
         --metadata '{"data_dir": "../shared/data/gsm8k"}' --limit 50 \\
-        --model_args model_path=GSAI-ML/LLaDA-8B-Base,confidence_source=ups,ups_head=checkpoints/ups_head.safetensors
+        --model_args model_path=GSAI-ML/LLaDA-8B-Base,confidence_source=ups,ups_head_path=checkpoints/ups.safetensors
     python eval_llada.py --model llada_dist --tasks hellaswag --batch_size 8 \\
         --model_args model_path=GSAI-ML/LLaDA-8B-Base,mc_num=128     # likelihood tasks
 
-generate_until samples through generate.generate (batch_size prompts per call, left-padded), so
-confidence_source / ups_head / lora_path / remask act as in `python generate.py`. loglikelihood is LLaDA's
-Monte Carlo estimator (opencompass_patch.likelihood): mc_num masked copies of the answer in minibatches of
+generate_until samples through remedi_patches.sampling.sample (batch_size prompts per call, left-padded), so
+confidence_source / ups_head_path / lora_path / remask act as in `python generate.py` (`ups_head` is accepted as
+the older name of ups_head_path). loglikelihood is LLaDA's Monte Carlo estimator (remedi_patches.likelihood):
+mc_num masked copies of the answer in minibatches of
 batch_size, CE divided by the mask ratio, averaged. Seeded with --seed's torch seed as lm-eval sets it.
 `python eval_llada.py` runs lm-eval's own command line with this model registered. Launched as several
 processes (`accelerate launch eval_llada.py ...` or `torchrun --nproc_per_node N eval_llada.py ...`; on CPU
@@ -20,25 +21,19 @@ the results.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
+from typing import Optional
 
-ROOT = Path(__file__).resolve().parent
-for _p in (ROOT, ROOT / "SMDM"):  # generate.py / remedi_patches / lit_gpt without an install
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
 
-from typing import Optional  # noqa: E402
-
-import torch  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.model import LM  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from opencompass_patch.harness import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids,  # noqa: E402
-                                       load_eval_model, optional_path)
-from opencompass_patch.likelihood import mc_loglikelihood  # noqa: E402
+from remedi_patches.backbones import load_eval_model
+from remedi_patches.likelihood import mc_loglikelihood
+from remedi_patches.modeling_wrappers import backbone_forward
+from remedi_patches.sampling import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids, optional_value,
+                                     sample)
 
 
 def distributed_accelerator():
@@ -68,10 +63,12 @@ class LLaDAEvalHarness(LM):
                  batch_size: int = 32, mc_num: int = 128, is_check_greedy: bool = False, cfg: float = 0.0,
                  steps: int = 1024, gen_length: int = 1024, block_length: int = 1024,
                  remasking: str = "low_confidence", temperature: float = 0.0, logits_eos_inf: bool = False,
-                 confidence_eos_eot_inf: bool = False, confidence_source: Optional[str] = None, remask: bool = True,
-                 ups_head: Optional[str] = None, lora_path: Optional[str] = None, padding_id: Optional[int] = None,
+                 confidence_eos_eot_inf: bool = False, confidence_source: Optional[str] = None,
+                 remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
+                 padding_id: Optional[int] = None,
                  tokenizer: Optional[str] = None, smdm_size: Optional[str] = None, device: Optional[str] = None,
-                 dtype: Optional[str] = "auto", max_batch_size: Optional[int] = None):
+                 dtype: Optional[str] = "auto", max_batch_size: Optional[int] = None,
+                 ups_head: Optional[str] = None):
         """
         Args (upstream llada_dist's, then RemeDi's):
             model_path: model folder / hub name / SMDM export; None or 'embedded' = the embedded tiny model.
@@ -83,13 +80,18 @@ class LLaDAEvalHarness(LM):
             cfg: classifier-free guidance scale for both generation and likelihood.
             steps, gen_length, block_length, remasking, temperature, logits_eos_inf,
                 confidence_eos_eot_inf: the sampler's arguments (generate.py).
-            confidence_source, remask, ups_head, lora_path: RemeDi dynamic remasking (generate.py).
+            confidence_source, remask, ups_head_path, lora_path: RemeDi dynamic remasking (generate.py); remask
+                None = dynamic sources re-mask, upstream never does. ups_head: older name of ups_head_path.
             padding_id: left-padding id (None = the tokenizer's pad, else EOS). tokenizer: when the model has none.
             smdm_size: architecture of an SMDM iter-*-ckpt.pth checkpoint (e.g. Diff_LLaMA_170M).
             device: None = cuda if available else cpu. dtype: 'auto' = bfloat16 on CUDA, the checkpoint's elsewhere.
             max_batch_size: accepted from lm-eval's command line; unused (batch_size is fixed).
         """
         super().__init__()
+        if ups_head is not None:
+            if ups_head_path is not None:
+                raise ValueError("both ups_head and ups_head_path are set; keep ups_head_path (the head file) only")
+            ups_head_path = ups_head
         if not isinstance(batch_size, int) and not str(batch_size).isdigit():
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r} (no 'auto' for llada_dist)")
         self.batch_size = int(batch_size)
@@ -100,16 +102,17 @@ class LLaDAEvalHarness(LM):
         self.settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
                                         temperature=temperature, cfg_scale=cfg, remasking=remasking,
                                         logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-                                        confidence_source=optional_path(confidence_source), remask=remask)
+                                        confidence_source=optional_value(confidence_source), remask=remask)
         self.accelerator = distributed_accelerator()
         if self.accelerator is not None:  # lm-eval shards the requests by rank and gathers the results
             device = str(self.accelerator.device)
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        self.em = load_eval_model(optional_path(model_path), tokenizer=optional_path(tokenizer), device=device,
-                                  dtype=dtype, lora_path=optional_path(lora_path), ups_head=optional_path(ups_head),
-                                  mask_id=mask_id, pad_id=padding_id, smdm_size=optional_path(smdm_size))
+        self.em = load_eval_model(optional_value(model_path), tokenizer=optional_value(tokenizer), device=device,
+                                  dtype=dtype, lora_path=optional_value(lora_path),
+                                  ups_head_path=optional_value(ups_head_path),
+                                  mask_id=mask_id, pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
-        self.model_path = optional_path(model_path) or "embedded"
+        self.model_path = optional_value(model_path) or "embedded"
 
     @property
     def device(self) -> torch.device:
@@ -138,8 +141,6 @@ class LLaDAEvalHarness(LM):
                                                   add_generation_prompt=add_generation_prompt)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        from remedi_patches.modeling_wrappers import backbone_forward
-
         return backbone_forward(self.em.model, x)[0]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,12 +153,9 @@ class LLaDAEvalHarness(LM):
 
     def is_greedy(self, prefix: torch.Tensor, target: torch.Tensor) -> bool:
         """Does the sampler, one token per step by confidence over the whole answer, decode exactly `target`?"""
-        from generate import generate
-
-        out = generate(self.em.model, prefix[None], steps=len(target), gen_length=len(target),
-                       block_length=len(target), temperature=0.0, cfg_scale=self.settings.cfg_scale,
-                       remasking="low_confidence", mask_id=self.em.mask_id, eos_id=self.em.eos_id,
-                       eot_id=self.em.eot_id)
+        greedy = SamplerSettings(steps=len(target), gen_length=len(target), block_length=len(target),
+                                 cfg_scale=self.settings.cfg_scale)
+        out = sample(self.em, prefix[None], None, greedy)
         return bool((out[0, len(prefix):] == target).all())
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

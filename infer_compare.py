@@ -17,29 +17,24 @@ prompt the mask-count curves of all sources and one trajectory picture per sourc
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parent
-for _p in (ROOT, ROOT / "SMDM"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import torch
 
-import torch  # noqa: E402
-
-from eval_gsm_math import (FORMATS, EvalItem, add_model_args, add_sampler_args, grade, load_model,  # noqa: E402
-                           make_items, parse_runs, sample, sampler_settings)
-from remedi_patches import trajectory_views as diag  # noqa: E402
-from remedi_patches.remasking import Trajectory  # noqa: E402
+from eval_gsm_math import (FORMATS, EvalItem, add_eval_sampler_args, grade, make_items, runs_and_settings,
+                           sample_texts, write_text)
+from remedi_patches import trajectory_views as diag
+from remedi_patches.cli import ArgumentParser, run_main
+from remedi_patches.data import load_records
+from remedi_patches.model_args import add_model_args, model_spec_from_args
+from remedi_patches.remasking import Trajectory
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Same prompts, several confidence sources, side by side, with "
-                                "trajectories.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Same prompts, several confidence sources, side by side, with trajectories.")
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=None, help="prompt text, used as written; repeat for more")
     d = p.add_argument_group("data (when no --prompt is given)")
@@ -52,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
                    help="colour kept tokens by the dataset's solution, position by position (auto: for 'embedded', "
                         "whose model writes exactly that format)")
-    add_sampler_args(p)
+    add_eval_sampler_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--html", default=None, help="write a self-contained HTML page of all trajectories here")
     o.add_argument("--png_dir", default=None, help="write mask-count and trajectory PNGs into this folder")
@@ -74,19 +69,21 @@ def _items(args) -> tuple[list[EvalItem], bool]:
     """(prompts to compare, whether they carry a graded / reference answer)."""
     if args.prompt:
         return [EvalItem(i, p, "") for i, p in enumerate(args.prompt)], False
-    from remedi_patches.data import load_records
-
     records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples)
     return make_items(records, args.format, args.prompt_template), True
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.max_samples < 1:
+        raise ValueError(f"--max_samples must be >= 1, got {args.max_samples}")
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise ValueError("--prompt is empty; give the prompt text, or leave --prompt out to use --dataset")
+    runs, settings = runs_and_settings(args)
+    spec = model_spec_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    runs = parse_runs(args.confidence_sources, args.no_remask)
-    settings = sampler_settings(args)
     items, graded = _items(args)
-    em = load_model(args)
+    em = spec.load()
     text = diag.token_texts(em.tokenizer, em.mask_id)
     use_reference = graded and (args.reference == "on" or (args.reference == "auto" and args.dataset == "embedded"))
     references = [diag.reference_ids(em.tokenizer, it.reference, settings.gen_length, em.eos_id) if use_reference
@@ -96,7 +93,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for run in runs:
         torch.manual_seed(args.seed)
         trajectory = Trajectory(keep_tokens=True)
-        answers[run.label], prompt_len = sample(em, [it.prompt for it in items], settings, run, args.chat, trajectory)
+        answers[run.label], prompt_len = sample_texts(em, [it.prompt for it in items], run.settings(settings),
+                                                      args.chat, trajectory)
         traces[run.label] = [diag.row_trace(trajectory, row, prompt_len, em.mask_id) for row in range(len(items))]
 
     views, files = [], []
@@ -127,11 +125,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.html:
         intro = (f"steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length}, "
                  f"temperature {settings.temperature}, seed {args.seed}")
-        files.append(diag.write_text(args.html, diag.trajectory_html(views, intro=intro)))
+        files.append(write_text(args.html, diag.trajectory_html(views, intro=intro)))
     if files:
         print("wrote " + ", ".join(str(f) for f in files))
     return {"answers": answers, "traces": traces, "files": files}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,6 @@ Writes --out_dir/results.md (tables, the exact command, seed, machine), results.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,13 +27,14 @@ from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "SMDM"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from eval_gsm_math import add_model_args, evaluate, load_model, make_items, parse_runs, write_jsonl  # noqa: E402
-from opencompass_patch.harness import SamplerSettings  # noqa: E402
+from eval_gsm_math import evaluate, make_items, parse_runs, write_jsonl, write_text
+from remedi_patches.cli import ArgumentParser, run_main
+from remedi_patches.detection import detection_settings, ups_detection_report
+from remedi_patches.embedded.task import make_split
+from remedi_patches.model_args import add_model_args, model_spec_from_args
+from remedi_patches.modeling_wrappers import load_ups_head
+from remedi_patches.run_lock import RunLock
+from remedi_patches.sampling import add_sampler_args, settings_from_args
 
 MAIN_SOURCES = ["random", "tps_prob", "ups", "ups:noremask"]
 HEURISTICS = ["margin", "entropy"]
@@ -79,20 +79,17 @@ def paired(rows: list[dict], a: str, b: str, steps: list[int]) -> list[dict]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
-    p.set_defaults(ups_head=DEFAULT_HEAD)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p, defaults={"ups_head_path": DEFAULT_HEAD})
     p.add_argument("--n_problems", type=int, default=200, help="held-out embedded problems per cell")
     p.add_argument("--split", choices=["test", "val"], default="test", help="held-out embedded split")
     p.add_argument("--data_seed", type=int, default=0, help="seed of remedi_patches.embedded.task.make_split")
-    p.add_argument("--gen_length", type=int, default=32, help="answer tokens (embedded solutions are < 32)")
-    p.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block size")
+    add_sampler_args(p, defaults={"gen_length": 32, "block_length": 32},
+                     exclude=("steps", "confidence_source", "remask"))  # steps: --fractions; sources: --sources
     p.add_argument("--fractions", type=int, nargs="+", default=[1, 2, 4, 8], help="steps = gen_length / f")
     p.add_argument("--sources", nargs="+", default=MAIN_SOURCES, help="table 1 rows")
     p.add_argument("--heuristics", nargs="*", default=HEURISTICS, help="table 2 rows")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = argmax)")
     p.add_argument("--eos_gating", action="store_true", help="logits_eos_inf + confidence_eos_eot_inf")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before every cell")
     p.add_argument("--batch_size", type=int, default=50, help="problems per generate() call")
@@ -105,8 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _head_summary(path: Optional[str]) -> tuple[str, dict]:
-    from remedi_patches.modeling_wrappers import load_ups_head
-
     if path is None:
         return "none", {}
     _, meta = load_ups_head(path)
@@ -117,31 +112,29 @@ def _head_summary(path: Optional[str]) -> tuple[str, dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from remedi_patches.embedded.task import make_split
-
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.ups_head and not Path(args.ups_head).exists():
-        raise FileNotFoundError(f"no UPS head at {args.ups_head}; train one with `python SMDM/pretrain/"
+    if args.ups_head_path and not Path(args.ups_head_path).exists():
+        raise FileNotFoundError(f"no UPS head at {args.ups_head_path}; train one with `python SMDM/pretrain/"
                                 "train_remedi.py` (saves out/remedi/ups_head.safetensors) or pass --ups_head PATH")
     if args.n_problems < 1 or args.batch_size < 1:
         raise ValueError(f"--n_problems and --batch_size must be >= 1, got {args.n_problems}, {args.batch_size}")
     steps = step_budgets(args.gen_length, args.fractions)
+    base = settings_from_args(args, steps=steps[0])
+    budgets = [base.replace(steps=s) for s in steps]  # every budget checked before the model is loaded
     main_runs, extra_runs = parse_runs(args.sources), parse_runs(args.heuristics) if args.heuristics else []
     runs = main_runs + extra_runs
+    spec = model_spec_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     problems = make_split(args.n_problems, args.data_seed, args.split)
     records = [{"question": p.question, "answer": p.solution} for p in problems]
     items = make_items(records, "gsm8k")
-    em = load_model(args)
-    head_text, meta = _head_summary(args.ups_head)
+    em = spec.load()
+    head_text, meta = _head_summary(args.ups_head_path)
 
     t0 = time.perf_counter()
     rows, results = [], {r.label: {} for r in runs}
-    for s in steps:
-        settings = SamplerSettings(steps=s, gen_length=args.gen_length, block_length=args.block_length,
-                                   temperature=args.temperature, logits_eos_inf=args.eos_gating,
-                                   confidence_eos_eot_inf=args.eos_gating)
+    for s, settings in zip(steps, budgets):
         cell_rows, summary = evaluate(em, items, runs, settings, fmt="gsm8k", batch_size=args.batch_size,
                                       seed=args.seed, progress=not args.no_progress)
         for r in summary["results"]:
@@ -153,8 +146,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pairs = paired(rows, "ups", "tps_prob", steps) if {"ups", "tps_prob"} <= set(labels) else []
     detection = None
     if not args.no_detection and em.ups_head is not None:
-        from remedi_patches.detection import detection_settings, ups_detection_report
-
         report = ups_detection_report(em, em.ups_head, records, **detection_settings(meta),
                                       seed=args.seed)
         detection = report.to_dict()
@@ -184,17 +175,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   f"{detection['n_incorrect']} incorrect of {detection['n_scored']} scored tokens."]
     text = "\n".join(lines) + "\n"
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / "predictions.jsonl", rows)
     result = {"command": command, "settings": vars(args), "wall_seconds": wall, "steps": steps,
               "results": {label: {str(s): v for s, v in by_steps.items()} for label, by_steps in results.items()},
               "paired_ups_vs_tps_prob": pairs, "detection": detection}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "results.md").write_text(text)
+    with RunLock(out_dir):
+        write_jsonl(out_dir / "predictions.jsonl", rows)
+        write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
+        write_text(out_dir / "results.md", text)
     print(text)
     print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'predictions.jsonl'}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,42 +6,39 @@
 
 Timed, interleaved round-robin, median over --repeats (after one warm-up each):
     forwards   `steps` bare model(x, attention_mask) calls on the full (B, Lp + gen_length) sequence
-    upstream   generate(confidence_source=None)              (low_confidence)
-    tps_prob   generate(confidence_source='tps_prob')        (dynamic remasking)
-    ups        generate(confidence_source='ups', ups_head=)  (dynamic remasking, head via UPSModel)
+    upstream   sample(settings confidence_source=None)         (low_confidence)
+    tps_prob   sample(settings confidence_source='tps_prob')   (dynamic remasking)
+    ups        sample(settings confidence_source='ups')        (dynamic remasking, the bundle's head via UPSModel)
 Targets: ups / tps_prob - 1 < 5 %; tps_prob / forwards - 1 < 10 %.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from lit_gpt.config import Config
+from lit_gpt.model import TransEncoder
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "SMDM")]
+from remedi_patches.backbones import EvalModel
+from remedi_patches.cli import ArgumentParser, run_main
+from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
+from remedi_patches.modeling_wrappers import hidden_size_of
+from remedi_patches.sampling import add_sampler_args, sample, settings_from_args
+from remedi_patches.ups_head import UPSHead
 
-from generate import generate  # noqa: E402
-from remedi_patches.modeling_wrappers import hidden_size_of  # noqa: E402
-from remedi_patches.ups_head import UPSHead  # noqa: E402
+BENCH_DEFAULTS = {"steps": 16, "gen_length": 64, "block_length": 16}
 
 
 def build_backbone(args) -> tuple[torch.nn.Module, int]:
     """A randomly initialised backbone of the requested size -> (model, mask_id)."""
     if args.backbone == "smdm":
-        from lit_gpt.config import Config
-        from lit_gpt.model import TransEncoder
-
         config = Config(name="bench", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                         intermediate_size=4 * args.n_embd, vocab_size=args.vocab)
         return TransEncoder(config), config.mask_id
-    from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
-
     config = LLaDAConfig(d_model=args.n_embd, n_heads=args.n_head, n_kv_heads=args.n_head, n_layers=args.n_layer,
                          mlp_hidden_size=4 * args.n_embd, vocab_size=args.vocab, embedding_size=args.vocab,
                          mask_token_id=args.vocab - 1)
@@ -63,8 +60,7 @@ def timer(device: str, clock: str):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", choices=["smdm", "llada"], default="smdm")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -73,10 +69,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ups_width", type=int, default=0, help="UPS head width (0 = one Linear)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt_len", type=int, default=32)
-    p.add_argument("--gen_length", type=int, default=64)
-    p.add_argument("--block_length", type=int, default=16)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0)
+    add_sampler_args(p, defaults=BENCH_DEFAULTS, exclude=("confidence_source", "remask"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (None = torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -85,6 +78,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args(argv)
+    settings = settings_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -97,19 +91,19 @@ def main(argv=None) -> dict:
     am = torch.ones_like(prompt)
     x = torch.cat([prompt, torch.full((args.batch, args.gen_length), mask_id, device=args.device)], dim=1)
     x_am = torch.ones_like(x)
-    kw = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
-              temperature=args.temperature, mask_id=mask_id)
+    bundle = EvalModel(model=model, tokenizer=None, ups_head=head, mask_id=mask_id, pad_id=0, eos_id=None,
+                       eot_id=None, device=torch.device(args.device))
 
-    @torch.no_grad()  # as generate
+    @torch.no_grad()  # as the sampler
     def forwards():
         for _ in range(args.steps):
             model(x, attention_mask=x_am)
 
     cases = {
         "forwards": forwards,
-        "upstream": lambda: generate(model, prompt, am, **kw),
-        "tps_prob": lambda: generate(model, prompt, am, confidence_source="tps_prob", **kw),
-        "ups": lambda: generate(model, prompt, am, confidence_source="ups", ups_head=head, **kw),
+        "upstream": lambda: sample(bundle, prompt, am, settings),
+        "tps_prob": lambda: sample(bundle, prompt, am, settings.replace(confidence_source="tps_prob")),
+        "ups": lambda: sample(bundle, prompt, am, settings.replace(confidence_source="ups")),
     }
     now = timer(args.device, args.clock)
     times = {name: [] for name in cases}
@@ -146,4 +140,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,4 +1,4 @@
-"""OpenCompass model classes for LLaDA-style masked-diffusion LMs, sampling through generate.generate.
+"""OpenCompass model classes for LLaDA-style masked-diffusion LMs, sampling through remedi_patches.sampling.sample.
 
     LLaDAModel       chat models (LLaDA-8B-Instruct): the prompt's turns go through the tokenizer's chat template
     LLaDABaseModel   base models (LLaDA-8B-Base, SMDM, the embedded tiny model): raw prompt text, stop words
@@ -17,8 +17,9 @@ max_out_len, batch_size, run_cfg):
     batch_size_            prompts per sampler call (OpenCompass's batch_size is how many prompts one
                            generate() receives; they are sampled batch_size_ at a time, left-padded)
     confidence_source      None (upstream sampling) | 'ups' | 'tps_prob' | 'random' | 'margin' | 'entropy'
-    remask                 False: dynamic sources never re-mask committed tokens
-    ups_head, lora_path    UPS head .safetensors and PEFT LoRA folder (train_remedi.py outputs)
+    remask                 None: dynamic sources re-mask, upstream never does; False: never re-mask
+    ups_head_path, lora_path   UPS head .safetensors and PEFT LoRA folder (train_remedi.py outputs);
+                           `ups_head` is accepted as the older name of ups_head_path
     device, dtype          None = cuda if available else cpu; 'auto' = bfloat16 on CUDA, checkpoint dtype elsewhere
     max_seq_len            prompt + gen_length budget; longer prompts keep their last tokens (with a warning)
     stop_words             the answer text is cut at the earliest one (also OpenCompass's stopping_criteria)
@@ -41,8 +42,9 @@ from opencompass.registry import MODELS
 from opencompass.utils.logging import get_logger
 from opencompass.utils.prompt import PromptList
 
-from opencompass_patch.harness import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids,
-                                       load_eval_model, optional_path)
+from remedi_patches.backbones import load_eval_model
+from remedi_patches.sampling import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids,
+                                     optional_value)
 
 logger = get_logger()
 PromptType = Union[PromptList, str]
@@ -89,9 +91,14 @@ class LLaDAModel(BaseModel):
                  temperature: float = 0.0, remasking: str = "low_confidence", mask_id: Optional[int] = None,
                  padding_id: Optional[int] = None, gen_steps: int = 512, gen_length: int = 512,
                  gen_blocksize: int = 512, batch_size_: int = 1, diff_confidence_eos_eot_inf: bool = False,
-                 diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None, remask: bool = True,
-                 ups_head: Optional[str] = None, lora_path: Optional[str] = None, smdm_size: Optional[str] = None,
+                 diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None,
+                 remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
+                 smdm_size: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = "auto", **other):
+        if "ups_head" in other:  # the older name of the key
+            if ups_head_path is not None:
+                raise ValueError("both ups_head and ups_head_path are set; keep ups_head_path (the head file) only")
+            ups_head_path = other.pop("ups_head")
         unknown = sorted(set(other) - IGNORED_KEYS)
         if "peft_path" in unknown:
             raise ValueError("peft_path is called lora_path here (a PEFT LoRA folder); rename the config key")
@@ -106,21 +113,21 @@ class LLaDAModel(BaseModel):
                                         temperature=temperature, cfg_scale=cfg, remasking=remasking,
                                         logits_eos_inf=diff_logits_eos_inf,
                                         confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
-                                        confidence_source=optional_path(confidence_source), remask=remask)
+                                        confidence_source=optional_value(confidence_source), remask=remask)
         if batch_size_ < 1:
             raise ValueError(f"batch_size_ must be >= 1, got {batch_size_}")
         self.micro_batch = batch_size_
         self.stop_words = list(stop_words)
-        ups_head, lora_path = optional_path(ups_head), optional_path(lora_path)
-        if ups_head and self.settings.confidence_source != "ups":
-            logger.warning("ups_head=%s is loaded but only used with confidence_source='ups' (got %r)", ups_head,
-                           self.settings.confidence_source)
-        self.em = load_eval_model(optional_path(path), tokenizer=optional_path(tokenizer_path), device=device,
-                                  dtype=dtype, lora_path=lora_path, ups_head=ups_head, mask_id=mask_id,
-                                  pad_id=padding_id, smdm_size=optional_path(smdm_size))
+        ups_head_path, lora_path = optional_value(ups_head_path), optional_value(lora_path)
+        if ups_head_path and self.settings.confidence_source != "ups":
+            logger.warning("ups_head_path=%s is loaded but only used with confidence_source='ups' (got %r)",
+                           ups_head_path, self.settings.confidence_source)
+        self.em = load_eval_model(optional_value(path), tokenizer=optional_value(tokenizer_path), device=device,
+                                  dtype=dtype, lora_path=lora_path, ups_head_path=ups_head_path, mask_id=mask_id,
+                                  pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
-        logger.info("%s sampler: %s, mask_id=%s, padding_id=%s, ups_head=%s, lora_path=%s", type(self).__name__,
-                    self.settings, self.em.mask_id, self.em.pad_id, ups_head, lora_path)
+        logger.info("%s sampler: %s, mask_id=%s, padding_id=%s, ups_head_path=%s, lora_path=%s",
+                    type(self).__name__, self.settings, self.em.mask_id, self.em.pad_id, ups_head_path, lora_path)
 
     def _template_parser(self, meta_template: Optional[dict]):
         return APITemplateParser(meta_template or CHAT_META_TEMPLATE)

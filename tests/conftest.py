@@ -1,17 +1,17 @@
-"""Test setup: make the repo root (generate.py, remedi_patches) and SMDM/ (lit_gpt) importable
-without an install, and pin the thread count so timings on the 2-core CI box stay stable."""
+"""Test setup: the evaluation data folder, and a pinned thread count so timings on the 2-core CI box stay stable.
+
+The project's modules (generate, eval_gsm_math, remedi_patches, lit_gpt, ...) come from the editable install;
+test helper modules (toy_models, eval_fixtures, cli_helpers) and bench/ scripts are on pytest.ini's pythonpath.
+"""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "SMDM"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from eval_fixtures import tiny_smdm_dir
 
+REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("REMEDI_DATA_DIR", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -24,3 +24,9 @@ def data_dir() -> Path:
             f"evaluation data not found at {DATA_DIR}; set REMEDI_DATA_DIR to the folder holding gsm8k/ and math500/"
         )
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, data_dir) -> Path:
+    """A tiny SMDM export (2 layers, width 32, 400-piece tokenizer), random UPS head at tiny/ups_head.safetensors."""
+    return tiny_smdm_dir(tmp_path_factory.mktemp("tiny_smdm"), data_dir)

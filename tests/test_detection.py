@@ -13,7 +13,6 @@ from remedi_patches.losses import tps_loss, ups_labels, ups_loss
 from remedi_patches.metrics import detection_scores, roc_auc
 from remedi_patches.modeling_wrappers import backbone_forward
 from remedi_patches.noise import apply_remask_noise, noise_special_ids
-from test_eval_tools import tiny  # noqa: F401  (module fixture: tiny SMDM backbone + head)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEQ_LEN = 96

@@ -1,61 +1,21 @@
 """eval_gsm_math.py, infer_compare.py and bench/bench_embedded_accuracy.py end to end on a tiny SMDM backbone
 (random weights, sentencepiece tokenizer trained on GSM8K / MATH / embedded text) saved like a real export."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import bench_embedded_accuracy as B  # bench/ is on pytest.ini's pythonpath
 import eval_gsm_math as E
-from conftest import DATA_DIR
 import infer_compare
-from opencompass_patch.harness import SamplerSettings, load_eval_model
 from remedi_patches import detection
+from remedi_patches.backbones import load_eval_model
+from remedi_patches.data import load_records
+from remedi_patches.sampling import SamplerSettings
 from remedi_patches.trajectory_views import answer_mask_counts, is_non_increasing
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import bench_embedded_accuracy as B  # noqa: E402
-
-HIDDEN = 32
 SAMPLER = ["--steps", "4", "--gen_length", "8", "--block_length", "4"]
-
-
-def tiny_smdm_dir(root: Path, data_dir: Path) -> Path:
-    """A 2-layer TransEncoder (width 32; 400 logits, mask id 400, like the embedded model) + a 400-piece
-    embedded-style tokenizer in root/tiny_smdm, and a random linear UPS head at root/tiny_smdm/ups_head.safetensors."""
-    from lit_gpt.config import Config
-    from lit_gpt.model import TransEncoder, save_smdm_folder
-    from remedi_patches.embedded.task import format_prompt, make_split
-    from remedi_patches.embedded.tokenizer import train_tokenizer
-    from remedi_patches.modeling_wrappers import save_ups_head
-    from remedi_patches.ups_head import UPSHead
-
-    def rows(path, n):
-        with open(path) as f:
-            return [json.loads(line) for _, line in zip(range(n), f)]
-
-    texts = [r["question"] + " " + r["answer"] for r in rows(data_dir / "gsm8k" / "train.jsonl", 100)]
-    texts += [r["problem"] + " " + r["solution"] for r in rows(data_dir / "math500" / "test.jsonl", 10)]
-    texts += [format_prompt(p.question) + " " + p.solution for p in make_split(100, 0, "train")]
-    out = root / "tiny_smdm"
-    tokenizer = train_tokenizer(texts, out, vocab_size=400, seed=0)
-    torch.manual_seed(0)
-    config = Config.from_name("Diff_LLaMA_tiny", vocab_size=len(tokenizer), padding_multiple=1, n_embd=HIDDEN,
-                              n_head=2, intermediate_size=64, block_size=1024)  # as the embedded model: no padded rows
-    save_smdm_folder(TransEncoder(config), out)
-    head = UPSHead(HIDDEN, 0)
-    torch.nn.init.normal_(head.net[0].weight, std=1.0)
-    save_ups_head(out / "ups_head.safetensors", head, {"mask_id": config.mask_id, "backbone": "tiny_smdm"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    if not DATA_DIR.is_dir():
-        raise FileNotFoundError(f"evaluation data not found at {DATA_DIR}; set REMEDI_DATA_DIR")
-    return tiny_smdm_dir(tmp_path_factory.mktemp("evaltools"), DATA_DIR)
 
 
 def model_args(tiny: Path) -> list[str]:
@@ -130,8 +90,6 @@ def test_math_format_end_to_end(tiny, data_dir, tmp_path):
 
 
 def test_make_items_fields_and_prompts(data_dir):
-    from remedi_patches.data import load_records
-
     gsm = load_records(str(data_dir / "gsm8k" / "test.jsonl"), limit=2)
     items = E.make_items(gsm, "gsm8k")
     assert items[0].prompt == f"Question: {gsm[0]['question']}\nAnswer:" and items[0].gold == "18"
@@ -189,9 +147,7 @@ def test_every_flag_is_documented_with_its_default(build):
 
 @pytest.mark.slow
 def test_batches_decode_like_single_prompts(tiny, data_dir):
-    from remedi_patches.data import load_records
-
-    em = load_eval_model(str(tiny), device="cpu", ups_head=str(tiny / "ups_head.safetensors"))
+    em = load_eval_model(str(tiny), device="cpu", ups_head_path=str(tiny / "ups_head.safetensors"))
     items = E.make_items(load_records(str(data_dir / "gsm8k" / "test.jsonl"), limit=3), "gsm8k")
     runs = E.parse_runs(["tps_prob", "ups"])
     settings = SamplerSettings(steps=4, gen_length=8, block_length=4)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval", reason="needs the [lmeval] extra: pip install -e .[lmeval]")
 
 from eval_fixtures import reference_answer, tiny_llada_dir, tiny_ups_head  # noqa: E402
+from eval_llada import LLaDAEvalHarness  # noqa: E402
+from generate import generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(gen_length=8, steps=4, block_length=4, device="cpu", dtype=None)
@@ -57,8 +59,6 @@ def direct_estimate(model, prefix, target, mask_id, mc_num, batch_size, cfg):
 
 @pytest.mark.parametrize("cfg", [0.0, 1.5])
 def test_loglikelihood_equals_direct_estimator(model_dir, cfg):
-    from eval_llada import LLaDAEvalHarness
-
     lm = LLaDAEvalHarness(model_path=str(model_dir), batch_size=4, mc_num=8, cfg=cfg, **TINY)
     context, continuation = "Question: Janet has 16 eggs and eats 3 .", " She sells 13 eggs for 2 dollars"
     torch.manual_seed(123)
@@ -77,7 +77,6 @@ def test_loglikelihood_equals_direct_estimator(model_dir, cfg):
 
 def test_estimator_is_exact_for_a_one_token_answer(model_dir):
     """With T = 1 every draw masks the single answer token (ratio 1): the estimate is exactly log p(token | prompt)."""
-    from eval_llada import LLaDAEvalHarness
 
     lm = LLaDAEvalHarness(model_path=str(model_dir), batch_size=2, mc_num=4, **TINY)
     prefix = lm.tokenizer("Janet has 16 eggs")["input_ids"]
@@ -89,9 +88,6 @@ def test_estimator_is_exact_for_a_one_token_answer(model_dir):
 
 
 def test_greedy_check_and_bad_arguments(model_dir):
-    from eval_llada import LLaDAEvalHarness
-    from generate import generate
-
     lm = LLaDAEvalHarness(model_path=str(model_dir), batch_size=1, mc_num=1, is_check_greedy=True, **TINY)
     prefix = torch.tensor(lm.tokenizer("Janet has 16 eggs")["input_ids"])
     # one token per step, most confident first, over the whole answer: the continuation greedy decoding gives
@@ -112,13 +108,11 @@ def test_greedy_check_and_bad_arguments(model_dir):
 
 
 def test_generate_until_is_the_sampler_with_ups_head_and_stops(model_dir, tmp_path):
-    from eval_llada import LLaDAEvalHarness
-
     head = tiny_ups_head(tmp_path)
     prompts = ["Question: Janet has 16 eggs .", "How many ?", "She eats three for breakfast"]
     for source, ups_head in (("tps_prob", None), ("ups", head)):
         lm = LLaDAEvalHarness(model_path=str(model_dir), batch_size=2, mc_num=2, confidence_source=source,
-                              ups_head=ups_head and str(ups_head), **TINY)
+                              ups_head_path=ups_head and str(ups_head), **TINY)
         outs = lm.generate_until([request("generate_until", p, {"until": []}) for p in prompts])
         assert outs == [reference_answer(model_dir, lm.tokenizer(p)["input_ids"], SAMPLER, source, ups_head)
                         for p in prompts]

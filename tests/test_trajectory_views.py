@@ -7,7 +7,6 @@ import torch
 from generate import generate
 from remedi_patches import trajectory_views as D
 from remedi_patches.remasking import Trajectory, commit_schedule
-from test_eval_tools import tiny  # noqa: F401  (module fixture: tiny SMDM backbone + head)
 
 MASK = 99
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ models = [
         instruct_models[0],
         abbr='llada-8b-instruct-ups',
         confidence_source='ups',
-        ups_head='checkpoints/ups_head.safetensors',  # your UPS head file
+        ups_head_path='checkpoints/ups_head.safetensors',  # your UPS head file
         lora_path=None,  # a LoRA folder from train_remedi.py --save_lora_dir, if the TPS was tuned too
     )
 ]

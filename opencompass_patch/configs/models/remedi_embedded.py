@@ -1,5 +1,5 @@
 # The project's embedded tiny backbone (remedi_patches/embedded/assets), on CPU, upstream sampling.
-# Set confidence_source='tps_prob' / 'random' (or 'ups' with ups_head=...) to compare remasking rules.
+# Set confidence_source='tps_prob' / 'random' (or 'ups' with ups_head_path=...) to compare remasking rules.
 from opencompass_patch.models import LLaDABaseModel
 
 models = [

@@ -1,0 +1,419 @@
+"""The sampler: masked-diffusion denoising (upstream LLaDA, or RemeDi dynamic remasking) and the settings it owns.
+
+    generate(model, prompt, ...)                 the algorithm, upstream LLaDA's signature (DESIGN.md 3.1; also
+                                                 importable as `from generate import generate`)
+    settings = SamplerSettings(steps=32, gen_length=32, block_length=32, confidence_source="ups")
+    out = sample(bundle, input_ids, attention_mask, settings)      # bundle: backbones.EvalModel
+    add_sampler_args(parser, defaults={"block_length": 32})          # the sampler flags, from SamplerSettings
+    settings = settings_from_args(parser.parse_args())
+
+`SamplerSettings` validates every value when it is built (no model needed), so a command line refuses
+`--steps 64 --gen_length 32` before it loads anything; `generate()` applies the same checks (`check_schedule`).
+Upstream sampling (confidence_source None) never re-masks a committed token: `remask=True` there is refused,
+`remask=None` (the default) means "re-mask with a dynamic source, never in upstream mode".
+
+Also here, because both evaluation harnesses (OpenCompass, lm-eval) and the CLIs share them: prompt encoding
+(`encode_prompts`, `left_pad`, `fit_prompt`), batched answers (`generate_answer_ids`) and decoding
+(`decode_answers`, `decode_answer`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from remedi_patches.cli import add_config_args, arg, config_from_args
+from remedi_patches.confidence import CONFIDENCE_SOURCES, ConfidenceInputs, get_confidence_source
+from remedi_patches.modeling_wrappers import UPSModel, logits_of
+from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k, rank_last,
+                                     remask_block)
+
+logger = logging.getLogger(__name__)
+
+# upstream `remasking=` rule -> the confidence source that reproduces it on masked positions only
+UPSTREAM_RULES = {"low_confidence": "tps_prob", "random": "random"}
+
+
+# ---------------------------------------------------------------- validation (one place)
+
+
+def check_schedule(steps: int, gen_length: int, block_length: int) -> int:
+    """Raise a ValueError naming the problem and the fix; return the steps per block."""
+    for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if min(steps, gen_length, block_length) <= 0:
+        raise ValueError(f"steps, gen_length and block_length must be positive, got {steps}, {gen_length}, "
+                         f"{block_length}")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}; "
+                         "pick a block_length that divides gen_length")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} is not a multiple of the number of blocks {num_blocks} "
+                         f"(gen_length / block_length); use steps = a multiple of {num_blocks}")
+    if steps > gen_length:
+        raise ValueError(f"steps={steps} > gen_length={gen_length}: some steps would commit no token "
+                         "(and steps per block would exceed block_length); use steps <= gen_length")
+    return steps // num_blocks
+
+
+def check_rules(temperature: float, cfg_scale: float, remasking: str, confidence_source: Optional[str],
+                remask: Optional[bool]) -> None:
+    """The non-schedule settings: ranges, names, and remask only where it means something."""
+    if temperature < 0 or cfg_scale < 0:
+        raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be >= 0")
+    if remasking not in UPSTREAM_RULES:
+        raise ValueError(f"unknown remasking {remasking!r}; use one of {sorted(UPSTREAM_RULES)}")
+    if confidence_source is not None:
+        get_confidence_source(confidence_source)
+    elif remask:
+        raise ValueError("remask=True needs a dynamic confidence_source (e.g. 'tps_prob' or 'ups'): upstream sampling "
+                         "(confidence_source None) never re-masks a committed token; set a confidence_source, or "
+                         "leave remask unset")
+
+
+def _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id) -> None:
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point \
+            or prompt.dtype == torch.bool:
+        raise ValueError("prompt must be a (batch, length) integer tensor of token ids; "
+                         "for one prompt pass ids[None] or tokenizer(..., return_tensors='pt').input_ids")
+    if prompt.numel() == 0:
+        raise ValueError(f"prompt is empty (shape {tuple(prompt.shape)}); give at least one prompt token "
+                         "(a BOS token will do for unconditional generation)")
+    if attention_mask is not None:
+        if attention_mask.shape != prompt.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but prompt has "
+                             f"{tuple(prompt.shape)}; pass the mask the tokenizer returned with the prompt")
+        if (attention_mask.sum(dim=-1) == 0).any():
+            raise ValueError("a row of attention_mask is all zeros, i.e. an empty prompt; drop that row")
+    if (prompt == mask_id).any():
+        raise ValueError(f"prompt contains the mask id {mask_id}; remove [MASK] tokens from the prompt "
+                         "or pass the right mask_id for this model")
+    if (logits_eos_inf or confidence_eos_eot_inf) and eos_id is None:
+        raise ValueError("logits_eos_inf / confidence_eos_eot_inf need eos_id; pass the tokenizer's EOS id")
+
+
+# ---------------------------------------------------------------- the algorithm
+
+
+def sample_candidates(block_logits: torch.Tensor, temperature: float, seq_len: int, block: slice) -> torch.Tensor:
+    """Gumbel-max token per block position: (B, N, V) -> (B, N).
+
+    argmax(exp(logits) / (-log u) ** temperature) in float64, u ~ U(0, 1); temperature 0 is a plain
+    argmax and draws nothing. u is drawn for the whole (B, L, V) sequence, as upstream does, so the
+    global RNG stream (and hence the tokens for a seed) matches upstream; only the block is used.
+    """
+    if temperature == 0:
+        return block_logits.argmax(dim=-1)
+    b, _, vocab = block_logits.shape
+    u = torch.rand((b, seq_len, vocab), dtype=torch.float64, device=block_logits.device)[:, block]
+    return (block_logits.double().exp() / (-u.log()) ** temperature).argmax(dim=-1)
+
+
+def _block_scores(model: nn.Module, x: torch.Tensor, attention_mask: Optional[torch.Tensor], block: slice,
+                  cfg_scale: float, uncond_positions: torch.Tensor,
+                  mask_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward -> (TPS logits of the block after CFG (B, N, V), UPS logits of the block (B, N) or None)."""
+    b = x.shape[0]
+    if cfg_scale > 0:  # unconditional copy: prompt masked; logits = un + (cfg + 1)(cond - un)
+        output = model(torch.cat([x, x.masked_fill(uncond_positions, mask_id)]), attention_mask=attention_mask)
+        logits = logits_of(output)
+        cond, uncond = logits[:b, block], logits[b:, block]
+        block_logits = uncond + (cfg_scale + 1) * (cond - uncond)
+    else:
+        output = model(x, attention_mask=attention_mask)
+        block_logits = logits_of(output)[:, block]
+    ups_logits = getattr(output, "ups_logits", None)  # from the conditional half under CFG
+    return block_logits, None if ups_logits is None else ups_logits[:b, block]
+
+
+@torch.no_grad()  # not inference_mode: callers may feed the tokens to a training forward
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.,
+             cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
+             confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
+             eos_id=126081, eot_id=126348, trajectory: Optional[Trajectory] = None) -> torch.Tensor:
+    """Fill gen_length masked positions after `prompt` by masked-diffusion denoising.
+
+    Args:
+        model: mask predictor; model(x, attention_mask=am) returns logits (B, L, V), an object with
+            .logits, or a RemeDiOutput (.logits, .ups_logits).
+        prompt: (B, Lp) token ids, left-padded when B > 1; attention_mask: (B, Lp) of 1/0 or None.
+        steps, gen_length, block_length: gen_length // block_length blocks, steps // num_blocks steps
+            each; per step a block of B masks commits n_i tokens (even split, remainder early).
+        temperature: Gumbel-max sampling temperature in float64 (0 = argmax).
+        cfg_scale: classifier-free guidance; the unconditional copy masks the prompt and
+            logits = un + (cfg_scale + 1) * (cond - un). Works with and without attention_mask.
+        remasking: upstream rule used when confidence_source is None: 'low_confidence' ranks masked
+            positions by the probability of their candidate, 'random' by uniform noise.
+        logits_eos_inf: EOS logit set to -inf before sampling (EOS is never a candidate).
+        confidence_eos_eot_inf: positions whose candidate is EOS or EoT rank after every other
+            candidate of the block (in every mode, at every temperature): they are committed only
+            when nothing else is left to commit that step. Their confidences are shifted below the
+            others rather than set to -inf, so top-k never reaches positions it must not choose.
+            (Upstream sets the EOS logit to -inf in the Gumbel-noised copy, which is the logits
+            tensor itself only at temperature 0, so its EOS gating is lost at temperature > 0.)
+        confidence_source: None = upstream; else a name in remedi_patches.confidence.CONFIDENCE_SOURCES
+            ('ups', 'tps_prob', 'random', 'margin', 'entropy'): per step keep the top-k_i positions
+            of the block by that confidence (k_i = n_1 + ... + n_i) and re-mask the others.
+            'ups' with no head and a model giving no ups_logits logs a warning and uses 'tps_prob'.
+        ups_head: UPSHead module on the model's last hidden state (used by 'ups' only, on its device).
+        remask: None (default) = re-mask with a dynamic source, never in upstream mode. False restricts
+            the choice to masked positions (committed tokens stay), so 'tps_prob' equals upstream
+            'low_confidence'. True with confidence_source None is refused (ValueError): upstream
+            sampling has no re-masking.
+        eos_id, eot_id: ids gated by the two flags above (eot_id may be None).
+        trajectory: a remedi_patches.remasking.Trajectory to append one StepRecord per step to.
+    Returns:
+        (B, Lp + gen_length) token ids; the prompt is returned unchanged and no mask is left.
+    Same model, inputs and seed as upstream LLaDA give the same tokens (global torch RNG, same order).
+    """
+    _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
+    steps_per_block = check_schedule(steps, gen_length, block_length)
+    check_rules(temperature, cfg_scale, remasking, confidence_source, remask)
+    if confidence_source is None:
+        source_name, remask = UPSTREAM_RULES[remasking], False
+    else:
+        source_name, remask = confidence_source, remask is not False
+    if ups_head is not None and source_name == "ups":
+        if isinstance(model, UPSModel):
+            raise ValueError("model is already a UPSModel with its own head; do not also pass ups_head")
+        model = UPSModel(model, ups_head)
+    source = get_confidence_source(source_name)
+
+    batch, prompt_len = prompt.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt_len] = prompt
+    uncond_positions = x != mask_id  # (B, L) the prompt, padding included
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
+        if cfg_scale > 0:
+            attention_mask = torch.cat([attention_mask, attention_mask])
+    n_per_step = commit_counts(block_length, steps_per_block)  # n_1..n_S
+    k_per_step = commit_schedule(block_length, steps_per_block)  # k_1..k_S, k_i = n_1 + ... + n_i
+
+    for b in range(gen_length // block_length):
+        block = slice(prompt_len + b * block_length, prompt_len + (b + 1) * block_length)
+        for i, (n, k) in enumerate(zip(n_per_step, k_per_step)):
+            logits, ups_logits = _block_scores(model, x, attention_mask, block, cfg_scale, uncond_positions,
+                                               mask_id)  # (B, N, V), (B, N) | None
+            if source_name == "ups" and ups_logits is None:
+                logger.warning("confidence_source='ups' but no UPS head was given and the model returns no "
+                               "ups_logits; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
+                source_name, source = "tps_prob", get_confidence_source("tps_prob")
+            if (logits_eos_inf or confidence_eos_eot_inf) and eos_id >= logits.shape[-1]:
+                raise ValueError(f"eos_id={eos_id} is outside the model's vocabulary of {logits.shape[-1]} "
+                                 "logits; pass the tokenizer's EOS id")
+            if logits_eos_inf:
+                logits[..., eos_id] = -torch.inf
+            tokens = x[:, block]  # (B, N)
+            masked = tokens == mask_id
+            candidates = torch.where(masked, sample_candidates(logits, temperature, x.shape[1], block), tokens)
+            confidence = source(ConfidenceInputs(logits, candidates, ups_logits, x.shape[1], block))  # (B, N)
+            if confidence_eos_eot_inf:
+                end = candidates == eos_id
+                if eot_id is not None:
+                    end |= candidates == eot_id
+                confidence = rank_last(confidence, end)
+            if remask:
+                keep = keep_top_k(confidence, k)
+            else:
+                keep = ~masked | commit_top_n(confidence, masked, n, x.shape[1], block.start)
+            new_tokens, committed, remasked = remask_block(tokens, candidates, keep, mask_id)
+            x[:, block] = new_tokens
+            if trajectory is not None:
+                trajectory.record(b, i, block.start, committed, remasked, (new_tokens == mask_id).sum(dim=-1), x)
+    return x
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a caller chooses about sampling (the model bundle supplies mask / EOS / EoT ids and the UPS head).
+
+    Every value is checked when the settings are built (ValueError naming the problem and the fix), so a
+    command line can refuse bad flags before it loads a model. Defaults are generate()'s.
+    """
+
+    steps: int = arg(128, "denoising steps in all, a multiple of the block count (gen_length / block_length)")
+    gen_length: int = arg(128, "answer tokens sampled per prompt")
+    block_length: int = arg(128, "semi-autoregressive block size; divides gen_length")
+    temperature: float = arg(0.0, "Gumbel-max sampling temperature (0 = argmax)")
+    cfg_scale: float = arg(0.0, "classifier-free guidance scale (0 = off)")
+    remasking: str = arg("low_confidence", "upstream rule, used when no confidence source is given",
+                         choices=sorted(UPSTREAM_RULES))
+    logits_eos_inf: bool = arg(False, "never sample EOS")
+    confidence_eos_eot_inf: bool = arg(False, "commit EOS / EoT candidates after all other candidates of a block")
+    confidence_source: Optional[str] = arg(
+        None, f"RemeDi dynamic remasking by this confidence (one of {sorted(CONFIDENCE_SOURCES)}, or a source "
+        "registered with remedi_patches.confidence.register); None = upstream LLaDA sampling", metavar="SOURCE")
+    remask: Optional[bool] = arg(
+        None, "never re-mask committed tokens (ranking only); dynamic sources re-mask unless this is given, "
+        "upstream sampling never does", flags=("--no_remask",))
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise a ValueError naming the first bad value and its fix (also run when the settings are built)."""
+        for name in ("temperature", "cfg_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.remask is not None and not isinstance(self.remask, bool):
+            raise ValueError(f"remask must be True, False or None, got {self.remask!r}")
+        check_schedule(self.steps, self.gen_length, self.block_length)
+        check_rules(self.temperature, self.cfg_scale, self.remasking, self.confidence_source, self.remask)
+
+    @property
+    def remasks(self) -> bool:
+        """Whether committed tokens may be re-masked under these settings."""
+        return self.confidence_source is not None and self.remask is not False
+
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def generate_kwargs(self) -> dict:
+        """The settings as generate() keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def add_sampler_args(parser: argparse.ArgumentParser, defaults: Optional[dict] = None, exclude: Sequence[str] = (),
+                     group: str = "sampler") -> argparse.ArgumentParser:
+    """Add one flag per SamplerSettings field (--steps ... --confidence_source --no_remask) to `parser`.
+
+    defaults: per-CLI defaults (e.g. generate.py's block_length 32, the evaluators' embedded-task 32/32/32);
+    exclude: fields a CLI sets otherwise (the evaluators compare several --confidence_sources).
+    """
+    return add_config_args(parser, SamplerSettings, group=group, exclude=exclude, defaults=defaults)
+
+
+def settings_from_args(namespace: argparse.Namespace, **overrides) -> SamplerSettings:
+    """SamplerSettings from parsed flags (ValueError on a bad value); `eos_gating` turns both EOS flags on."""
+    if getattr(namespace, "eos_gating", False):
+        overrides.setdefault("logits_eos_inf", True)
+        overrides.setdefault("confidence_eos_eot_inf", True)
+    return config_from_args(SamplerSettings, namespace, **overrides)
+
+
+# ---------------------------------------------------------------- the model bundle
+
+
+def sample(bundle, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], settings: SamplerSettings,
+           trajectory: Optional[Trajectory] = None) -> torch.Tensor:
+    """generate() with `settings` on a loaded model bundle -> (B, Lp + gen_length) token ids on the bundle's device.
+
+    bundle: a remedi_patches.backbones.EvalModel (model, ups_head, mask_id, eos_id, eot_id, device).
+    input_ids (B, Lp), left-padded; attention_mask (B, Lp) of 1/0, or None when no row is padded.
+    """
+    if not isinstance(settings, SamplerSettings):
+        raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
+    input_ids = input_ids.to(bundle.device)
+    attention_mask = None if attention_mask is None else attention_mask.to(bundle.device)
+    return generate(bundle.model, input_ids, attention_mask, mask_id=bundle.mask_id, ups_head=bundle.ups_head,
+                    eos_id=bundle.eos_id, eot_id=bundle.eot_id, trajectory=trajectory, **settings.generate_kwargs())
+
+
+def needs_ups_head(bundle, settings: SamplerSettings) -> bool:
+    """True when `settings` ask for the UPS but the bundle has none (generate() would fall back to tps_prob)."""
+    return settings.confidence_source == "ups" and bundle.ups_head is None and not isinstance(bundle.model, UPSModel)
+
+
+# ---------------------------------------------------------------- prompts in, answers out (CLIs and harnesses)
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> left-padded (ids, attention_mask); chat 'auto' applies the tokenizer's chat template if any."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat == "on" and not has_template:
+        raise ValueError("--chat on, but the tokenizer has no chat template; use --chat off for base models")
+    use_chat = chat == "on" or (chat == "auto" and has_template)
+    if use_chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=not use_chat)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """The tokens of `row` before its first stop id (EOS / EoT)."""
+    row = list(row)
+    return row[:next((j for j, t in enumerate(row) if t in stop_ids), len(row))]
+
+
+def decode_answers(tokenizer, out: torch.Tensor, prompt_len: int, stop_ids: Sequence[int]) -> list[str]:
+    """Answer part of each row, cut at the first stop token (EOS / EoT), without special tokens."""
+    return [tokenizer.decode(cut_at_stop(row, stop_ids), skip_special_tokens=True)
+            for row in out[:, prompt_len:].tolist()]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token-id lists -> (ids (B, Lp) left-padded with pad_id, attention_mask (B, Lp) of 1/0, None if unpadded)."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token; drop empty prompts before generating")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention_mask[row, width - len(p):] = 1
+    return ids, None if bool(attention_mask.all()) else attention_mask
+
+
+def fit_prompt(prompt: list[int], max_len: int) -> list[int]:
+    """Keep the last max_len tokens (the question sits at the end of few-shot prompts), with a warning."""
+    if max_len <= 0:
+        raise ValueError(f"no room left for the prompt (max_len={max_len}); raise max_seq_len or lower gen_length")
+    if len(prompt) <= max_len:
+        return prompt
+    logger.warning("prompt of %d tokens cut to its last %d tokens to fit the sequence length", len(prompt), max_len)
+    return prompt[-max_len:]
+
+
+def generate_answer_ids(bundle, prompts: Sequence[Sequence[int]], settings: SamplerSettings,
+                        micro_batch: int = 1) -> list[list[int]]:
+    """Sample an answer for each token-id prompt, micro_batch prompts per sample() call (left-padded with the
+    bundle's pad_id); each answer is cut before its first EOS / EoT token."""
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    answers = []
+    for start in range(0, len(prompts), micro_batch):
+        ids, attention_mask = left_pad(prompts[start:start + micro_batch], bundle.pad_id)
+        out = sample(bundle, ids, attention_mask, settings)  # (b, Lp + gen_length)
+        answers += [cut_at_stop(row, bundle.stop_ids) for row in out[:, ids.shape[1]:].tolist()]
+    return answers
+
+
+def trim_at_stop_words(text: str, stop_words: Sequence[str]) -> str:
+    """Text before the earliest occurrence of any stop word."""
+    cut = min((i for i in (text.find(s) for s in stop_words if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def decode_answer(tokenizer, answer_ids: Sequence[int], max_new_tokens: Optional[int] = None,
+                  stop_words: Sequence[str] = ()) -> str:
+    """At most max_new_tokens answer tokens, decoded without special tokens, cut at the first stop word."""
+    if max_new_tokens is not None:
+        answer_ids = answer_ids[:max_new_tokens]
+    return trim_at_stop_words(tokenizer.decode(list(answer_ids), skip_special_tokens=True), stop_words)
+
+
+def optional_value(value) -> Optional[str]:
+    """Config values meaning "none given" (None, '' and 'none' from command-line strings) -> None, else str."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    return str(value)

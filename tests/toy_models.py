@@ -1,0 +1,136 @@
+"""Tiny deterministic mask predictors and upstream LLaDA's sampler written out as a reference, shared by the sampler
+tests (test_generate_upstream, test_dynamic_remasking, test_ups_head, test_sampling)."""
+import math
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+V = 40          # vocabulary: the head outputs V logits
+MASK = V        # SMDM-style mask id: the embedding has V + 1 rows, the head never predicts it
+EOS, EOT, PAD = 1, 2, 0
+D = 32
+
+
+@dataclass
+class ToyConfig:
+    hidden_size: int = D
+
+    def to_dict(self) -> dict:  # what PEFT reads from a model's config
+        return asdict(self)
+
+
+class ToyMDM(nn.Module):
+    """Deterministic bidirectional mask predictor: token + position embedding, one self-attention layer,
+    an MLP, a final norm and a vocabulary head. Positions count only real tokens (attention_mask cumsum)
+    and padded keys are ignored, so a left-padded row gives the logits of the row alone.
+    forward returns an object with .logits and, on request, .hidden_states (last one after `norm`)."""
+
+    def __init__(self, seed: int = 0, d: int = D, max_len: int = 64) -> None:
+        super().__init__()
+        self.config = ToyConfig(hidden_size=d)
+        self.wte = nn.Embedding(V + 1, d)
+        self.wpe = nn.Embedding(max_len, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, V)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def run(self, idx, attention_mask=None):
+        b, n = idx.shape
+        if attention_mask is None:
+            pos, bias = torch.arange(n).expand(b, n), None
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            bias = torch.zeros(b, 1, n, dtype=self.wte.weight.dtype).masked_fill(attention_mask[:, None, :] == 0,
+                                                                                 -torch.inf)
+        h0 = self.wte(idx) + self.wpe(pos)
+        q, k, v = self.qkv(h0).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+        att = (scores if bias is None else scores + bias).softmax(dim=-1) @ v
+        h = h0 + self.proj(att)
+        h = self.norm(h + self.mlp(h))
+        return h0, h, self.head(h)
+
+    def forward(self, idx, attention_mask=None, output_hidden_states=False):
+        h0, h, logits = self.run(idx, attention_mask)
+        return SimpleNamespace(logits=logits, hidden_states=(h0, h) if output_hidden_states else None)
+
+
+class BareToyMDM(ToyMDM):
+    """Same network, SMDM-TransEncoder-shaped interface: returns the bare logits tensor, no hidden states."""
+
+    def forward(self, idx, attention_mask=None):
+        return self.run(idx, attention_mask)[2]
+
+
+def logits_from(output):
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def reference_generate(model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
+                       remasking, mask_id, logits_eos_inf=False, eos_id=EOS):
+    """Upstream LLaDA's algorithm, written out with plain loops (per-row top-k, whole-sequence tensors)."""
+    b, lp = prompt.shape
+    x = torch.full((b, lp + gen_length), mask_id, dtype=torch.long)
+    x[:, :lp] = prompt
+    am = None
+    if attention_mask is not None:
+        am = torch.cat([attention_mask, torch.ones(b, gen_length, dtype=attention_mask.dtype)], 1)
+    prompt_index = x != mask_id
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    for nb in range(num_blocks):
+        end = lp + (nb + 1) * block_length
+        masks = (x[:, end - block_length:end] == mask_id).sum(1).tolist()
+        counts = [[m // per_block + (1 if s < m % per_block else 0) for s in range(per_block)] for m in masks]
+        for s in range(per_block):
+            mask_index = x == mask_id
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                am2 = None if am is None else torch.cat([am, am])
+                both = logits_from(model(torch.cat([x, un_x]), attention_mask=am2))
+                cond, uncond = both.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = logits_from(model(x, attention_mask=am)).clone()
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
+            if temperature == 0:
+                noisy = logits
+            else:
+                u = torch.rand_like(logits, dtype=torch.float64)
+                noisy = logits.to(torch.float64).exp() / (-torch.log(u)) ** temperature
+            x0 = noisy.argmax(dim=-1)
+            if remasking == "low_confidence":
+                conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[..., None])[..., 0]
+            else:
+                conf = torch.rand(x0.shape)
+            conf[:, end:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            conf = torch.where(mask_index, conf, -torch.inf)
+            for j in range(b):
+                chosen = torch.topk(conf[j], k=counts[j][s]).indices
+                x[j, chosen] = x0[j, chosen]
+    return x
+
+
+PROMPT = torch.tensor([[5, 9, 12, 7, 3]])
+SHORT = torch.tensor([[8, 20, 6]])
+
+
+def padded_batch():
+    """Left-padded batch of PROMPT and SHORT."""
+    ids = torch.full((2, 5), PAD)
+    ids[0], ids[1, 2:] = PROMPT[0], SHORT[0]
+    am = torch.ones(2, 5, dtype=torch.long)
+    am[1, :2] = 0
+    return ids, am
