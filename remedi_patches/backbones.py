@@ -180,7 +180,7 @@ def load_tokenizer(source: Source):
         except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
             if isinstance(err, (ImportError, MemoryError)):
                 raise
-            raise FileNotFoundError(hub_unreachable_message(str(source), err, "tokenizer", "--tokenizer")) from err
+            raise FileNotFoundError(hub_unreachable_message(str(source), err, "tokenizer")) from err
     path = resolve_source(source, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(path))

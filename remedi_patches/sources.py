@@ -52,9 +52,9 @@ def resolve_source(name: Union[str, Path], what: str = "model") -> Union[str, Pa
     return path
 
 
-def hub_unreachable_message(name: str, err: BaseException, what: str = "model", flag: str = "--model") -> str:
+def hub_unreachable_message(name: str, err: BaseException, what: str = "model") -> str:
     first_line = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return (f"could not get {what} {name!r} from the Hugging Face hub (the hub is unreachable from this machine, "
-            f"or no such repository / no access: {first_line}). If it is on this machine, pass its local folder "
-            f"instead ({flag} /path/to/folder or ./folder); otherwise download it where the hub is reachable "
-            f"(huggingface-cli download {name} --local-dir DIR) and pass DIR")
+            f"or there is no such repository or no access: {first_line}). If the {what} is on this machine, pass "
+            f"its local folder instead (e.g. /models/{name.split('/')[-1]} or ./{name.split('/')[-1]}); otherwise "
+            f"download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and pass DIR")

@@ -10,6 +10,7 @@ from torch import nn
 
 from lit_gpt.model import TransEncoder, save_smdm_folder
 from remedi_patches import backbones
+from remedi_patches.sources import is_hub_name
 from remedi_patches.backbones import (EMBEDDED_DIR, LLADA_MASK_ID, BackboneKind, backbone_kind, fsdp_block_classes,
                                       kind_of, load_backbone, max_length_of, register_backbone, unregister_backbone)
 from remedi_patches.modeling_wrappers import UPSModel, final_norm, hidden_size_of
@@ -174,3 +175,56 @@ def test_builtin_entries():
     assert kind_of(nn.Linear(2, 2)) is None
     with pytest.raises(ValueError, match="unknown backbone kind 'nope'"):
         backbone_kind("nope")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_local_path_or_hub_name_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert is_hub_name("GSAI-ML/LLaDA-8B-Base") and is_hub_name("org/name.v2")
+    for local in ("./nope", "../x/y", "/abs/missing", "~/models/x", "runs/x", "a/b/c", "plain", "runs"):
+        assert not is_hub_name(local), local
+    for missing, fragment in (("./nope", "'./nope' does not exist"), (str(tmp_path / "abs"), "abs' does not exist"),
+                              ("runs/x", "read as a local path because 'runs' exists"),
+                              ("no_such_model", "not a hub name either")):
+        with pytest.raises(FileNotFoundError, match=fragment) as err:
+            load_backbone(missing)
+        assert "hub is unreachable" not in str(err.value)
+
+
+def test_nonfinite_llada_weights_are_refused_naming_file_and_tensor(tmp_path):
+    torch.manual_seed(0)
+    config = LLaDAConfig(d_model=32, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=600,
+                         embedding_size=600, max_sequence_length=64)
+    model = LLaDAModelLM(config)
+    with torch.no_grad():
+        model.model.transformer.blocks[0].up_proj.weight[3, 1] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.transformer.blocks.0.up_proj.weight' "
+                                         r"holds NaN or inf"):
+        load_backbone(_with_tokenizer(tmp_path))
+
+
+def test_load_eval_model_takes_ups_head_path(tmp_path):
+    from remedi_patches.backbones import load_eval_model
+    from remedi_patches.modeling_wrappers import save_ups_head
+
+    bb = load_backbone(None)
+    d = hidden_size_of(bb.model)
+    head_file = save_ups_head(tmp_path / "ups.safetensors", UPSHead(d, 0), {"mask_id": bb.mask_id})
+    em = load_eval_model(None, device="cpu", ups_head_path=str(head_file))
+    assert em.ups_head is not None and em.ups_head.hidden_size == d
+    with pytest.warns(DeprecationWarning, match="ups_head_path"):
+        assert load_eval_model(None, device="cpu", ups_head=str(head_file)).ups_head is not None
+    with pytest.raises(FileNotFoundError, match="ups_head path '.*nope.safetensors' does not exist"):
+        load_eval_model(None, device="cpu", ups_head_path=str(tmp_path / "nope.safetensors"))
+    with torch.no_grad():
+        head = UPSHead(d, 0)
+        head.net[0].weight.fill_(float("nan"))
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "nan.safetensors"),
+              metadata={"format": "remedi-ups-head", "meta": json.dumps({"hidden_size": d, "width": 0})})
+    with pytest.raises(ValueError, match="nan.safetensors: tensor 'net.0.weight' holds NaN or inf"):
+        load_eval_model(None, device="cpu", ups_head_path=str(tmp_path / "nan.safetensors"))

@@ -194,3 +194,28 @@ def test_smdm_folder_round_trip(tmp_path):
     assert loaded.config == model.config
     idx = torch.randint(0, 101, (2, 5))
     assert torch.equal(loaded(idx), model(idx))
+
+
+def test_nonfinite_weights_refused_on_save_and_load(tmp_path):
+    """A diverged model is never exported, and a file holding NaN / inf is refused at load naming file and tensor."""
+    from safetensors.torch import save_file
+
+    model = TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64, block_size=16)
+    folder = save_smdm_folder(model, tmp_path / "good")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        model.transformer.h[1].attn.proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to export.*'transformer.h.1.attn.proj.weight'.*NaN or inf"):
+        save_smdm_folder(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the good export is untouched
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "smdm_config.json"]  # no temp files
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["lm_head.weight"][0, 0] = float("inf")
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"good/model.safetensors: tensor 'lm_head.weight' holds NaN or inf"):
+        load_smdm_folder(folder)
+    ckpt = tmp_path / "iter-000002-ckpt.pth"
+    torch.save({"model": state, "iter_num": 2}, ckpt)
+    with pytest.raises(ValueError, match=r"iter-000002-ckpt.pth: tensor 'lm_head.weight' holds NaN or inf.*earlier"):
+        load_weights(TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64, block_size=16), ckpt)

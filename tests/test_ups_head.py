@@ -89,6 +89,24 @@ def test_load_errors(tmp_path):
         load_ups_head(wrong)
 
 
+def test_nonfinite_heads_refused_on_save_and_load(tmp_path):
+    head = seeded_head(4)
+    good = save_ups_head(tmp_path / "ups.safetensors", head, {"mask_id": MASK})
+    before = good.read_bytes()
+    with torch.no_grad():
+        head.net[2].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"refusing to save.*'net.2.bias' holds NaN or inf"):
+        save_ups_head(good, head, {"mask_id": MASK})
+    assert good.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ups.safetensors"]
+    bad = tmp_path / "bad.safetensors"
+    meta = {"hidden_size": D, "width": 4, "format_version": 1}
+    tensors = {k: v.clone() for k, v in seeded_head(4).state_dict().items()}
+    tensors["net.0.weight"][1, 2] = float("-inf")
+    save_file(tensors, str(bad), metadata={"format": "remedi-ups-head", "meta": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"bad.safetensors: tensor 'net.0.weight' holds NaN or inf"):
+        load_ups_head(bad)
+
+
 def test_hidden_size_checks():
     assert hidden_size_of(ToyMDM()) == D
     model = nn.Linear(2, 2)  # of no registered kind: the convention is config.hidden_size
