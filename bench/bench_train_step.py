@@ -3,7 +3,7 @@
     python bench/bench_train_step.py                       # CPU, SMDM TransEncoder Diff_LLaMA_6M, vocab 2048
     python bench/bench_train_step.py --device cuda --model Diff_LLaMA_113M --vocab_size 32000 --seq_len 1024
 
-ups_only: the trainer's update (SMDM/pretrain/train_remedi.py, kind 'ups'): backbone frozen and run under
+ups_only: the trainer's update (remedi_patches.remask_sft, kind 'ups'): backbone frozen and run under
 no_grad, UPS head on the detached last hidden state, TPS + UPS loss backward, AdamW on the head.
 full SFT: the same forward and losses with the backbone trainable and the head on the attached hidden state,
 so the backward runs through the whole backbone, AdamW on backbone + head.
@@ -26,29 +26,23 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "SMDM"))
-sys.path.insert(0, str(REPO / "SMDM" / "pretrain"))
-sys.path.insert(0, str(REPO))
 
 import torch
 
 from lit_gpt.config import Config
 from lit_gpt.model import TransEncoder
+from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.losses import remask_losses
 from remedi_patches.modeling_wrappers import backbone_forward
 from remedi_patches.noise import apply_remask_noise
 from remedi_patches.ups_head import UPSHead
-from train_remedi import remask_forward
+from remedi_patches.remask_sft import remask_forward
 
 MODES = ("ups_only", "full_sft")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="Diff_LLaMA_6M", help="lit_gpt config name of the TransEncoder backbone")
     p.add_argument("--vocab_size", type=int, default=2048, help="vocabulary of the backbone")
     p.add_argument("--batch_size", type=int, default=4)
@@ -234,4 +228,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

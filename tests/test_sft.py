@@ -13,11 +13,8 @@ import lit_gpt.training as training
 from lit_gpt.config import Config
 from lit_gpt.diffusion import draw_noise, seeded_generator
 from lit_gpt.model import TransEncoder, load_smdm_folder, save_smdm_folder
-from test_train_mdm import make_char_tokenizer, one_thread  # noqa: F401  (autouse fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "SMDM" / "sft"))
-import train_sft  # noqa: E402
+from trainer_helpers import make_char_tokenizer, one_thread, train_sft  # noqa: F401  (autouse fixture)
 
 VOCAB = 64
 SEQ_LEN = 16

@@ -16,69 +16,15 @@ from lit_gpt.diffusion import draw_noise, forward_process, mdm_loss, seeded_gene
 from lit_gpt.model import load_smdm_folder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder, write_chunk
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "SMDM" / "pretrain"))
-sys.path.insert(0, str(REPO / "SMDM" / "scripts"))
-import prepare_data  # noqa: E402
-import train_mdm  # noqa: E402
+from trainer_helpers import (REPO, VOCAB, make_char_tokenizer, one_thread, prepare_data,  # noqa: F401
+                             train_mdm, write_pattern_data)
+from trainer_helpers import mdm_args as run_args
 
-VOCAB = 24  # token ids 0..22 in the data, EOS = 23
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread keeps tiny models from thrashing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_char_tokenizer(folder: Path, chat_template: bool = False):
-    """A character-level transformers tokenizer saved to `folder` (no hub needed)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 +=#.,?:\n")
-    vocab = {t: i for i, t in enumerate(["<unk>", "<eos>", "<bos>", "<user>", "<bot>"] + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>",
-                                   additional_special_tokens=["<bos>", "<user>", "<bot>"])
-    if chat_template:
-        fast.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<user>{% else %}<bot>{% endif %}"
-                              "{{ m['content'] }}{% if m['role'] == 'assistant' %}<eos>{% endif %}{% endfor %}"
-                              "{% if add_generation_prompt %}<bot>{% endif %}")
-    fast.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def write_pattern_data(folder: Path, n_tokens: int = 4096, seed: int = 0, chunk: int = 1024) -> Path:
-    """Documents 'k k+1 k+2 ... EOS': easy to learn, so the loss must fall."""
-    rng = np.random.default_rng(seed)
-    toks = []
-    while len(toks) < n_tokens:
-        start, length = rng.integers(0, 12), rng.integers(4, 11)
-        toks += list(range(start, start + length)) + [VOCAB - 1]
-    toks = np.array(toks[:n_tokens], dtype=np.uint16)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(0, n_tokens, chunk):
-        write_chunk(folder / f"train_{i // chunk:010d}.bin", toks[i:i + chunk])
-    return folder
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_pattern_data(tmp_path_factory.mktemp("packed"))
-
-
-def run_args(data: Path, out_dir: Path, **kw) -> list[str]:
-    flags = dict(model_name="Diff_LLaMA_tiny", vocab_size=VOCAB, train_data_dir=data, seq_len=16,
-                 micro_batch_size=2, global_batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4,
-                 save_interval=3, out_dir=out_dir, accelerator="cpu", random_length_prob=0.3)
-    flags.update(kw)
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
 def read_losses(out_dir: Path) -> list[float]:
@@ -214,7 +160,7 @@ def test_cli_help_and_bad_flags(data, tmp_path, capsys):
         train_mdm.main(run_args(data, tmp_path, global_batch_size=3))
     with pytest.raises(ValueError, match="pass --vocab_size"):
         train_mdm.main(run_args(data, tmp_path, vocab_size=10))
-    args = train_mdm.parse_args(["--model", "113", "--flops", "10", "--train_data_dir", "x"])
+    args = train_mdm.parse_args(["--model", "113", "--flops", "10", "--train_data_dir", str(data)])
     config = train_mdm.model_config(args)
     assert train_mdm.resolve_max_steps(args, config) == int(10e18 / (6 * 113_265_408 * 256 * 2048))
 
@@ -317,7 +263,7 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(data, tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(data, tmp_path):
     """devices=2 (gloo) with micro 2 x accum 1 == devices=1 with micro 2 x accum 2, same global batch 4."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'SMDM'}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = dict(max_steps=4, save_interval=100, val_data_dir=data, eval_iters=1, eval_mc=2)
     one = train_mdm.main(run_args(data, tmp_path / "d1", **common))
     proc = subprocess.run([sys.executable, str(REPO / "SMDM" / "pretrain" / "train_mdm.py"),

@@ -1,4 +1,4 @@
-"""Remask SFT trainer (SMDM/pretrain/train_remedi.py) on tiny backbones: ups_only / joint / alternating,
+"""Remask SFT trainer (remedi_patches.remask_sft, CLI SMDM/pretrain/train_remedi.py) on tiny backbones: ups_only / joint / alternating,
 head and adapter round trips, resume, flags and errors."""
 import csv
 import json
@@ -15,10 +15,9 @@ from remedi_patches.noise import apply_remask_noise
 from remedi_patches.ups_head import UPSHead
 from test_data import char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "SMDM" / "pretrain"))
-import train_remedi  # noqa: E402
-from train_remedi import RemaskConfig, propose_incorrect, remask_forward, run, step_kind  # noqa: E402
+import lit_gpt.training as training
+from remedi_patches.remask_sft import RemaskConfig, propose_incorrect, remask_forward, run, step_kind
+from trainer_helpers import REPO, train_remedi
 
 SEQ_LEN = 32
 
@@ -216,18 +215,18 @@ def test_alternating_updates_lora_then_head(root):
     backbone = load_backbone(root / "llada")
     cfg = make_cfg(root, "alt", train_mode="alternating", alt_ratio=2, max_steps=6, save_every=1,
                    lora_dropout=0.0, eval_samples=0)
-    real_save = train_remedi.save_checkpoint
+    real_save = training.save_checkpoint
     snaps = []
 
     def save_and_snapshot(fabric, path, state):  # record head and LoRA after every update
         snaps.append((snapshot(state["head"]), snapshot(state["lora"])))
         return real_save(fabric, path, state)
 
-    train_remedi.save_checkpoint = save_and_snapshot
+    training.save_checkpoint = save_and_snapshot
     try:
         out = run(cfg, backbone=backbone)
     finally:
-        train_remedi.save_checkpoint = real_save
+        training.save_checkpoint = real_save
     assert (out["tps_updates"], out["ups_updates"]) == (4, 2)
     rows = csv_rows(out["metrics_csv"])
     assert [int(float(r["tps_update"])) for r in rows] == [1, 1, 0, 1, 1, 0]
@@ -242,18 +241,18 @@ def test_alternating_updates_lora_then_head(root):
 def test_killed_run_resumes_same_losses(root, mode):
     full = run(make_cfg(root, f"full_{mode}", max_steps=6, train_mode=mode), backbone=load_backbone(root / "llada"))
     cfg = make_cfg(root, f"killed_{mode}", max_steps=6, save_every=3, train_mode=mode)
-    real_save = train_remedi.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_then_die(fabric, path, state):
         real_save(fabric, path, state)
         raise KeyboardInterrupt("killed after the first checkpoint")
 
-    train_remedi.save_checkpoint = save_then_die
+    training.save_checkpoint = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             run(cfg, backbone=load_backbone(root / "llada"))
     finally:
-        train_remedi.save_checkpoint = real_save
+        training.save_checkpoint = real_save
     resumed = run(cfg, backbone=load_backbone(root / "llada"))
     assert resumed["updates"] == 6 and len(resumed["losses"]) == 3
     assert resumed["losses"] == pytest.approx(full["losses"][3:], abs=1e-6)

@@ -1,17 +1,37 @@
-"""Trainer utilities shared by train_mdm.py, sft/train_sft.py and train_remedi.py.
+"""The one training loop (`fit`) and what every trainer shares.
 
-Fabric wiring (devices, strategy, precision), the cosine learning-rate schedule, atomic
-checkpoints with resume from the newest, a CSV metrics logger, a rank-0 progress bar, and the
-optimizer-step loop (`fit`) that train_mdm.py and train_sft.py share.
+A trainer is "config dataclass + step function + CLI built from the dataclass":
+
+    cfg = config_from_args(MyConfig, parser.parse_args(argv)); cfg.check()   # every flag, before any load
+    with claim_outputs(cfg.out_dir, save_path=...):                           # writable? lock (2nd run refuses)
+        fabric = setup_fabric(cfg, loggers=[csv_logger(cfg.out_dir)])
+        state = {"model": model, "optimizer": opt, "hparams": ..., "step_count": 0, "iter_num": 0}
+        resume_state(fabric, state, resume_path(cfg.out_dir, cfg.resume), hparams)
+        result = fit(fabric, state, step_fn, [TrainGroup(model, opt, lr=cfg.lr)], schedule, cfg.out_dir, evaluate)
+
+`fit` contract (see its docstring): `step_fn(step, micro) -> (loss, metrics)` computes the loss of one
+micro-batch of optimizer step `step` (it must depend only on its arguments and the weights, so a resumed run
+continues the same trajectory); `groups` (a list, or a function of the step) says which modules and
+optimizers that step updates; `state` is what every checkpoint holds. fit owns the rest: cosine LR per group,
+gradient accumulation without gradient sync until the last micro-batch, clipping, the non-finite / divergence
+guard, logging (CSVLogger metrics.csv + tqdm), validation, atomic checkpoints and the run lock.
+
+Config pieces shared by the trainers (fields declared once with remedi_patches.cli.arg): FabricConfig
+(--accelerator --devices --num_nodes --strategy --precision), RunConfig (--resume --divergence_factor),
+and for the SMDM trainers SMDMModelConfig (--model --model_name --vocab_size) and OptimConfig.
 """
-import argparse
+from __future__ import annotations
+
+import contextlib
+import dataclasses
 import math
 import os
 import pickle
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from lightning_fabric import Fabric
@@ -19,86 +39,212 @@ from lightning_fabric.loggers import CSVLogger
 from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
+from remedi_patches.cli import UserError, arg
+from remedi_patches.run_lock import RunLock
+from remedi_patches.sources import is_hub_name, missing_path_message
+
 CKPT_PATTERN = re.compile(r"^iter-(\d+)-ckpt\.pth$")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+DIVERGENCE_FACTOR = 10.0
+LOSS_EMA = 0.1  # weight of the newest step in the running loss the divergence guard watches
+# hparams whose change on resume does not move the trajectory (not listed in the resume warning)
+NOT_TRAJECTORY = frozenset({"out_dir", "resume", "export_dir", "save_interval", "save_every", "eval_interval",
+                            "eval_every", "eval_iters", "eval_mc", "save_path", "save_lora_dir", "accelerator",
+                            "devices", "num_nodes", "strategy", "divergence_factor"})
 
 
-# ---------------------------------------------------------------- command line
+class TrainingDiverged(UserError):
+    """The loss or a gradient became non-finite, or the loss grew past the divergence limit."""
 
 
-def add_fabric_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --accelerator --devices --num_nodes --strategy --precision to `parser`."""
-    g = parser.add_argument_group("fabric")
-    g.add_argument("--accelerator", default="auto", choices=("auto", "cpu", "cuda", "gpu", "mps"),
-                   help="hardware to run on")
-    g.add_argument("--devices", type=int, default=1, help="devices (processes) per node")
-    g.add_argument("--num_nodes", type=int, default=1, help="number of nodes")
-    g.add_argument("--strategy", default="auto", choices=STRATEGIES,
-                   help="auto: single device, or DDP when devices * num_nodes > 1; "
-                        "fsdp: full sharding, one unit per transformer block")
-    g.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="default: bf16-mixed on a GPU that supports bf16, else 32-true")
-    return parser
+# ---------------------------------------------------------------- config pieces (one declaration per flag)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--model N / --model_name NAME / --vocab_size, read by `config_from_args`."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", type=int, default=None, help="upstream size in millions: 170 -> Diff_LLaMA_170M")
-    g.add_argument("--model_name", default=None, help="config name, e.g. Diff_LLaMA_170M or Diff_LLaMA_tiny")
-    g.add_argument("--vocab_size", type=int, default=None,
-                   help="override the config's vocabulary (tokenizer size; the mask id is this value)")
-    return parser
+@dataclass
+class FabricConfig:
+    accelerator: str = arg("auto", "hardware to run on", choices=ACCELERATORS, group="fabric")
+    devices: int = arg(1, "devices (processes) per node", group="fabric")
+    num_nodes: int = arg(1, "number of nodes", group="fabric")
+    strategy: str = arg("auto", "auto: single device, or DDP when devices * num_nodes > 1; fsdp: full sharding, "
+                        "one unit per transformer block (GPU only)", choices=STRATEGIES, group="fabric")
+    precision: Optional[str] = arg(None, "default: bf16-mixed on a GPU that supports bf16, else 32-true",
+                                   choices=PRECISIONS, group="fabric")
+
+    def check_fabric(self) -> None:
+        for name in ("devices", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.strategy == "fsdp" and on_cpu(self.accelerator):
+            raise UserError("--strategy fsdp needs GPUs (Fabric has no FSDP on CPU); use --strategy ddp on CPU.")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
 
 
-def config_from_args(args: argparse.Namespace):
+@dataclass
+class RunConfig:
+    resume: str = arg("auto", "'auto': continue from the newest checkpoint in --out_dir if any; 'none': start "
+                      "fresh; or a checkpoint path", group="run")
+    divergence_factor: float = arg(DIVERGENCE_FACTOR, "stop when the running loss (EMA 0.1) exceeds this factor x "
+                                   "its best value after warmup (0 disables); a non-finite loss or gradient always "
+                                   "stops the run", group="run")
+
+    def check_run(self) -> None:
+        if not self.divergence_factor >= 0:
+            raise UserError(f"--divergence_factor must be >= 0 (0 disables), got {self.divergence_factor}")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_file():
+            raise FileNotFoundError(f"--resume {self.resume}: no such checkpoint file; pass an existing "
+                                    "iter-*-ckpt.pth, 'auto' or 'none'")
+
+
+@dataclass
+class SMDMModelConfig:
+    model: Optional[int] = arg(None, "upstream size in millions: 170 -> Diff_LLaMA_170M", group="model")
+    model_name: Optional[str] = arg(None, "config name, e.g. Diff_LLaMA_170M or Diff_LLaMA_tiny", group="model")
+    vocab_size: Optional[int] = arg(None, "override the config's vocabulary (tokenizer size; the mask id is this "
+                                    "value)", group="model")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + cosine schedule with SMDM's defaults (wd 0.1, betas (0.9, 0.95), clip 1.0)."""
+    lr: float = arg(2e-4, "peak learning rate", group="optimisation")
+    min_lr: float = arg(2e-5, "final learning rate of the cosine decay", group="optimisation")
+    warmup_steps: Optional[int] = arg(None, "linear warmup steps, capped at max_steps; None: max(1%% of max_steps, "
+                                      "100)", group="optimisation")
+    weight_decay: float = arg(0.1, "AdamW weight decay", group="optimisation")
+    beta1: float = arg(0.9, "AdamW beta1", group="optimisation")
+    beta2: float = arg(0.95, "AdamW beta2", group="optimisation")
+    grad_clip: float = arg(1.0, "gradient-norm clip (0 disables)", group="optimisation")
+    micro_batch_size: Optional[int] = arg(None, "sequences per device per forward; default by model size as "
+                                          "upstream (32/16/8/4)", group="optimisation")
+    global_batch_size: int = arg(256, "sequences per optimizer step over all devices (gradient accumulation "
+                                 "fills the gap)", group="optimisation")
+
+    def check_optim(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"--lr must be a positive number and --min_lr in [0, lr], got lr {self.lr}, "
+                            f"min_lr {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise UserError("--micro_batch_size and --global_batch_size must be >= 1")
+
+
+def config_from_args(args) -> "Config":
     """SMDM Config named by exactly one of --model / --model_name, with --vocab_size applied."""
     from lit_gpt.config import Config
 
     if (args.model is None) == (args.model_name is None):
-        raise ValueError("Pass exactly one of --model N (upstream size, e.g. 170) or --model_name NAME "
-                         "(e.g. Diff_LLaMA_tiny).")
+        raise UserError("Pass exactly one of --model N (upstream size, e.g. 170) or --model_name NAME "
+                        "(e.g. Diff_LLaMA_tiny).")
+    if args.vocab_size is not None and args.vocab_size < 2:
+        raise UserError(f"--vocab_size must be >= 2, got {args.vocab_size}")
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
-    return Config.from_name(args.model_name or f"Diff_LLaMA_{args.model}M", **overrides)
+    name = args.model_name or f"Diff_LLaMA_{args.model}M"
+    try:
+        return Config.from_name(name, **overrides)
+    except (KeyError, ValueError) as err:
+        raise UserError(f"unknown model config {name!r} ({err}); pass --model_name Diff_LLaMA_<N>M or "
+                        "Diff_LLaMA_tiny") from None
 
 
-def add_optim_args(parser: argparse.ArgumentParser, lr: float, min_lr: float,
-                   warmup_steps: Optional[int] = None) -> argparse.ArgumentParser:
-    """AdamW + cosine schedule flags with SMDM's defaults (wd 0.1, betas (0.9, 0.95), clip 1.0)."""
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
-    g.add_argument("--min_lr", type=float, default=min_lr, help="final learning rate of the cosine decay")
-    g.add_argument("--warmup_steps", type=int, default=warmup_steps,
-                   help="linear warmup steps, capped at max_steps; None: max(1%% of max_steps, 100)")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
-    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
-    g.add_argument("--micro_batch_size", type=int, default=None,
-                   help="sequences per device per forward; default by model size as upstream (32/16/8/4)")
-    g.add_argument("--global_batch_size", type=int, default=256,
-                   help="sequences per optimizer step over all devices (gradient accumulation fills the gap)")
-    return parser
+def hparams_of(cfg) -> dict:
+    """A config dataclass (or argparse namespace) as plain values (paths as strings) for checkpoints and logs."""
+    items = dataclasses.asdict(cfg).items() if dataclasses.is_dataclass(cfg) else vars(cfg).items()
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in items
+            if v is None or isinstance(v, (bool, int, float, str, Path))}
 
 
-def add_run_args(parser: argparse.ArgumentParser, out_dir: str) -> argparse.ArgumentParser:
-    """Output, checkpoint and reproducibility flags."""
-    g = parser.add_argument_group("run")
-    g.add_argument("--out_dir", type=Path, default=Path(out_dir),
-                   help="checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and the final export")
-    g.add_argument("--save_interval", type=int, default=5000, help="save a checkpoint every N optimizer steps "
-                                                                   "(and always after the last one)")
-    g.add_argument("--resume", default="auto",
-                   help="'auto': continue from the newest checkpoint in --out_dir if any; 'none': start fresh; "
-                        "or a checkpoint path")
-    g.add_argument("--seed", type=int, default=3407, help="seeds model init, data order and noise")
-    g.add_argument("--export_dir", type=Path, default=None,
-                   help="folder for the final model.safetensors + smdm_config.json; default <out_dir>/final")
-    return parser
+# ---------------------------------------------------------------- paths: found before any load
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def require_path(value: Optional[Union[str, Path]], flag: str, kind: str = "local") -> None:
+    """FileNotFoundError naming the flag when a local path does not exist (checked before anything loads).
+
+    kind "local": `value` is always a path. "model" (a backbone or tokenizer): a hub name org/name is left to the
+    loader, anything else is a local path (the rule of remedi_patches.sources). "dataset": a local path when it
+    starts with . / ~, ends in .json/.jsonl/.parquet, or is a path that is no hub name (data.load_records)."""
+    if value is None or Path(str(value)).expanduser().exists():
+        return
+    text = str(value)
+    if kind == "model" and is_hub_name(text):
+        return
+    if kind == "dataset" and not (text.startswith((".", "/", "~")) or text.endswith(DATA_FILE_SUFFIXES)
+                                  or ("/" in text and not is_hub_name(text))):
+        return
+    raise FileNotFoundError(f"{flag}: {missing_path_message(text, 'local' if kind == 'local' else kind)}")
+
+
+def check_writable_dir(folder: Union[str, Path], flag: str) -> Path:
+    """Create `folder` and a probe file in it; a UserError naming the flag if that fails."""
+    folder = Path(folder)
+    probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{flag} {folder} is not a writable folder ({err.strerror or err}); pass a folder you can "
+                        "write to") from None
+    return folder
+
+
+def check_writable_file(path: Union[str, Path], flag: str) -> Path:
+    """The folder of `path` is writable and `path` is not a folder (a UserError naming the flag otherwise)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; pass a file path, e.g. {path / 'ups_head.safetensors'}")
+    check_writable_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} exists and is not writable; pass another path")
+    return path
+
+
+def _launcher_child() -> bool:
+    """True in the extra processes of a multi-device run (their rank 0 holds the locks)."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+@contextlib.contextmanager
+def claim_outputs(out_dir: Union[str, Path], files: Mapping[str, Optional[Union[str, Path]]] = (),
+                  folders: Mapping[str, Optional[Union[str, Path]]] = ()) -> Iterator[None]:
+    """Before training: check that --out_dir and every output (flag -> file / folder) can be written, then hold
+    a RunLock on each for the block, so a second run on the same output refuses (UserError naming the pid).
+    Only the launching process locks; the ranks Fabric starts run inside its claim."""
+    check_writable_dir(out_dir, "--out_dir")
+    locks = [RunLock(out_dir)]
+    for flag, path in dict(files).items():
+        if path is not None:
+            check_writable_file(path, flag)
+            locks.append(RunLock.for_file(path))
+    for flag, path in dict(folders).items():
+        if path is not None:
+            check_writable_dir(path, flag)
+            locks.append(RunLock(path))
+    with contextlib.ExitStack() as stack:
+        if not _launcher_child():
+            for lock in locks:
+                stack.enter_context(lock)
+        yield
 
 
 # ---------------------------------------------------------------- fabric
+
+
+def on_cpu(accelerator: str) -> bool:
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 def default_precision(accelerator: str) -> str:
@@ -117,7 +263,7 @@ def make_strategy(strategy: str, devices: int, num_nodes: int, cpu: bool,
     """
     if strategy == "fsdp":
         if cpu:
-            raise ValueError("--strategy fsdp needs GPUs (Fabric has no FSDP on CPU); use --strategy ddp on CPU.")
+            raise UserError("--strategy fsdp needs GPUs (Fabric has no FSDP on CPU); use --strategy ddp on CPU.")
         if wrap_blocks is None:
             from lit_gpt.model import Block
             wrap_blocks = {Block}
@@ -128,16 +274,15 @@ def make_strategy(strategy: str, devices: int, num_nodes: int, cpu: bool,
     return "auto"
 
 
-def setup_fabric(args: argparse.Namespace, wrap_blocks: Optional[set[type]] = None,
+def setup_fabric(cfg: FabricConfig, wrap_blocks: Optional[set[type]] = None,
                  loggers: Optional[list] = None) -> Fabric:
-    """Create and launch a Fabric from `add_fabric_args` flags (see `make_strategy`); returns it
-    ready on every rank. With devices > 1 Fabric re-launches the running script once per extra
-    device, so call this from a script's main, not from inside another program.
+    """Create and launch a Fabric from FabricConfig fields (see `make_strategy`); returns it ready on every
+    rank. With devices > 1 Fabric re-launches the running script once per extra device, so call this from a
+    script's main, not from inside another program.
     """
-    precision = args.precision or default_precision(args.accelerator)
-    cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
-    strategy = make_strategy(args.strategy, args.devices, args.num_nodes, cpu, wrap_blocks)
-    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+    precision = cfg.precision or default_precision(cfg.accelerator)
+    strategy = make_strategy(cfg.strategy, cfg.devices, cfg.num_nodes, on_cpu(cfg.accelerator), wrap_blocks)
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     strategy=strategy, precision=precision, loggers=loggers)
     fabric.launch()
     return fabric
@@ -168,12 +313,12 @@ def default_micro_batch_size(n_million: float) -> int:
 
 
 def grad_accum_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """Micro-batches per device per optimizer step; ValueError unless they tile the global batch exactly."""
+    """Micro-batches per device per optimizer step; UserError unless they tile the global batch exactly."""
     per_step = micro_batch_size * world_size
     if global_batch_size < per_step or global_batch_size % per_step:
-        raise ValueError(f"--global_batch_size {global_batch_size} is not a multiple of micro_batch_size x devices "
-                         f"= {micro_batch_size} x {world_size}; change one of --global_batch_size, "
-                         "--micro_batch_size or --devices.")
+        raise UserError(f"--global_batch_size {global_batch_size} is not a multiple of micro_batch_size x devices "
+                        f"= {micro_batch_size} x {world_size}; change one of --global_batch_size, "
+                        "--micro_batch_size or --devices.")
     return global_batch_size // per_step
 
 
@@ -182,6 +327,42 @@ def micro_batch_rows(micro_idx: int, micro_batch_size: int, rank: int, world_siz
     ranks and micro-batches tile the global batch, whatever the device count."""
     start = (micro_idx * world_size + rank) * micro_batch_size
     return slice(start, start + micro_batch_size)
+
+
+# ---------------------------------------------------------------- finiteness
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the tensors in `obj` (a module's parameters and buffers, an optimizer's state, a tensor, or a
+    dict / list of those) that hold NaN or inf. Local shards only under FSDP."""
+    bad: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            if not bool(torch.isfinite(obj.detach()).all()):
+                bad.append(prefix or "tensor")
+    elif isinstance(obj, torch.nn.Module):
+        for name, t in list(obj.named_parameters()) + list(obj.named_buffers()):
+            bad += nonfinite_tensors(t, f"{prefix}.{name}" if prefix else name)
+    elif isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer") and hasattr(obj, "state_dict") \
+            and not isinstance(obj, torch.nn.Module):
+        state = getattr(obj, "state", {})
+        for i, s in enumerate(state.values()):
+            bad += nonfinite_tensors(s, f"{prefix}[{i}]")
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return bad
+
+
+def require_finite(obj: Any, what: str, fix: str) -> None:
+    """ValueError (nothing is written) when `obj` holds a NaN or inf tensor."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise TrainingDiverged(f"{what} holds NaN/inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+                               f"; it was not written. {fix}")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -215,16 +396,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(fabric: Fabric, path: Union[str, Path], state: dict[str, Any]) -> Path:
-    """Save `state` (model, optimizer and plain values) plus torch's RNG state (rank 0's) to `path`,
+    """Save `state` (modules, optimizers and plain values) plus torch's RNG state (rank 0's) to `path`,
     atomically.
 
-    The file is written as `<path>.tmp` in the same folder, flushed to disk, then renamed over
-    `path` (os.replace). If writing fails or the process dies part-way, `path` and every earlier
-    checkpoint are untouched, and the partial `.tmp` is not picked up by `latest_checkpoint`.
+    The file is written as `<path>.<pid>-<random>.tmp` (unique per process) in the same folder, flushed to disk,
+    then renamed over `path` (os.replace). If writing fails or the process dies part-way, `path` and every
+    earlier checkpoint are untouched, and the partial file is never picked up by `latest_checkpoint`.
     Collective: call on every rank.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = Path(fabric.broadcast(str(tmp)))  # one name on every rank (FSDP ranks write to the same file)
     if fabric.global_rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
@@ -260,12 +442,12 @@ def load_checkpoint(fabric: Fabric, path: Union[str, Path], state: dict[str, Any
     try:
         rest = fabric.load(path, state)
     except KeyError as e:
-        raise ValueError(f"Checkpoint {path} lacks entry {e} that this trainer needs; it was not written by "
-                         "this trainer. Start from its weights instead of resuming.") from None
+        raise UserError(f"Checkpoint {path} lacks entry {e} that this trainer needs; it was not written by "
+                        "this trainer. Start from its weights instead of resuming.") from None
     except RuntimeError as e:
         if "state_dict" in str(e):
-            raise ValueError(f"Checkpoint {path} does not fit the model being trained ({e}); resume with the "
-                             "same --model_name / --vocab_size, or use another --out_dir.") from None
+            raise UserError(f"Checkpoint {path} does not fit the model being trained ({e}); resume with the "
+                            "same --model_name / --vocab_size, or use another --out_dir.") from None
         raise _corrupt(path, e) from None
     except (EOFError, OSError, pickle.UnpicklingError) as e:
         raise _corrupt(path, e) from None
@@ -275,11 +457,11 @@ def load_checkpoint(fabric: Fabric, path: Union[str, Path], state: dict[str, Any
 
 
 def _corrupt(path: Path, e: BaseException) -> ValueError:
-    return ValueError(f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}). Delete it to resume "
-                      "from the previous checkpoint in the same folder.")
+    return UserError(f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}). Delete it to resume "
+                     "from the previous checkpoint in the same folder.")
 
 
-def resume_path(out_dir: Path, resume: str) -> Optional[Path]:
+def resume_path(out_dir: Union[str, Path], resume: str) -> Optional[Path]:
     """Checkpoint to resume from for `--resume` ('auto' = newest in out_dir, 'none', or a path)."""
     if resume == "none":
         return None
@@ -288,39 +470,51 @@ def resume_path(out_dir: Path, resume: str) -> Optional[Path]:
     return Path(resume)
 
 
-def hparams_of(args: argparse.Namespace) -> dict:
-    """The CLI flags as plain values (paths as strings) for checkpoints and logs."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if v is None or isinstance(v, (bool, int, float, str, Path))}
+def changed_settings(saved: Optional[Mapping], now: Mapping, keys: Optional[Iterable[str]] = None) -> dict:
+    """{key: (saved, now)} for the settings that differ (all but NOT_TRAJECTORY, or only `keys`)."""
+    if not saved:
+        return {}
+    names = list(keys) if keys is not None else sorted((set(saved) | set(now)) - NOT_TRAJECTORY)
+    return {k: (saved.get(k), now.get(k)) for k in names if saved.get(k) != now.get(k)}
 
 
-def build_optimizer(fabric: Fabric, params: Iterable[torch.nn.Parameter], args: argparse.Namespace):
-    """AdamW from `add_optim_args` flags, set up by Fabric."""
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(args.beta1, args.beta2), foreach=False)
+def resume_state(fabric: Fabric, state: dict[str, Any], path: Optional[Path], hparams: Optional[dict] = None,
+                 keys: Optional[Iterable[str]] = None) -> dict[str, Any]:
+    """Restore `state` from checkpoint `path` (None: nothing to do) and print a warning listing every setting
+    that differs from the saved run (`changed_settings`): the run then leaves the original trajectory.
+    `state["hparams"]` (and fit's loss guard) are taken from the file when it has them, not required."""
+    if path is None:
+        return state
+    optional = {k: state.pop(k) for k in ("hparams", "loss_guard") if k in state}
+    rest = load_checkpoint(fabric, path, state)
+    saved = rest.get("hparams", rest.get("train_args"))
+    if hparams is not None:
+        changed = changed_settings(saved, hparams, keys)
+        if changed:
+            listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+            fabric.print(f"Warning: resuming {path} with changed settings ({listing}); the run leaves the original "
+                         "trajectory. Use another --out_dir (or --resume none) to start over instead.")
+    state.update(optional)
+    if "loss_guard" in rest:
+        state["loss_guard"] = rest["loss_guard"]
+    fabric.print(f"Resumed from {path} at step {state['step_count']}")
+    return state
+
+
+def build_optimizer(fabric: Fabric, params: Iterable[torch.nn.Parameter], cfg: OptimConfig):
+    """AdamW from OptimConfig fields, set up by Fabric."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.beta1, cfg.beta2), foreach=False)
     return fabric.setup_optimizers(optimizer)
 
 
-def init_state(fabric: Fabric, model: torch.nn.Module, args: argparse.Namespace, hparams: dict,
-               trajectory_keys: Iterable[str] = ()) -> dict:
+def init_state(fabric: Fabric, model: torch.nn.Module, cfg, hparams: dict, out_dir: Path) -> dict:
     """Set up `model` and AdamW with Fabric and return the checkpoint state {"model", "optimizer",
-    "hparams", "iter_num", "step_count"}, restored from the checkpoint `--resume` selects (if any).
-    Resuming with a different value of a `trajectory_keys` hparam prints a warning, since the run
-    then leaves the original trajectory."""
+    "hparams", "iter_num", "step_count"}, restored from the checkpoint `--resume` selects (if any)."""
     model = fabric.setup(model)
-    state = {"model": model, "optimizer": build_optimizer(fabric, model.parameters(), args), "hparams": hparams,
+    state = {"model": model, "optimizer": build_optimizer(fabric, model.parameters(), cfg), "hparams": hparams,
              "iter_num": 0, "step_count": 0}
-    resume = resume_path(args.out_dir, args.resume)
-    if resume is not None:
-        load_checkpoint(fabric, resume, state)  # state["hparams"] is now the checkpoint's
-        changed = {k: (state["hparams"].get(k), hparams.get(k)) for k in trajectory_keys
-                   if state["hparams"].get(k) != hparams.get(k)}
-        if changed:
-            fabric.print(f"Warning: resuming with changed settings {changed} (saved, now): the trajectory differs "
-                         "from the original run.")
-        state["hparams"] = hparams
-        fabric.print(f"Resumed from {resume} at step {state['step_count']}")
-    return state
+    return resume_state(fabric, state, resume_path(out_dir, cfg.resume), hparams)
 
 
 # ---------------------------------------------------------------- logging
@@ -342,78 +536,195 @@ def num_parameters(module: torch.nn.Module, trainable: Optional[bool] = None) ->
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-# ---------------------------------------------------------------- training loop and export
+# ---------------------------------------------------------------- the training loop
+
+
+@dataclass
+class TrainGroup:
+    """Modules and optimizer one optimizer update steps, with their own cosine schedule."""
+    module: torch.nn.Module  # as returned by fabric.setup / setup_module (gradient sync, clipping)
+    optimizer: Any  # as returned by fabric.setup_optimizers
+    lr: float  # peak learning rate
+    min_lr: float = 0.0  # end of the cosine decay
+    name: str = ""  # metric suffix (lr_<name>, grad_norm_<name>); "" logs lr / grad_norm
+    flag: str = "--lr"  # the flag that sets `lr`, named when the run diverges
 
 
 @dataclass
 class Schedule:
     max_steps: int
     warmup_steps: int
-    lr: float
-    min_lr: float
-    grad_accum: int
-    grad_clip: float
-    save_interval: int
-    eval_interval: int = 0  # 0: evaluate only after the last step (when an evaluate function is given)
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0: no clipping (the norm is still measured and guarded)
+    save_interval: int = 0  # checkpoint every N steps; 0: only after the last one
+    eval_interval: int = 0  # evaluate every N steps; 0: only after the last one (when an evaluate function is given)
+    divergence_factor: float = DIVERGENCE_FACTOR  # see RunConfig; 0 disables
 
 
-def fit(fabric: Fabric, state: dict, micro_loss: Callable[[int, int], torch.Tensor], schedule: Schedule,
-        out_dir: Path, evaluate: Optional[Callable[[], float]] = None) -> list[float]:
-    """Run optimizer steps state["step_count"] .. schedule.max_steps - 1.
+@dataclass
+class FitResult:
+    losses: list[float]  # logged loss of every step this call ran
+    metrics: dict = field(default_factory=dict)  # the last step's logged metrics
+    evaluation: dict = field(default_factory=dict)  # the last evaluate() result
 
-    Per step: set the cosine LR, accumulate `micro_loss(step, micro_idx) / grad_accum` over
-    `grad_accum` micro-batches (gradient sync only on the last), clip, AdamW step. `state` holds
-    "model", "optimizer", "iter_num" (micro-batches, SMDM's count) and "step_count". Logs loss
-    (mean over micro-batches and ranks), lr and, every `eval_interval` steps and after the last,
-    `evaluate()` as val_loss; checkpoints atomically every `save_interval` steps and after the
-    last, flushing the metrics log first. `micro_loss` must depend on its arguments and the
-    weights only, so that a resumed run continues the uninterrupted trajectory exactly.
-    Returns this run's step losses.
+
+StepFn = Callable[[int, int], "tuple[torch.Tensor, Mapping[str, Any]]"]
+
+
+def _stop(fabric: Fabric, out_dir: Path, step: int, problem: str, groups: Sequence[TrainGroup],
+          extra_fix: str = "") -> TrainingDiverged:
+    last = latest_checkpoint(out_dir)
+    kept = f"the newest checkpoint {last} is the last good one" if last else "no checkpoint was written"
+    lrs = ", ".join(f"{g.flag} {g.lr:g}" for g in groups)
+    for logger in fabric.loggers:
+        logger.save()
+    return TrainingDiverged(f"training stopped at step {step + 1}: {problem}; this update was not applied and "
+                            f"{kept}. Lower the learning rate ({lrs}){extra_fix} and run again.")
+
+
+def fit(fabric: Fabric, state: dict, step_fn: StepFn,
+        groups: Union[Sequence[TrainGroup], Callable[[int], Sequence[TrainGroup]]], schedule: Schedule,
+        out_dir: Union[str, Path], evaluate: Optional[Callable[[], Mapping[str, float]]] = None) -> FitResult:
+    """Run optimizer steps state["step_count"] .. schedule.max_steps - 1: the only training loop.
+
+    step_fn(step, micro) -> (loss, metrics): forward of micro-batch `micro` (0 .. grad_accum - 1) of optimizer
+        step `step` (0-based); `loss` is what is back-propagated (a scalar tensor), `metrics` maps names to
+        scalars (tensors or numbers) logged as their mean over micro-batches and ranks; "loss" in it replaces
+        the logged loss (e.g. a total while a part of it is optimized). It must depend only on its arguments
+        and the weights, so that a resumed run continues the uninterrupted trajectory exactly.
+    groups: the TrainGroups every step updates, or a function step -> groups (e.g. alternating updates).
+    state: what each checkpoint holds: the trained modules and optimizers (under any names), plain values,
+        and the counters "step_count" (optimizer steps) and "iter_num" (micro-batches, SMDM's count) that fit
+        advances; fit adds "loss_guard".
+    evaluate() -> metrics: run every schedule.eval_interval steps and after the last (also when no step is
+        left to run), logged and printed.
+
+    Per step: cosine LR per group; accumulate backward(loss / grad_accum) with gradient sync only on the last
+    micro-batch; clip each group's gradients (measuring their norm); stop with TrainingDiverged (a UserError:
+    one line naming the step and suggesting a lower learning rate) before the update when the loss or a
+    gradient norm is NaN/inf, or when the running loss exceeds divergence_factor x its best after warmup;
+    optimizer step; log; checkpoint atomically every save_interval steps and after the last (never a
+    checkpoint holding NaN/inf: the last good one stays the newest). Holds RunLock(out_dir) throughout.
     """
-    model, optimizer = state["model"], state["optimizer"]
-    losses: list[float] = []
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        if not _launcher_child():
+            stack.enter_context(RunLock(out_dir))
+        return _fit(fabric, state, step_fn, groups, schedule, out_dir, evaluate)
+
+
+def _fit(fabric, state, step_fn, groups, schedule: Schedule, out_dir: Path, evaluate) -> FitResult:
+    groups_of = groups if callable(groups) else (lambda step, _g=list(groups): _g)
+    guard = state.setdefault("loss_guard", {"ema": None, "best": None})
+    result = FitResult(losses=[])
     bar = progress(fabric, total=schedule.max_steps, initial=state["step_count"])
-    for step in range(state["step_count"], schedule.max_steps):
-        lr = cosine_lr(step, schedule.warmup_steps, schedule.max_steps, schedule.lr, schedule.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_losses = []
-        for micro in range(schedule.grad_accum):
-            with fabric.no_backward_sync(model, enabled=micro < schedule.grad_accum - 1):
-                loss = micro_loss(step, micro)
-                fabric.backward(loss / schedule.grad_accum)
-            micro_losses.append(loss.detach())
-        if schedule.grad_clip > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=schedule.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step_count"] += 1
-        state["iter_num"] += schedule.grad_accum
-        step_loss = fabric.all_reduce(torch.stack(micro_losses).mean(), reduce_op="mean").item()
-        losses.append(step_loss)
-        metrics = {"loss": step_loss, "lr": lr, "iter_num": state["iter_num"]}
-        last = state["step_count"] == schedule.max_steps
-        eval_due = schedule.eval_interval and state["step_count"] % schedule.eval_interval == 0
-        if evaluate is not None and (last or eval_due):
-            metrics["val_loss"] = evaluate()
-            fabric.print(f"step {state['step_count']}: val loss {metrics['val_loss']:.4f}")
-        fabric.log_dict(metrics, step=state["step_count"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        if last or state["step_count"] % schedule.save_interval == 0:
-            for logger in fabric.loggers:  # the metrics log is on disk up to every checkpoint
-                logger.save()
-            save_checkpoint(fabric, out_dir / checkpoint_name(state["iter_num"]), state)
-    bar.close()
+    try:
+        _steps(fabric, state, step_fn, groups_of, schedule, out_dir, evaluate, guard, result, bar)
+    finally:
+        bar.close()  # before any error message, so that it starts a line of its own
+    if evaluate is not None and not result.evaluation:  # nothing left to train: report the held-out figures
+        result.evaluation = _evaluate(fabric, evaluate, state["step_count"])
     for logger in fabric.loggers:
         logger.finalize("success")
-    return losses
+    return result
+
+
+def _steps(fabric, state, step_fn, groups_of, schedule: Schedule, out_dir: Path, evaluate, guard: dict,
+           result: FitResult, bar) -> None:
+    for step in range(state["step_count"], schedule.max_steps):
+        trained = list(groups_of(step))
+        lrs = {}
+        for g in trained:
+            lr = cosine_lr(step, schedule.warmup_steps, schedule.max_steps, g.lr, g.min_lr)
+            for pg in g.optimizer.param_groups:
+                pg["lr"] = lr
+            lrs[f"lr_{g.name}" if g.name else "lr"] = lr
+        sums: Optional[torch.Tensor] = None
+        names: list[str] = []
+        for micro in range(schedule.grad_accum):
+            last_micro = micro == schedule.grad_accum - 1
+            with contextlib.ExitStack() as sync:
+                for g in trained:
+                    sync.enter_context(fabric.no_backward_sync(g.module, enabled=not last_micro))
+                loss, metrics = step_fn(step, micro)
+                fabric.backward(loss / schedule.grad_accum)
+            if sums is None:
+                names = ["_objective", *metrics]
+            values = [loss.detach(), *(metrics[k] for k in names[1:])]
+            row = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=fabric.device).detach().reshape(())
+                               for v in values])
+            sums = row if sums is None else sums + row
+        means = fabric.all_reduce(sums / schedule.grad_accum, reduce_op="mean").tolist()
+        logged = dict(zip(names, means))
+        objective = logged.pop("_objective")
+        step_loss = logged.pop("loss", objective)
+        norms = {}
+        for g in trained:
+            clip = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")
+            norm = fabric.clip_gradients(g.module, g.optimizer, max_norm=clip, error_if_nonfinite=False)
+            norms[f"grad_norm_{g.name}" if g.name else "grad_norm"] = float(norm)
+        bad = [f"the loss is {v}" for v in (objective, step_loss) if not math.isfinite(v)][:1]
+        bad += [f"the gradient norm ({k}) is {v}" for k, v in norms.items() if not math.isfinite(v)]
+        if bad:
+            for g in trained:
+                g.optimizer.zero_grad(set_to_none=True)
+            raise _stop(fabric, out_dir, step, bad[0], trained)
+        if schedule.divergence_factor > 0:
+            guard["ema"] = step_loss if guard["ema"] is None else (1 - LOSS_EMA) * guard["ema"] + LOSS_EMA * step_loss
+            if step >= schedule.warmup_steps:
+                if guard["best"] is not None and guard["ema"] > schedule.divergence_factor * guard["best"]:
+                    for g in trained:
+                        g.optimizer.zero_grad(set_to_none=True)
+                    raise _stop(fabric, out_dir, step,
+                                f"the running loss {guard['ema']:.4g} grew beyond --divergence_factor "
+                                f"{schedule.divergence_factor:g} x its best {guard['best']:.4g}", trained,
+                                " or raise --divergence_factor (0 disables the check)")
+                guard["best"] = guard["ema"] if guard["best"] is None else min(guard["best"], guard["ema"])
+        for g in trained:
+            g.optimizer.step()
+            g.optimizer.zero_grad(set_to_none=True)
+        state["step_count"] += 1
+        state["iter_num"] += schedule.grad_accum
+        result.losses.append(step_loss)
+        metrics = {"loss": step_loss, **logged, **lrs, **norms, "iter_num": state["iter_num"]}
+        done = state["step_count"] == schedule.max_steps
+        eval_due = schedule.eval_interval and state["step_count"] % schedule.eval_interval == 0
+        if evaluate is not None and (done or eval_due):
+            result.evaluation = _evaluate(fabric, evaluate, state["step_count"])
+            metrics.update(result.evaluation)
+        fabric.log_dict(metrics, step=state["step_count"])
+        result.metrics = metrics
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.2e}" for k, v in lrs.items()})
+        if done or (schedule.save_interval and state["step_count"] % schedule.save_interval == 0):
+            for logger in fabric.loggers:  # the metrics log is on disk up to every checkpoint
+                logger.save()
+            _check_state_finite(fabric, state, out_dir, step, trained)
+            save_checkpoint(fabric, out_dir / checkpoint_name(state["iter_num"]), state)
+
+
+def _evaluate(fabric: Fabric, evaluate, step: int) -> dict:
+    figures = dict(evaluate())
+    fabric.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in figures.items()))
+    return figures
+
+
+def _check_state_finite(fabric: Fabric, state: dict, out_dir: Path, step: int, groups) -> None:
+    """Every rank checks its tensors; all stop together when any holds NaN/inf (nothing is written)."""
+    bad = nonfinite_tensors({k: v for k, v in state.items() if k not in ("hparams", "loss_guard")})
+    flag = fabric.all_reduce(torch.tensor(float(len(bad)), device=fabric.device), reduce_op="sum")
+    if float(flag) > 0:
+        raise _stop(fabric, out_dir, step, f"the weights hold NaN/inf after the update "
+                                           f"({', '.join(bad[:3]) or 'on another rank'}) and were not saved",
+                    groups)
 
 
 def export_smdm(fabric: Fabric, out_dir: Path, config, export_dir: Path) -> Optional[Path]:
     """On rank 0, write the model weights of the newest checkpoint in `out_dir` as an SMDM folder
     (model.safetensors + smdm_config.json, see lit_gpt.model.save_smdm_folder); the same after DDP
-    or FSDP. Returns `export_dir`, or None when `out_dir` holds no checkpoint."""
+    or FSDP. Returns `export_dir`, or None when `out_dir` holds no checkpoint. Refuses (writes nothing)
+    when the weights hold NaN/inf."""
     from lit_gpt.model import TransEncoder, load_weights, save_smdm_folder
 
     checkpoint = latest_checkpoint(out_dir)
@@ -424,6 +735,7 @@ def export_smdm(fabric: Fabric, out_dir: Path, config, export_dir: Path) -> Opti
             model = TransEncoder(config)
         model = model.to_empty(device="cpu")
         load_weights(model, checkpoint)
+        require_finite(model, f"the model of {checkpoint}", "Train again with a lower learning rate.")
         save_smdm_folder(model, export_dir)
         fabric.print(f"Exported {checkpoint.name} to {export_dir}")
     fabric.barrier()

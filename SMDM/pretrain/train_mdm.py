@@ -11,15 +11,14 @@ Determinism: the samples and the noise of optimizer step s are drawn from genera
 (--seed, s) for the whole global batch, and each rank / micro-batch takes its slice. A run killed
 and resumed from its newest checkpoint therefore continues the same loss trajectory, and a
 2-device run follows a 1-device run of the same global batch up to floating-point noise.
+The loop (accumulation, clipping, NaN / divergence guard, checkpoints, resume, lock) is lit_gpt.training.fit.
 """
-import argparse
-import sys
+from __future__ import annotations
+
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # SMDM/ (lit_gpt)
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root
 
 import torch
 
@@ -27,137 +26,165 @@ from lit_gpt.config import Config, num_non_embedding_params
 from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, mdm_loss, seeded_generator
 from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
-from lit_gpt.training import (Schedule, add_fabric_args, add_model_args, add_optim_args, add_run_args,
-                              config_from_args, csv_logger, default_micro_batch_size, export_smdm, fit,
-                              grad_accum_steps, hparams_of, init_state, micro_batch_rows, num_parameters,
-                              setup_fabric, warmup_for)
+from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
+                              UserError, claim_outputs, config_from_args, csv_logger, default_micro_batch_size,
+                              export_smdm, fit, grad_accum_steps, hparams_of, init_state, micro_batch_rows,
+                              num_parameters, require_path, setup_fabric, warmup_for)
+from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args as from_namespace, run_main
 
 STREAM_TRAIN, STREAM_VAL = 0, 1
-# flags a resumed run must keep to continue the same trajectory
-TRAJECTORY_KEYS = ("seed", "global_batch_size", "seq_len", "random_length_prob", "eps")
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
-    d = p.add_argument_group("data")
-    d.add_argument("--train_data_dir", type=Path, required=True, help="folder of packed *.bin files (prepare_data.py)")
-    d.add_argument("--val_data_dir", type=Path, default=None, help="folder of packed *.bin validation files")
-    d.add_argument("--seq_len", type=int, default=2048, help="tokens per training sequence")
-    s = p.add_argument_group("schedule")
-    s.add_argument("--max_steps", type=int, default=None, help="optimizer steps (or give --flops)")
-    s.add_argument("--flops", type=float, default=None,
-                   help="compute budget in 1e18 FLOPs: max_steps = flops / (6 N global_batch seq_len), "
-                        "N = non-embedding parameters (upstream's rule)")
-    s.add_argument("--eval_interval", type=int, default=0, help="validate every N steps (0: only after the last)")
-    s.add_argument("--eval_iters", type=int, default=100, help="validation micro-batches per device")
-    s.add_argument("--eval_mc", type=int, default=128, help="Monte-Carlo noise draws per validation batch")
-    x = p.add_argument_group("diffusion")
-    x.add_argument("--eps", type=float, default=1e-3, help="p_mask = (1 - eps) t + eps")
-    x.add_argument("--random_length_prob", type=float, default=0.01,
-                   help="share of steps trained on a random length in [1, seq_len]")
-    add_optim_args(p, lr=2e-4, min_lr=2e-5)
-    add_run_args(p, out_dir="workdir/mdm")
-    add_fabric_args(p)
-    return p.parse_args(argv)
+@dataclass
+class MDMConfig(FabricConfig, RunConfig, OptimConfig, SMDMModelConfig):
+    train_data_dir: Optional[Path] = arg(None, "folder of packed *.bin files (prepare_data.py); required",
+                                         group="data")
+    val_data_dir: Optional[Path] = arg(None, "folder of packed *.bin validation files", group="data")
+    seq_len: int = arg(2048, "tokens per training sequence", group="data")
+    max_steps: Optional[int] = arg(None, "optimizer steps (or give --flops)", group="schedule")
+    flops: Optional[float] = arg(None, "compute budget in 1e18 FLOPs: max_steps = flops / (6 N global_batch "
+                                 "seq_len), N = non-embedding parameters (upstream's rule)", group="schedule")
+    eval_interval: int = arg(0, "validate every N steps (0: only after the last)", group="schedule")
+    eval_iters: int = arg(100, "validation micro-batches per device", group="schedule")
+    eval_mc: int = arg(128, "Monte-Carlo noise draws per validation batch", group="schedule")
+    eps: float = arg(1e-3, "p_mask = (1 - eps) t + eps", group="diffusion")
+    random_length_prob: float = arg(0.01, "share of steps trained on a random length in [1, seq_len]",
+                                    group="diffusion")
+    out_dir: Path = arg(Path("workdir/mdm"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
+                        "the final export", group="run")
+    save_interval: int = arg(5000, "save a checkpoint every N optimizer steps (and always after the last one)",
+                             group="run")
+    seed: int = arg(3407, "seeds model init, data order and noise", group="run")
+    export_dir: Optional[Path] = arg(None, "folder for the final model.safetensors + smdm_config.json; default "
+                                     "<out_dir>/final", group="run")
+
+    def check(self) -> "MDMConfig":
+        """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded."""
+        self.check_fabric(), self.check_run(), self.check_optim()
+        if self.train_data_dir is None:
+            raise UserError("--train_data_dir is required: a folder of packed *.bin files made by prepare_data.py")
+        require_path(self.train_data_dir, "--train_data_dir")
+        require_path(self.val_data_dir, "--val_data_dir")
+        for name in ("seq_len", "eval_iters", "eval_mc", "save_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_interval < 0:
+            raise UserError(f"--eval_interval must be >= 0, got {self.eval_interval}")
+        if not 0 <= self.eps < 1 or not 0 <= self.random_length_prob <= 1:
+            raise UserError(f"--eps must be in [0, 1) and --random_length_prob in [0, 1], got {self.eps}, "
+                            f"{self.random_length_prob}")
+        return self
 
 
-def model_config(args: argparse.Namespace) -> Config:
-    config = config_from_args(args)
-    if args.seq_len > config.block_size:
-        raise ValueError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    return add_config_args(parser, MDMConfig)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> MDMConfig:
+    return from_namespace(MDMConfig, build_parser().parse_args(argv)).check()
+
+
+def model_config(cfg: MDMConfig) -> Config:
+    config = config_from_args(cfg)
+    if cfg.seq_len > config.block_size:
+        raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}; lower it.")
     return config
 
 
-def resolve_max_steps(args: argparse.Namespace, config: Config) -> int:
-    if (args.max_steps is None) == (args.flops is None):
-        raise ValueError("Pass exactly one of --max_steps or --flops (compute budget in 1e18 FLOPs).")
-    if args.max_steps is not None:
-        steps = args.max_steps
+def resolve_max_steps(cfg: MDMConfig, config: Config) -> int:
+    if (cfg.max_steps is None) == (cfg.flops is None):
+        raise UserError("Pass exactly one of --max_steps or --flops (compute budget in 1e18 FLOPs).")
+    if cfg.max_steps is not None:
+        steps = cfg.max_steps
     else:
-        steps = int(args.flops * 1e18 / (6 * num_non_embedding_params(config) * args.global_batch_size * args.seq_len))
+        steps = int(cfg.flops * 1e18 / (6 * num_non_embedding_params(config) * cfg.global_batch_size * cfg.seq_len))
     if steps < 1:
-        raise ValueError(f"The schedule has {steps} optimizer steps; raise --max_steps / --flops.")
+        raise UserError(f"The schedule has {steps} optimizer steps; raise --max_steps / --flops.")
     return steps
 
 
 def check_vocab(tokens: torch.Tensor, vocab_size: int, data_dir: Path) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
-        raise ValueError(f"Token id {top} in {data_dir} is >= vocab_size {vocab_size} (the mask id); pass "
-                         "--vocab_size matching the tokenizer the data was prepared with.")
+        raise UserError(f"Token id {top} in {data_dir} is >= vocab_size {vocab_size} (the mask id); pass "
+                        "--vocab_size matching the tokenizer the data was prepared with.")
 
 
 def main(argv: Optional[list[str]] = None) -> list[float]:
     """Train; returns the per-step losses of this run (on every rank)."""
-    args = parse_args(argv)
-    config = model_config(args)
-    max_steps = resolve_max_steps(args, config)
+    cfg = parse_args(argv)
+    config = model_config(cfg)
+    max_steps = resolve_max_steps(cfg, config)
     n_million = num_non_embedding_params(config) / 1e6
-    args.micro_batch_size = args.micro_batch_size or default_micro_batch_size(n_million)
-    train_data = PackedDataset.from_dir(args.train_data_dir, args.seq_len)
-    val_data = PackedDataset.from_dir(args.val_data_dir, args.seq_len) if args.val_data_dir else None
+    cfg.micro_batch_size = cfg.micro_batch_size or default_micro_batch_size(n_million)
+    grad_accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, cfg.world_size)
+    export_dir = cfg.export_dir or cfg.out_dir / "final"
+    with claim_outputs(cfg.out_dir, folders={"--export_dir": cfg.export_dir}):
+        train_data = PackedDataset.from_dir(cfg.train_data_dir, cfg.seq_len)
+        val_data = PackedDataset.from_dir(cfg.val_data_dir, cfg.seq_len) if cfg.val_data_dir else None
+        fabric = setup_fabric(cfg, loggers=[csv_logger(cfg.out_dir)])
+        hparams = {**hparams_of(cfg), "model_name": config.name, "vocab_size": config.vocab_size,
+                   "max_steps": max_steps}
+        fabric.print(f"{config.name}: {n_million:.2f}M non-embedding parameters, {max_steps} steps of "
+                     f"{cfg.global_batch_size} x {cfg.seq_len} tokens, {grad_accum} micro-batches of "
+                     f"{cfg.micro_batch_size} per device per step, {len(train_data)} training sequences")
 
-    fabric = setup_fabric(args, loggers=[csv_logger(args.out_dir)])
-    grad_accum = grad_accum_steps(args.global_batch_size, args.micro_batch_size, fabric.world_size)
-    hparams = {**hparams_of(args), "model_name": config.name, "vocab_size": config.vocab_size, "max_steps": max_steps}
-    fabric.print(f"{config.name}: {n_million:.2f}M non-embedding parameters, {max_steps} steps of "
-                 f"{args.global_batch_size} x {args.seq_len} tokens, {grad_accum} micro-batches of "
-                 f"{args.micro_batch_size} per device per step, {len(train_data)} training sequences")
+        fabric.seed_everything(cfg.seed)
+        with fabric.init_module():
+            model = TransEncoder(config)
+        fabric.print(f"Total parameters {num_parameters(model):,}")
+        state = init_state(fabric, model, cfg, hparams, cfg.out_dir)
+        model = state["model"]
 
-    fabric.seed_everything(args.seed)
-    with fabric.init_module():
-        model = TransEncoder(config)
-    fabric.print(f"Total parameters {num_parameters(model):,}")
-    state = init_state(fabric, model, args, hparams, TRAJECTORY_KEYS)
-    model = state["model"]
+        G, L, micro = cfg.global_batch_size, cfg.seq_len, cfg.micro_batch_size
+        order = SampleOrder(len(train_data), cfg.seed)
 
-    G, L, micro = args.global_batch_size, args.seq_len, args.micro_batch_size
-    order = SampleOrder(len(train_data), args.seed)
+        @lru_cache(maxsize=1)
+        def step_plan(step: int) -> tuple[list[int], NoiseDraw]:
+            """Samples and noise of one optimizer step for the whole global batch (same on every rank)."""
+            draw = draw_noise(seeded_generator(cfg.seed, STREAM_TRAIN, step), G, L, cfg.random_length_prob)
+            return order.indices(step * G, G), draw
 
-    @lru_cache(maxsize=1)
-    def step_plan(step: int) -> tuple[list[int], NoiseDraw]:
-        """Samples and noise of one optimizer step for the whole global batch (same on every rank)."""
-        draw = draw_noise(seeded_generator(args.seed, STREAM_TRAIN, step), G, L, args.random_length_prob)
-        return order.indices(step * G, G), draw
-
-    def micro_loss(step: int, micro_idx: int) -> torch.Tensor:
-        indices, draw = step_plan(step)
-        rows = micro_batch_rows(micro_idx, micro, fabric.global_rank, fabric.world_size)
-        tokens = train_data.batch(indices[rows])[:, :draw.length]  # (micro, length)
-        check_vocab(tokens, config.vocab_size, args.train_data_dir)
-        tokens = tokens.to(fabric.device)
-        u = draw.u[rows, :draw.length]
-        noisy, masked, p_mask = forward_process(tokens, draw.t[rows], u, config.mask_id, args.eps)
-        return mdm_loss(model(noisy), tokens, masked, p_mask)
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        """Mean loss over --eval_iters batches x --eval_mc noise draws, the same draws at every call."""
-        model.eval()
-        n, rank = micro * fabric.world_size, fabric.global_rank
-        total = torch.zeros((), device=fabric.device)
-        for k in range(args.eval_iters):
-            tokens = val_data.batch([(k * n + rank * micro + i) % len(val_data) for i in range(micro)])
-            check_vocab(tokens, config.vocab_size, args.val_data_dir)
+        def step_fn(step: int, micro_idx: int) -> tuple[torch.Tensor, dict]:
+            indices, draw = step_plan(step)
+            rows = micro_batch_rows(micro_idx, micro, fabric.global_rank, fabric.world_size)
+            tokens = train_data.batch(indices[rows])[:, :draw.length]  # (micro, length)
+            check_vocab(tokens, config.vocab_size, cfg.train_data_dir)
             tokens = tokens.to(fabric.device)
-            for i in range(args.eval_mc):
-                draw = draw_noise(seeded_generator(args.seed, STREAM_VAL, k, i), n, L)
-                rows = slice(rank * micro, (rank + 1) * micro)
-                noisy, masked, p_mask = forward_process(tokens, draw.t[rows], draw.u[rows], config.mask_id, args.eps)
-                total += mdm_loss(model(noisy), tokens, masked, p_mask)
-        model.train()
-        return fabric.all_reduce(total / (args.eval_iters * args.eval_mc), reduce_op="mean").item()
+            u = draw.u[rows, :draw.length]
+            noisy, masked, p_mask = forward_process(tokens, draw.t[rows], u, config.mask_id, cfg.eps)
+            return mdm_loss(model(noisy), tokens, masked, p_mask), {}
 
-    schedule = Schedule(max_steps=max_steps, warmup_steps=warmup_for(max_steps, args.warmup_steps), lr=args.lr,
-                        min_lr=args.min_lr, grad_accum=grad_accum, grad_clip=args.grad_clip,
-                        save_interval=args.save_interval, eval_interval=args.eval_interval)
-    losses = fit(fabric, state, micro_loss, schedule, args.out_dir, evaluate if val_data is not None else None)
-    export_smdm(fabric, args.out_dir, config, args.export_dir or args.out_dir / "final")
-    return losses
+        @torch.no_grad()
+        def evaluate() -> dict:
+            """Mean loss over --eval_iters batches x --eval_mc noise draws, the same draws at every call."""
+            model.eval()
+            n, rank = micro * fabric.world_size, fabric.global_rank
+            total = torch.zeros((), device=fabric.device)
+            for k in range(cfg.eval_iters):
+                tokens = val_data.batch([(k * n + rank * micro + i) % len(val_data) for i in range(micro)])
+                check_vocab(tokens, config.vocab_size, cfg.val_data_dir)
+                tokens = tokens.to(fabric.device)
+                for i in range(cfg.eval_mc):
+                    draw = draw_noise(seeded_generator(cfg.seed, STREAM_VAL, k, i), n, L)
+                    rows = slice(rank * micro, (rank + 1) * micro)
+                    noisy, masked, p_mask = forward_process(tokens, draw.t[rows], draw.u[rows], config.mask_id,
+                                                            cfg.eps)
+                    total += mdm_loss(model(noisy), tokens, masked, p_mask)
+            model.train()
+            return {"val_loss": fabric.all_reduce(total / (cfg.eval_iters * cfg.eval_mc), reduce_op="mean").item()}
+
+        schedule = Schedule(max_steps=max_steps, warmup_steps=warmup_for(max_steps, cfg.warmup_steps),
+                            grad_accum=grad_accum, grad_clip=cfg.grad_clip, save_interval=cfg.save_interval,
+                            eval_interval=cfg.eval_interval, divergence_factor=cfg.divergence_factor)
+        group = TrainGroup(model, state["optimizer"], lr=cfg.lr, min_lr=cfg.min_lr)
+        result = fit(fabric, state, step_fn, [group], schedule, cfg.out_dir,
+                     evaluate if val_data is not None else None)
+        export_smdm(fabric, cfg.out_dir, config, export_dir)
+    return result.losses
 
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_main(main)

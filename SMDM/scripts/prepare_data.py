@@ -10,32 +10,48 @@ only when the tokenizer defines one); documents are concatenated and cut into ch
 vocabulary (plus the mask id) fits, else int32. The tokenizer is loaded with
 transformers.AutoTokenizer from a local folder (or a hub name where the hub is reachable).
 """
-import argparse
+from __future__ import annotations
+
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # SMDM/ (lit_gpt)
 
 import numpy as np
 
 from lit_gpt.packed_dataset import token_dtype, write_chunk
+from lit_gpt.training import check_writable_dir, require_path
+from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
+from remedi_patches.run_lock import RunLock
 
 SUFFIXES = (".jsonl", ".json", ".txt")
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", type=Path, nargs="+", required=True, help=".jsonl/.json/.txt files or folders of them")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained)")
-    p.add_argument("--out_dir", type=Path, required=True, help="folder for the <prefix>_XXXXXXXXXX.bin files")
-    p.add_argument("--prefix", default="train", help="file name prefix")
-    p.add_argument("--text_field", default="text", help="field holding the text in json records")
-    p.add_argument("--chunk_size", type=int, default=2048 * 1024, help="tokens per file")
-    p.add_argument("--batch_docs", type=int, default=1000, help="documents tokenised per tokenizer call")
-    return p.parse_args(argv)
+@dataclass
+class PrepareConfig:
+    input: Optional[list[Path]] = arg(None, ".jsonl/.json/.txt files or folders of them (required)")
+    tokenizer: Optional[str] = arg(None, "tokenizer folder (AutoTokenizer.from_pretrained) (required)")
+    out_dir: Optional[Path] = arg(None, "folder for the <prefix>_XXXXXXXXXX.bin files (required)")
+    prefix: str = arg("train", "file name prefix")
+    text_field: str = arg("text", "field holding the text in json records")
+    chunk_size: int = arg(2048 * 1024, "tokens per file")
+    batch_docs: int = arg(1000, "documents tokenised per tokenizer call")
+
+    def check(self) -> "PrepareConfig":
+        for name in ("input", "tokenizer", "out_dir"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required (see --help)")
+        for path in self.input:
+            require_path(path, "--input")
+        require_path(self.tokenizer, "--tokenizer", kind="model")
+        if self.chunk_size < 1 or self.batch_docs < 1:
+            raise UserError(f"--chunk_size and --batch_docs must be >= 1, got {self.chunk_size}, {self.batch_docs}")
+        return self
+
+
+def parse_args(argv: Optional[list[str]] = None) -> PrepareConfig:
+    parser = add_config_args(ArgumentParser(description=__doc__.split("\n")[0]), PrepareConfig)
+    return config_from_args(PrepareConfig, parser.parse_args(argv)).check()
 
 
 def input_files(paths: list[Path]) -> list[Path]:
@@ -137,18 +153,19 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
     from transformers import AutoTokenizer
 
     files = input_files(args.input)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(args.out_dir.glob(f"{args.prefix}_*.bin"))
     if existing:
-        raise ValueError(f"{args.out_dir} already holds {len(existing)} '{args.prefix}_*.bin' files; remove them or "
-                         "choose another --out_dir / --prefix so datasets do not mix.")
-    written, n_docs, n_tokens = pack(files, tokenizer, args.out_dir, args.prefix, args.text_field, args.chunk_size,
-                                     args.batch_docs)
+        raise UserError(f"{args.out_dir} already holds {len(existing)} '{args.prefix}_*.bin' files; remove them or "
+                        "choose another --out_dir / --prefix so datasets do not mix.")
+    check_writable_dir(args.out_dir, "--out_dir")
+    with RunLock(args.out_dir):
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        written, n_docs, n_tokens = pack(files, tokenizer, args.out_dir, args.prefix, args.text_field,
+                                         args.chunk_size, args.batch_docs)
     print(f"{n_docs} documents, {n_tokens} tokens ({np.dtype(token_dtype(len(tokenizer))).name}, vocab "
           f"{len(tokenizer)}) -> {len(written)} files in {args.out_dir}")
     return written
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

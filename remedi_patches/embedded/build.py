@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from remedi_patches.cli import ArgumentParser, UserError, run_main
 from remedi_patches.embedded import ASSETS_DIR
 from remedi_patches.embedded.task import format_prompt, read_jsonl
 
@@ -32,7 +33,7 @@ BACKBONE_DIR = ASSETS_DIR / "backbone"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work_dir", type=Path, default=Path("out/embedded_build"), help="data, checkpoints and logs")
     p.add_argument("--out_dir", type=Path, default=BACKBONE_DIR, help="where the finished backbone is exported")
     p.add_argument("--seed", type=int, default=0, help="task, tokenizer and both training runs")
@@ -51,7 +52,9 @@ def run(cmd: list[str], log) -> None:
     line = " ".join(str(c) for c in cmd)
     print(f"$ {line}", file=log, flush=True)
     print(f"$ {line}", flush=True)
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+    done = subprocess.run([str(c) for c in cmd], cwd=REPO)
+    if done.returncode != 0:  # the stage printed its own error line
+        raise UserError(f"stage `{line}` failed with exit status {done.returncode}; see its output above")
 
 
 def last_row(metrics_dir: Path, key: str) -> float | None:
@@ -125,4 +128,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
