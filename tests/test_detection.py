@@ -19,7 +19,7 @@ SEQ_LEN = 96
 
 
 @pytest.fixture(scope="module")
-def model(tiny):  # noqa: F811
+def model(tiny):
     """(backbone, head): the tiny SMDM backbone and its random linear UPS head."""
     from remedi_patches.backbones import load_backbone
     from remedi_patches.modeling_wrappers import load_ups_head
@@ -72,6 +72,29 @@ def test_trainer_and_report_make_one_measurement_for_any_batch_size(model, sourc
     other_seed = D.ups_detection_report(backbone, head, records, seq_len=SEQ_LEN, r_incorrect=0.5, seed=4,
                                         incorrect_source=source)
     assert other_seed.auc != report.auc  # the seed is the noise
+
+
+@pytest.mark.slow
+def test_training_log_and_report_give_the_same_auc(model, tiny, tmp_path, capsys):
+    """The real trainer (remedi_patches.remask_sft) logs eval_auc on its held-out rows; the report CLI on the saved
+    head, the same rows (--split test, --max_samples) and the training seed gives the same figures."""
+    from remedi_patches.remask_sft import RemaskConfig, run
+
+    backbone, _ = model
+    cfg = RemaskConfig(model_name=str(tiny), dataset="embedded", max_records=32, eval_split="test", eval_samples=8,
+                       seq_len=SEQ_LEN, batch_size=4, max_steps=2, lr=1e-2, r_incorrect=0.5, eval_every=0,
+                       save_every=0, out_dir=str(tmp_path / "run"), accelerator="cpu", precision="32-true", seed=5)
+    logged = run(cfg, backbone=backbone)
+    assert logged["eval_incorrect_tokens"] > 0
+    got = D.main(["--ups_head", logged["head_path"], "--model_name", str(tiny), "--dataset", "embedded", "--split",
+                  "test", "--max_samples", "8", "--seed", "5", "--batch_size", "3", "--device", "cpu",
+                  "--out_dir", str(tmp_path / "report")])
+    assert (got["n_incorrect"], got["n_scored"]) == (logged["eval_incorrect_tokens"], logged["eval_scored_tokens"])
+    assert got["auc"] == pytest.approx(logged["eval_auc"], abs=1e-12)
+    assert got["tps_auc"] == pytest.approx(logged["eval_tps_auc"], abs=1e-12)
+    assert got["tps_loss"] == pytest.approx(logged["eval_tps_loss"], rel=1e-5)
+    assert got["ups_loss"] == pytest.approx(logged["eval_ups_loss"], rel=1e-5)
+    assert got["confusion"]["precision"] == logged["eval_precision"]
 
 
 def test_report_matches_a_direct_computation(model, tmp_path):
@@ -145,7 +168,7 @@ def test_detection_settings_follow_the_head_meta():
                                         "eps": 1e-3, "prompt_template": None}  # None: data.render_prompt's default
 
 
-def test_cli_writes_the_report(tiny, tmp_path, capsys):  # noqa: F811
+def test_cli_writes_the_report(tiny, tmp_path, capsys):
     out = tmp_path / "report"
     got = D.main(["--ups_head", str(tiny / "ups_head.safetensors"), "--model_name", str(tiny), "--max_samples",
                   "6", "--seq_len", str(SEQ_LEN), "--r_incorrect", "0.5", "--device", "cpu", "--out_dir", str(out)])
@@ -155,7 +178,7 @@ def test_cli_writes_the_report(tiny, tmp_path, capsys):  # noqa: F811
     assert got["n_rows"] == 6 and "wrote" in capsys.readouterr().out
 
 
-def test_cli_checks_flags_before_loading_the_model(tiny, tmp_path):  # noqa: F811
+def test_cli_checks_flags_before_loading_the_model(tiny, tmp_path):
     head = str(tiny / "ups_head.safetensors")
     missing_model = str(tmp_path / "no_model")  # loading it would fail with another message
     with pytest.raises(ValueError, match="--threshold"):

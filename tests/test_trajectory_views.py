@@ -4,9 +4,9 @@ import html
 import pytest
 import torch
 
-from generate import generate
 from remedi_patches import trajectory_views as D
 from remedi_patches.remasking import Trajectory, commit_schedule
+from remedi_patches.sampling import generate
 
 MASK = 99
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ def text(token: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tiny):  # noqa: F811
+def run(tiny):
     """A real trajectory: the tiny SMDM backbone, 'ups' source, 2 rows of different prompt lengths."""
     from remedi_patches.backbones import load_backbone
     from remedi_patches.modeling_wrappers import load_ups_head
@@ -110,7 +110,7 @@ def test_html_is_self_contained_and_marks_the_correction(tmp_path):
     assert "step 4 (block 0) (0)" in page
 
 
-def test_token_texts_show_masks_and_unknown_ids(tiny):  # noqa: F811
+def test_token_texts_show_masks_and_unknown_ids(tiny):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny))
