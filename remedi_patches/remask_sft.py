@@ -37,7 +37,7 @@ import torch
 from lit_gpt.diffusion import seeded_generator
 from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, claim_outputs, csv_logger,
                               default_precision, fit, hparams_of, num_parameters, require_finite, require_path,
-                              resume_path, resume_state, setup_fabric)
+                              resume_path, setup_fabric)
 from remedi_patches import data as sft_data
 from remedi_patches.backbones import backbone_kind, fsdp_block_classes, load_backbone, max_length_of
 from remedi_patches.cli import UserError, arg
@@ -444,7 +444,6 @@ def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
         state.update(lora=lora_state, opt_lora=opt_lora)
         lora_group = TrainGroup(model, opt_lora, lr=cfg.lr_lora, min_lr=cfg.lr_lora * cfg.min_lr_ratio, name="lora",
                                 flag="--lr_lora")
-    resume_state(fabric, state, resume_path(out_dir, cfg.resume), hparams)
 
     step = RemaskStep(fabric, cfg, model, head, train_ex, mask_id, vocab_size, special, head_group, lora_group)
     settings = DetectionSettings(r_incorrect=cfg.r_incorrect, incorrect_source=cfg.incorrect_source, eps=cfg.eps,
@@ -457,7 +456,8 @@ def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
     schedule = Schedule(max_steps=max_steps, warmup_steps=cfg.warmup_steps, grad_accum=cfg.grad_accum,
                         grad_clip=cfg.grad_clip, save_interval=cfg.save_every, eval_interval=cfg.eval_every,
                         divergence_factor=cfg.divergence_factor)
-    result = fit(fabric, state, step, step.groups, schedule, out_dir, evaluate if eval_ex is not None else None)
+    result = fit(fabric, state, step, step.groups, schedule, out_dir, evaluate if eval_ex is not None else None,
+                 resume=resume_path(out_dir, cfg.resume), hparams=hparams)
 
     tps_updates, ups_updates = update_counts(cfg.train_mode, state["step_count"], cfg.alt_ratio)
     head_path, lora_dir = cfg.head_path, cfg.lora_dir

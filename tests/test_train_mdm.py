@@ -276,3 +276,59 @@ def test_two_process_ddp_matches_one_process(data, tmp_path):
     m1, m2 = load_smdm_folder(tmp_path / "d1" / "final"), load_smdm_folder(tmp_path / "d2" / "final")
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
+
+
+# ------------------------------------------------------------------ fit: the one loop, with any step function
+
+
+def test_fit_contract_alternating_groups_accumulation_and_resume(tmp_path):
+    """A trainer is a step function plus the groups each step updates (here: a alternates with b, as Remask SFT's
+    alternating mode does); fit averages metrics over micro-batches, schedules each group's LR, checkpoints the
+    state and a resumed run continues the same trajectory."""
+    from lightning_fabric import Fabric
+
+    def setup(out):
+        fabric = Fabric(accelerator="cpu", devices=1, loggers=[training.csv_logger(out)])
+        torch.manual_seed(0)
+        a, b = fabric.setup_module(torch.nn.Linear(3, 1)), fabric.setup_module(torch.nn.Linear(3, 1))
+        opt_a = fabric.setup_optimizers(torch.optim.SGD(a.parameters(), lr=0.1))
+        opt_b = fabric.setup_optimizers(torch.optim.SGD(b.parameters(), lr=0.1))
+        ga = training.TrainGroup(a, opt_a, lr=0.1, name="a")
+        gb = training.TrainGroup(b, opt_b, lr=0.05, min_lr=0.01, name="b", flag="--lr_b")
+        state = {"a": a, "b": b, "opt_a": opt_a, "opt_b": opt_b, "step_count": 0, "iter_num": 0}
+        x = torch.arange(12.0).view(4, 3) / 10
+
+        def step_fn(step, micro):
+            loss = ((a(x[micro::2]) + b(x[micro::2]) - 1) ** 2).mean()
+            return loss, {"micro_seen": float(micro), "double": 2 * loss.detach()}
+
+        return fabric, state, step_fn, (lambda step: [ga] if step % 2 == 0 else [gb])
+
+    schedule = training.Schedule(max_steps=6, warmup_steps=0, grad_accum=2, save_interval=3)
+    fabric, state, step_fn, groups = setup(tmp_path / "full")
+    full = training.fit(fabric, state, step_fn, groups, schedule, tmp_path / "full")
+    assert len(full.losses) == 6 and state["step_count"] == 6 and state["iter_num"] == 12
+    assert full.metrics["micro_seen"] == 0.5 and full.metrics["double"] == pytest.approx(2 * full.losses[-1])
+    assert "lr_b" in full.metrics and "lr_a" not in full.metrics  # the last step (5) trains b only
+    assert full.metrics["lr_b"] == pytest.approx(training.cosine_lr(5, 0, 6, 0.05, 0.01))
+
+    fabric, state, step_fn, groups = setup(tmp_path / "killed")
+    b_before = state["b"].weight.detach().clone()
+    snaps, real = [], training.save_checkpoint
+
+    def save_then_die(fabric_, path, state_):
+        snaps.append(state_["b"].weight.detach().clone())
+        real(fabric_, path, state_)
+        raise KeyboardInterrupt
+
+    training.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            training.fit(fabric, state, step_fn, groups, schedule, tmp_path / "killed")
+    finally:
+        training.save_checkpoint = real
+    assert not torch.equal(snaps[0], b_before)  # step 1 trained b
+    fabric, state, step_fn, groups = setup(tmp_path / "killed")
+    resumed = training.fit(fabric, state, step_fn, groups, schedule, tmp_path / "killed",
+                           resume=training.resume_path(tmp_path / "killed", "auto"))
+    assert resumed.losses == full.losses[3:]

@@ -5,16 +5,16 @@ A trainer is "config dataclass + step function + CLI built from the dataclass":
     cfg = config_from_args(MyConfig, parser.parse_args(argv)); cfg.check()   # every flag, before any load
     with claim_outputs(cfg.out_dir, save_path=...):                           # writable? lock (2nd run refuses)
         fabric = setup_fabric(cfg, loggers=[csv_logger(cfg.out_dir)])
-        state = {"model": model, "optimizer": opt, "hparams": ..., "step_count": 0, "iter_num": 0}
-        resume_state(fabric, state, resume_path(cfg.out_dir, cfg.resume), hparams)
-        result = fit(fabric, state, step_fn, [TrainGroup(model, opt, lr=cfg.lr)], schedule, cfg.out_dir, evaluate)
+        state = {"model": model, "optimizer": opt, "step_count": 0, "iter_num": 0}
+        result = fit(fabric, state, step_fn, [TrainGroup(model, opt, lr=cfg.lr)], schedule, cfg.out_dir, evaluate,
+                     resume=resume_path(cfg.out_dir, cfg.resume), hparams=hparams_of(cfg))
 
 `fit` contract (see its docstring): `step_fn(step, micro) -> (loss, metrics)` computes the loss of one
 micro-batch of optimizer step `step` (it must depend only on its arguments and the weights, so a resumed run
 continues the same trajectory); `groups` (a list, or a function of the step) says which modules and
 optimizers that step updates; `state` is what every checkpoint holds. fit owns the rest: cosine LR per group,
 gradient accumulation without gradient sync until the last micro-batch, clipping, the non-finite / divergence
-guard, logging (CSVLogger metrics.csv + tqdm), validation, atomic checkpoints and the run lock.
+guard, logging (CSVLogger metrics.csv + tqdm), validation, atomic checkpoints, resume and the run lock.
 
 Config pieces shared by the trainers (fields declared once with remedi_patches.cli.arg): FabricConfig
 (--accelerator --devices --num_nodes --strategy --precision), RunConfig (--resume --divergence_factor),
@@ -508,13 +508,12 @@ def build_optimizer(fabric: Fabric, params: Iterable[torch.nn.Parameter], cfg: O
     return fabric.setup_optimizers(optimizer)
 
 
-def init_state(fabric: Fabric, model: torch.nn.Module, cfg, hparams: dict, out_dir: Path) -> dict:
-    """Set up `model` and AdamW with Fabric and return the checkpoint state {"model", "optimizer",
-    "hparams", "iter_num", "step_count"}, restored from the checkpoint `--resume` selects (if any)."""
+def setup_model_and_optimizer(fabric: Fabric, model: torch.nn.Module, cfg: OptimConfig, hparams: dict) -> dict:
+    """Set up `model` and AdamW with Fabric; returns the checkpoint state {"model", "optimizer", "hparams",
+    "iter_num", "step_count"} of the SMDM trainers (fit restores it when resuming)."""
     model = fabric.setup(model)
-    state = {"model": model, "optimizer": build_optimizer(fabric, model.parameters(), cfg), "hparams": hparams,
-             "iter_num": 0, "step_count": 0}
-    return resume_state(fabric, state, resume_path(out_dir, cfg.resume), hparams)
+    return {"model": model, "optimizer": build_optimizer(fabric, model.parameters(), cfg), "hparams": hparams,
+            "iter_num": 0, "step_count": 0}
 
 
 # ---------------------------------------------------------------- logging
@@ -584,7 +583,8 @@ def _stop(fabric: Fabric, out_dir: Path, step: int, problem: str, groups: Sequen
 
 def fit(fabric: Fabric, state: dict, step_fn: StepFn,
         groups: Union[Sequence[TrainGroup], Callable[[int], Sequence[TrainGroup]]], schedule: Schedule,
-        out_dir: Union[str, Path], evaluate: Optional[Callable[[], Mapping[str, float]]] = None) -> FitResult:
+        out_dir: Union[str, Path], evaluate: Optional[Callable[[], Mapping[str, float]]] = None, *,
+        resume: Optional[Path] = None, hparams: Optional[dict] = None) -> FitResult:
     """Run optimizer steps state["step_count"] .. schedule.max_steps - 1: the only training loop.
 
     step_fn(step, micro) -> (loss, metrics): forward of micro-batch `micro` (0 .. grad_accum - 1) of optimizer
@@ -592,12 +592,17 @@ def fit(fabric: Fabric, state: dict, step_fn: StepFn,
         scalars (tensors or numbers) logged as their mean over micro-batches and ranks; "loss" in it replaces
         the logged loss (e.g. a total while a part of it is optimized). It must depend only on its arguments
         and the weights, so that a resumed run continues the uninterrupted trajectory exactly.
-    groups: the TrainGroups every step updates, or a function step -> groups (e.g. alternating updates).
+    groups: the TrainGroups every step updates, or a function step -> groups (e.g. alternating updates). Their
+        gradients are cleared at the start of the step, so only this step's micro-batches count; modules of no
+        group are not updated (run them under no_grad to save the backward).
     state: what each checkpoint holds: the trained modules and optimizers (under any names), plain values,
         and the counters "step_count" (optimizer steps) and "iter_num" (micro-batches, SMDM's count) that fit
         advances; fit adds "loss_guard".
     evaluate() -> metrics: run every schedule.eval_interval steps and after the last (also when no step is
         left to run), logged and printed.
+    resume: a checkpoint to restore `state` from first (`resume_path(out_dir, "auto")`: the newest in out_dir);
+        hparams: this run's settings, stored in state["hparams"]; those that differ from the checkpoint's are
+        listed in a warning (resume_state).
 
     Per step: cosine LR per group; accumulate backward(loss / grad_accum) with gradient sync only on the last
     micro-batch; clip each group's gradients (measuring their norm); stop with TrainingDiverged (a UserError:
@@ -610,6 +615,9 @@ def fit(fabric: Fabric, state: dict, step_fn: StepFn,
     with contextlib.ExitStack() as stack:
         if not _launcher_child():
             stack.enter_context(RunLock(out_dir))
+        if hparams is not None:
+            state["hparams"] = hparams
+        resume_state(fabric, state, resume, hparams)
         return _fit(fabric, state, step_fn, groups, schedule, out_dir, evaluate)
 
 
@@ -635,6 +643,7 @@ def _steps(fabric, state, step_fn, groups_of, schedule: Schedule, out_dir: Path,
         trained = list(groups_of(step))
         lrs = {}
         for g in trained:
+            g.optimizer.zero_grad(set_to_none=True)  # what another step's backward left here does not count
             lr = cosine_lr(step, schedule.warmup_steps, schedule.max_steps, g.lr, g.min_lr)
             for pg in g.optimizer.param_groups:
                 pg["lr"] = lr

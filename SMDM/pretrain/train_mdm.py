@@ -28,8 +28,9 @@ from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
 from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
                               UserError, claim_outputs, config_from_args, csv_logger, default_micro_batch_size,
-                              export_smdm, fit, grad_accum_steps, hparams_of, init_state, micro_batch_rows,
-                              num_parameters, require_path, setup_fabric, warmup_for)
+                              export_smdm, fit, grad_accum_steps, hparams_of, micro_batch_rows,
+                              num_parameters, require_path, resume_path, setup_fabric,
+                              setup_model_and_optimizer, warmup_for)
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args as from_namespace, run_main
 
 STREAM_TRAIN, STREAM_VAL = 0, 1
@@ -134,7 +135,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         with fabric.init_module():
             model = TransEncoder(config)
         fabric.print(f"Total parameters {num_parameters(model):,}")
-        state = init_state(fabric, model, cfg, hparams, cfg.out_dir)
+        state = setup_model_and_optimizer(fabric, model, cfg, hparams)
         model = state["model"]
 
         G, L, micro = cfg.global_batch_size, cfg.seq_len, cfg.micro_batch_size
@@ -180,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
                             eval_interval=cfg.eval_interval, divergence_factor=cfg.divergence_factor)
         group = TrainGroup(model, state["optimizer"], lr=cfg.lr, min_lr=cfg.min_lr)
         result = fit(fabric, state, step_fn, [group], schedule, cfg.out_dir,
-                     evaluate if val_data is not None else None)
+                     evaluate if val_data is not None else None, resume=resume_path(cfg.out_dir, cfg.resume),
+                     hparams=hparams)
         export_smdm(fabric, cfg.out_dir, config, export_dir)
     return result.losses
 

@@ -30,8 +30,9 @@ from lit_gpt.model import CONFIG_FILE, TransEncoder, load_smdm_config, load_weig
 from lit_gpt.packed_dataset import SampleOrder
 from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
                               UserError, claim_outputs, config_from_args, csv_logger, default_micro_batch_size,
-                              export_smdm, fit, grad_accum_steps, hparams_of, init_state, micro_batch_rows,
-                              num_parameters, require_path, setup_fabric, warmup_for)
+                              export_smdm, fit, grad_accum_steps, hparams_of, micro_batch_rows,
+                              num_parameters, require_path, resume_path, setup_fabric,
+                              setup_model_and_optimizer, warmup_for)
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args as from_namespace, run_main
 from remedi_patches.data import answer_mask, build_sft_examples, column_names, load_records, resolve_fields
 from remedi_patches.losses import tps_loss
@@ -158,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
             load_weights(model, cfg.pretrained_path)
             fabric.print(f"Loaded weights from {cfg.pretrained_path}")
         fabric.print(f"Total parameters {num_parameters(model):,}")
-        state = init_state(fabric, model, cfg, hparams, cfg.out_dir)
+        state = setup_model_and_optimizer(fabric, model, cfg, hparams)
         model = state["model"]
         order = SampleOrder(len(ex), cfg.seed)
 
@@ -180,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
                             grad_accum=grad_accum, grad_clip=cfg.grad_clip, save_interval=cfg.save_interval,
                             divergence_factor=cfg.divergence_factor)
         group = TrainGroup(model, state["optimizer"], lr=cfg.lr, min_lr=cfg.min_lr)
-        result = fit(fabric, state, step_fn, [group], schedule, cfg.out_dir)
+        result = fit(fabric, state, step_fn, [group], schedule, cfg.out_dir,
+                     resume=resume_path(cfg.out_dir, cfg.resume), hparams=hparams)
         export_smdm(fabric, cfg.out_dir, config, export_dir)
     return result.losses
 
