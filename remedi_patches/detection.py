@@ -45,7 +45,8 @@ from remedi_patches import data
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
 from remedi_patches.losses import remask_losses
 from remedi_patches.metrics import Confusion, confusion_at, detection_scores, roc_auc, roc_curve, token_prob_scores
-from remedi_patches.modeling_wrappers import backbone_forward
+from remedi_patches.model_args import add_model_args, model_spec_from_args
+from remedi_patches.modeling_wrappers import backbone_forward, load_ups_head
 from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, noise_special_ids,
                                   tps_incorrect_noise)
 from remedi_patches.trajectory_views import pyplot, save_figure, write_text
@@ -273,24 +274,25 @@ def write_detection_report(report: Detection, out_dir: str | Path) -> dict[str, 
 # ---------------------------------------------------------------- CLI
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportConfig:
-    """Where the head, backbone and held-out records of the report come from (DetectionSettings: how they are
-    measured)."""
+    """Which held-out records the report measures and where it goes (the model flags: model_args.ModelSpec; how
+    the rows are noised and scored: DetectionSettings)."""
 
-    ups_head: Optional[str] = arg(None, "UPS head .safetensors written by train_remedi.py (required)", group="model")
-    model_name: Optional[str] = arg(None, "backbone: None = the embedded model, else a LLaDA / SMDM folder, hub "
-                                    "name or SMDM .pth", flags=("--model_name", "--model"), group="model")
-    smdm_size: Optional[str] = arg(None, "architecture of an SMDM .pth checkpoint", group="model")
-    tokenizer: Optional[str] = arg(None, "tokenizer folder when the model has none", group="model")
-    lora_path: Optional[str] = arg(None, "PEFT LoRA adapter folder (train_remedi.py --save_lora_dir)", group="model")
-    device: str = arg("auto", "torch device; auto: cuda when available, else cpu", group="model")
-    dataset: str = arg("embedded", "held-out records: hub name, local file / folder or 'embedded'", group="data")
-    split: str = arg("test", "held-out split", group="data")
-    subset: Optional[str] = arg(None, "hub config / sub-folder", group="data")
-    max_samples: int = arg(200, "records noised and scored", group="data")
-    seq_len: Optional[int] = arg(None, "tokens per row; None = the head's training seq_len (else 128)", group="data")
-    out_dir: str = arg("out/detection", "roc.png, confusion.png, detection.json", group="output")
+    dataset: str = arg("embedded", "held-out records: hub name, local file / folder or 'embedded'")
+    split: str = arg("test", "held-out split")
+    subset: Optional[str] = arg(None, "hub config / sub-folder")
+    max_samples: int = arg(200, "records noised and scored")
+    seq_len: Optional[int] = arg(None, "tokens per row; None = the head's training seq_len (else 128)")
+    out_dir: str = arg("out/detection", "roc.png, confusion.png, detection.json")
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 1:
+            raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"--seq_len must be >= 1, got {self.seq_len}")
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise NotADirectoryError(f"--out_dir {self.out_dir} is a file; pass a folder for the report")
 
 
 NONE_MEANS_THE_HEADS = {"r_incorrect": None, "incorrect_source": None, "eps": None}  # report defaults: head meta
@@ -300,51 +302,32 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m remedi_patches.detection",
                        description="UPS incorrect-token detection (ROC/AUC, confusion matrix) on held-out noised "
                                    "data: the same measurement as the trainer's held-out eval_auc.")
-    add_config_args(p, ReportConfig)
+    add_model_args(p)
+    add_config_args(p, ReportConfig, group="held-out data and output")
     add_config_args(p, DetectionSettings, defaults=NONE_MEANS_THE_HEADS)
     return p
 
 
-def _check(cfg: ReportConfig) -> str:
-    """Flags that need no file: ValueError naming the flag; returns the device."""
-    if cfg.ups_head is None:
-        raise UserError("--ups_head is required: pass the .safetensors file written by SMDM/pretrain/train_remedi.py")
-    if cfg.max_samples < 1:
-        raise ValueError(f"--max_samples must be >= 1, got {cfg.max_samples}")
-    if cfg.seq_len is not None and cfg.seq_len < 1:
-        raise ValueError(f"--seq_len must be >= 1, got {cfg.seq_len}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but this torch sees no CUDA device; pass --device cpu")
-    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
-        raise NotADirectoryError(f"--out_dir {cfg.out_dir} is a file; pass a folder for the report")
-    if cfg.lora_path and not (Path(cfg.lora_path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no LoRA adapter at {cfg.lora_path} (adapter_config.json missing); pass the folder "
-                                "written by train_remedi.py --save_lora_dir, or drop --lora_path")
-    return device
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
-    from remedi_patches.backbones import load_backbone
-    from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
-
     args = build_parser().parse_args(argv)
+    if args.ups_head_path is None:
+        raise UserError("--ups_head is required: pass the .safetensors file written by SMDM/pretrain/train_remedi.py")
     cfg = config_from_args(ReportConfig, args)
-    device = _check(cfg)
     unset = {k: getattr(DetectionSettings(), k) for k in NONE_MEANS_THE_HEADS if getattr(args, k) is None}
-    config_from_args(DetectionSettings, args, **unset)  # the flags given, checked before any file is read
-    head, meta = load_ups_head(cfg.ups_head, map_location=device)  # small: read before the backbone
+    config_from_args(DetectionSettings, args, **unset)  # the detection flags given, checked before any file is read
+    spec = model_spec_from_args(args)  # paths exist, device usable: checked before anything loads
+    _, meta = load_ups_head(spec.ups_head_path)  # small: its training settings, before the backbone loads
     preset = detection_settings(meta, seq_len=cfg.seq_len, r_incorrect=args.r_incorrect,
                                 incorrect_source=args.incorrect_source, eps=args.eps)
     settings = config_from_args(DetectionSettings, args, r_incorrect=preset["r_incorrect"],
-                                incorrect_source=preset["incorrect_source"], eps=preset["eps"])  # validates
-    backbone = load_backbone(cfg.model_name, device=device, smdm_size=cfg.smdm_size, tokenizer=cfg.tokenizer)
-    if cfg.lora_path:
-        backbone.model = load_lora(backbone.model, cfg.lora_path)
-    check_head_fits(head, backbone.model)
+                                incorrect_source=preset["incorrect_source"], eps=preset["eps"])
+    bundle = spec.load()  # backbone, LoRA adapter, head (checked to fit)
     records = data.load_records(cfg.dataset, cfg.split, cfg.subset, limit=cfg.max_samples)
-    report = ups_detection_report(backbone, head, records, seq_len=preset["seq_len"],
+    report = ups_detection_report(bundle, bundle.ups_head, records, seq_len=preset["seq_len"],
                                   prompt_template=preset["prompt_template"], settings=settings)
+    report = dataclasses.replace(report, settings={**report.settings, "backbone": spec.model_name or "embedded",
+                                                   "ups_head": spec.ups_head_path, "dataset": cfg.dataset,
+                                                   "split": cfg.split})
     files = write_detection_report(report, cfg.out_dir)
     print(json.dumps(report.to_dict(), indent=2))
     print("wrote " + ", ".join(str(f) for f in files.values()))

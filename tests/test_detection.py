@@ -178,17 +178,22 @@ def test_cli_writes_the_report(tiny, tmp_path, capsys):
     assert got["n_rows"] == 6 and "wrote" in capsys.readouterr().out
 
 
-def test_cli_checks_flags_before_loading_the_model(tiny, tmp_path):
+def test_cli_checks_flags_before_loading_the_model(tiny, tmp_path, monkeypatch):
+    from remedi_patches.model_args import ModelSpec
+
+    def no_load(self):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(ModelSpec, "load", no_load)
     head = str(tiny / "ups_head.safetensors")
-    missing_model = str(tmp_path / "no_model")  # loading it would fail with another message
-    with pytest.raises(ValueError, match="--threshold"):
-        D.main(["--ups_head", head, "--model_name", missing_model, "--threshold", "1.5"])
+    for flags, fragment in [(["--threshold", "1.5"], "--threshold"), (["--max_samples", "0"], "--max_samples"),
+                            (["--r_incorrect", "2"], "--r_incorrect"), (["--seq_len", "0"], "--seq_len")]:
+        with pytest.raises(ValueError, match=fragment):
+            D.main(["--ups_head", head, "--model_name", str(tiny), *flags])
     with pytest.raises(ValueError, match="--batch_size"):  # before the head file is read, too
         D.main(["--ups_head", str(tmp_path / "no_head.safetensors"), "--batch_size", "0"])
-    with pytest.raises(ValueError, match="--max_samples"):
-        D.main(["--ups_head", head, "--model_name", missing_model, "--max_samples", "0"])
     with pytest.raises(ValueError, match="--ups_head is required"):
-        D.main(["--model_name", missing_model])
+        D.main(["--model_name", str(tiny)])
 
 
 def test_cli_missing_head_is_one_line(tmp_path):
