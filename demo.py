@@ -14,7 +14,6 @@ steps<N>_summary.json / .md per step budget and report.json. Re-running resumes 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from eval_gsm_math import evaluate, make_items, markdown_table, parse_runs, write_jsonl, write_summary, write_text
@@ -24,7 +23,6 @@ from remedi_patches.model_args import ModelSpec
 from remedi_patches.remask_sft import RemaskConfig, run
 from remedi_patches.run_lock import RunLock
 from remedi_patches.sampling import SamplerSettings
-
 
 
 def build_parser() -> ArgumentParser:

@@ -367,12 +367,18 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_out_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out_dir {out_dir} is a file; pass a folder (it is created if missing)")
+    return out_dir
+
+
 def run_regrade(path: str, out_dir: Optional[str]) -> dict:
+    target = check_out_dir(Path(out_dir) if out_dir else Path(path).parent)
     rows = read_predictions(path)
     new_rows = regrade(rows)
     changed = sum(a["correct"] != b["correct"] for a, b in zip(rows, new_rows))
     summary = summarise(new_rows)
-    target = Path(out_dir) if out_dir else Path(path).parent
     with RunLock(target):
         write_jsonl(target / "regraded_predictions.jsonl", new_rows)
         write_summary(target, {**summary, "regraded_from": str(path), "changed": changed}, prefix="regraded_")
@@ -392,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"--infer_bs must be >= 1, got {args.infer_bs}")
     runs, settings = runs_and_settings(args)
     spec = model_spec_from_args(args)
-    out_dir = Path(args.out_dir or "out/eval_gsm_math")
+    out_dir = check_out_dir(Path(args.out_dir or "out/eval_gsm_math"))
     with RunLock(out_dir):
         records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples or None)
         items = make_items(records, args.format, args.prompt_template, args.prompt_field, args.answer_field)
