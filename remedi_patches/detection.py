@@ -6,9 +6,11 @@ Positive class = incorrect token; UPS score 1 - sigmoid(h); baseline score 1 - p
 signal the sampler's `tps_prob` source uses (remedi_patches.metrics). The same call also gives the held-out TPS
 and UPS losses (remedi_patches.losses), so a training log and a report of the same head, rows and settings agree.
 
-The noise comes from ONE generator seeded with `settings.seed`, drawn in a fixed order (all rows' mask and
-incorrect noise first, then, for --incorrect_source tps, the proposals batch by batch in row order), so the result
-does not depend on `batch_size`, on the device, or on how often it is called.
+The noise comes from ONE CPU generator seeded with `settings.seed`, drawn in a fixed order (all rows' mask and
+incorrect noise first, then, for --incorrect_source tps, the proposals batch by batch in row order), so the noise
+does not depend on `batch_size`, the device or how often it is called, and the figures only by float rounding.
+The report reproduces a training log's eval_* figures when given the same rows (the trainer's --eval_split
+records, --max_samples = --eval_samples) and --seed = the training --seed (test_detection.py checks it).
 
 Trainer (held-out evaluation; the keys are metrics.csv's columns):
 
