@@ -92,7 +92,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--heuristics", nargs="*", default=HEURISTICS, help="table 2 rows")
     p.add_argument("--eos_gating", action="store_true", help="logits_eos_inf + confidence_eos_eot_inf")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before every cell")
-    p.add_argument("--batch_size", type=int, default=50, help="problems per generate() call")
+    p.add_argument("--batch_size", type=int, default=50, help="problems per sampler call (left-padded)")
     p.add_argument("--threads", type=int, default=1, help="torch threads; one keeps the tiny model fast on a shared "
                    "CPU (two threads ran 5x slower on a loaded 2-core box); 0 = torch's default")
     p.add_argument("--no_detection", action="store_true", help="skip the UPS detection AUC")

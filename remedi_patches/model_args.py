@@ -20,21 +20,13 @@ import torch
 
 from remedi_patches.backbones import EvalModel, load_eval_model
 from remedi_patches.cli import add_config_args, arg, config_from_args
+from remedi_patches.sources import resolve_source
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def looks_local(value: str) -> bool:
-    """Whether a model name that does not exist is meant as a local path rather than a hub name (org/name)."""
-    text = str(value)
-    if text.startswith((".", "/", "~")) or text.endswith((".pth", ".pt", ".safetensors", ".json")):
-        return True
-    parts = Path(text).parts
-    return len(parts) != 2 or Path(parts[0]).is_dir()  # "out/model" while ./out exists is a local path
 
 
 @dataclass(frozen=True)
@@ -61,12 +53,15 @@ class ModelSpec:
         """Refuse, before loading anything, paths that do not exist and a device this torch cannot use."""
         for flag, value in (("--ups_head", self.ups_head_path), ("--lora_path", self.lora_path)):
             if value is not None and not Path(value).exists():
-                raise FileNotFoundError(f"{flag} {value}: no such local file or folder; pass the path train_remedi.py "
-                                        f"wrote, or leave {flag} out")
+                raise FileNotFoundError(f"{flag} {value}: this local path does not exist (looked for "
+                                        f"{Path(value).expanduser().resolve()}); pass the path train_remedi.py wrote, "
+                                        f"or leave {flag} out")
         for flag, value in (("--model", self.model_name), ("--tokenizer", self.tokenizer)):
-            if value not in (None, "embedded") and not Path(value).exists() and looks_local(value):
-                raise FileNotFoundError(f"{flag} {value}: no such local file or folder (a hub name looks like "
-                                        "org/name); check the path")
+            if value not in (None, "embedded"):
+                try:
+                    resolve_source(value, what=flag.lstrip("-"))  # the project's one local-path-vs-hub-name rule
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(f"{flag}: {err}") from None
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}, but this torch has no CUDA device; pass --device cpu")
         return self

@@ -40,10 +40,10 @@ def test_generate_bad_flag_value(out_dir):
 
 def test_generate_missing_local_paths(tmp_path):
     result = run_cli(["generate.py", "--ups_head", str(tmp_path / "missing.safetensors"), "--confidence_source", "ups"])
-    assert_user_error(result, "--ups_head", "missing.safetensors", "no such local file")
+    assert_user_error(result, "--ups_head", "missing.safetensors", "does not exist")
     result = run_cli(["generate.py", "--model", str(tmp_path / "no_model"), "--steps", "8"])
-    line = assert_user_error(result, "--model", "no_model", "no such local file")
-    assert "hub" not in line.split("(")[0]  # reported as a local path, not as a failed download
+    line = assert_user_error(result, "--model", "no_model", "does not exist")
+    assert "could not get" not in line  # reported as a local path, not as a failed hub download
 
 
 # ---------------------------------------------------------------- eval_gsm_math.py
@@ -59,7 +59,7 @@ def test_eval_missing_local_lora(out_dir, tmp_path):
     with unchanged(out_dir):
         result = run_cli(["eval_gsm_math.py", "--lora_path", str(tmp_path / "lora"), "--confidence_sources",
                           "tps_prob", "--out_dir", str(out_dir)])
-    assert_user_error(result, "--lora_path", "no such local file")
+    assert_user_error(result, "--lora_path", "does not exist")
 
 
 def test_eval_malformed_predictions_name_file_and_line(out_dir):
@@ -95,7 +95,7 @@ def test_infer_compare_bad_flag_value():
 
 def test_infer_compare_missing_local_model(tmp_path):
     result = run_cli(["infer_compare.py", "--model", str(tmp_path / "ckpt.pth"), "--confidence_sources", "random"])
-    assert_user_error(result, "--model", "ckpt.pth", "no such local file")
+    assert_user_error(result, "--model", "ckpt.pth", "does not exist")
 
 
 # ---------------------------------------------------------------- demo.py

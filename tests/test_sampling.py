@@ -13,7 +13,7 @@ from eval_gsm_math import read_predictions
 from generate import generate as generate_from_script
 from remedi_patches.backbones import EvalModel
 from remedi_patches.cli import ArgumentParser
-from remedi_patches.model_args import ModelSpec, add_model_args, looks_local, model_spec_from_args
+from remedi_patches.model_args import ModelSpec, add_model_args, model_spec_from_args
 from remedi_patches.remasking import Trajectory
 from remedi_patches.sampling import (SamplerSettings, add_sampler_args, decode_answer, fit_prompt, generate,
                                      generate_answer_ids, left_pad, needs_ups_head, optional_value, sample,
@@ -179,14 +179,13 @@ def test_prompt_helpers():
 def test_model_spec_reports_missing_local_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
-    assert not looks_local("GSAI-ML/LLaDA-8B-Base") and looks_local("out/model") and looks_local("./m")
-    assert looks_local("ckpt.pth") and looks_local("a/b/c")
     ModelSpec(model_name="GSAI-ML/LLaDA-8B-Base", device="cpu").check()  # a hub name: left to the loader
     ModelSpec(model_name="embedded", device="cpu").check()
-    for kw, flag in ((dict(model_name="out/model"), "--model out/model"), (dict(tokenizer="./tok"), "--tokenizer"),
-                     (dict(ups_head_path="head.safetensors"), "--ups_head head.safetensors"),
-                     (dict(lora_path="lora"), "--lora_path lora")):
-        with pytest.raises(FileNotFoundError, match=f"{flag}.*no such local file"):
+    for kw, flag in ((dict(model_name="out/model"), "--model: model path 'out/model'"),
+                     (dict(tokenizer="./tok"), "--tokenizer"),
+                     (dict(ups_head_path="head.safetensors"), "--ups_head head.safetensors: this local path"),
+                     (dict(lora_path="lora"), "--lora_path lora: this local path")):
+        with pytest.raises(FileNotFoundError, match=f"{flag}.*does not exist"):
             ModelSpec(device="cpu", **kw).check()
     with pytest.raises(ValueError, match="unknown dtype"):
         ModelSpec(dtype="fp8")
