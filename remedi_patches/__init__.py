@@ -6,6 +6,7 @@ transformers' Auto classes as soon as those are imported: see auto_register.py):
     llada/              native LLaDA backbone (transformers, model_type "llada", Auto-registered)
     backbones.py        the backbone registry (one entry per kind) and load_backbone() / load_eval_model()
     sources.py          one rule for "local path or hub name?"
+    auto_register.py    the lazy Auto-class registration of model_type "llada"
     ups_head.py         UPSHead: per-token Unmasking Policy Stream logit on the last hidden state
     modeling_wrappers.py  TPS logits + UPS logits from one forward; save/load of heads; LoRA loading
     confidence.py       confidence sources for dynamic remasking (ups, tps_prob, random, margin, entropy)

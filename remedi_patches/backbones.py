@@ -15,7 +15,13 @@ Adding a backbone is one `register_backbone(BackboneKind(...))` call (see the tw
 this file): how to recognise its files, its loader and mask id, the module path of its final norm and its hidden
 size (for the UPS head's hook, `modeling_wrappers`), its LoRA targets for `--lora_target auto`, its transformer
 block classes (FSDP auto-wrap units) and its context length. `kind_of(model)` tells which entry a loaded module
-belongs to, through PEFT / UPSModel / Fabric wrappers.
+belongs to, through PEFT / UPSModel / Fabric wrappers. For example (a hypothetical SEDD backbone):
+
+    register_backbone(BackboneKind(
+        name="sedd", lora_targets=r".*blocks\.\d+\.(attn_qkv|attn_out)", block_classes=lambda: (DDiTBlock,),
+        final_norm="norm_final", hidden_size=lambda config: config.hidden_size,
+        model_types=("remedi_patches.sedd.model.SEDD",), recognise=lambda path: (path / "sedd.json").is_file(),
+        load=load_sedd, mask_id=lambda model, tokenizer: model.config.vocab_size))
 
 A module of no registered kind (a test toy, a research prototype) still works with the wrappers when it follows
 the convention: `config.hidden_size`, and either a forward taking `output_hidden_states` or a final norm named
@@ -25,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -106,7 +111,7 @@ def fsdp_block_classes(kinds: Optional[list[str]] = None) -> set[type]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model under UPSModel / PEFT / Fabric / DDP / FSDP wrappers (the object holding .config and the layers)."""
+    """The model under UPSModel / PEFT / Fabric / DDP / FSDP / torch.compile wrappers (the object holding .config and the layers)."""
     from remedi_patches.modeling_wrappers import UPSModel
 
     seen = set()
@@ -121,6 +126,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             inner = getattr(model, "_forward_module", None)
         elif type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
             inner = getattr(model, "module", None)
+        elif type(model).__name__ == "OptimizedModule":  # torch.compile
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -259,20 +266,14 @@ def resolve_dtype(dtype: Optional[str], device: str) -> Optional[str]:
 def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = None, device: Optional[str] = None,
                     dtype: Optional[str] = "auto", lora_path: Optional[str] = None,
                     ups_head_path: Optional[str] = None, mask_id: Optional[int] = None, pad_id: Optional[int] = None,
-                    smdm_size: Optional[str] = None, ups_head: Optional[str] = None) -> EvalModel:
+                    smdm_size: Optional[str] = None) -> EvalModel:
     """Backbone (None / 'embedded' = the embedded tiny model), then the LoRA adapter, then the UPS head.
 
-    ups_head_path: the head's .safetensors file (or its folder); `ups_head=` is its old, deprecated name.
+    ups_head_path: the head's .safetensors file (or its folder); EvalModel.ups_head is the loaded module.
     mask_id / pad_id None take the backbone's mask id and the tokenizer's pad id (else its EOS id).
     """
     from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
 
-    if ups_head is not None:
-        if ups_head_path is not None:
-            raise ValueError("pass the UPS head file once, as ups_head_path= (ups_head= is its old name)")
-        warnings.warn("load_eval_model(ups_head=...) is deprecated; pass ups_head_path=", DeprecationWarning,
-                      stacklevel=2)
-        ups_head_path = ups_head
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but this torch has no CUDA device; pass device cpu "

@@ -38,15 +38,12 @@ def test_ups_head_holding_nan_is_refused_naming_file_and_tensor(tmp_path):
     assert_user_error(result, "diverged_head.safetensors", "net.0.bias", "nan or inf")
 
 
-@pytest.mark.parametrize("content,fragments", [
-    (b"", ["bad.jsonl is empty"]),
-    (b'{"question": "a", "answer": "b"}\n{"question": "c\xff", "answer": "d"}\n', ["bad.jsonl, line 2", "utf-8"]),
-])
-def test_train_remedi_bad_dataset_names_the_file_and_line(tmp_path, content, fragments):
+def test_train_remedi_bad_dataset_names_the_file_and_line(tmp_path):
+    """(The other dataset classes, empty file, malformed JSON, empty rows, are unit tests in test_data.py.)"""
     data = tmp_path / "bad.jsonl"
-    data.write_bytes(content)
+    data.write_bytes(b'{"question": "a", "answer": "b"}\n{"question": "c\xff", "answer": "d"}\n')
     out = tmp_path / "out"
     with unchanged(tmp_path):
         result = run_cli(["SMDM/pretrain/train_remedi.py", "--dataset", str(data), "--max_steps", "1",
                           "--out_dir", str(out), "--accelerator", "cpu"])
-    assert_user_error(result, *fragments)
+    assert_user_error(result, "bad.jsonl, line 2", "utf-8")

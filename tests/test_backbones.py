@@ -216,8 +216,6 @@ def test_load_eval_model_takes_ups_head_path(tmp_path):
     head_file = save_ups_head(tmp_path / "ups.safetensors", UPSHead(d, 0), {"mask_id": bb.mask_id})
     em = load_eval_model(None, device="cpu", ups_head_path=str(head_file))
     assert em.ups_head is not None and em.ups_head.hidden_size == d
-    with pytest.warns(DeprecationWarning, match="ups_head_path"):
-        assert load_eval_model(None, device="cpu", ups_head=str(head_file)).ups_head is not None
     with pytest.raises(FileNotFoundError, match="ups_head path '.*nope.safetensors' does not exist"):
         load_eval_model(None, device="cpu", ups_head_path=str(tmp_path / "nope.safetensors"))
     with torch.no_grad():

@@ -95,6 +95,10 @@ class PackedDataset(torch.utils.data.Dataset):
     @classmethod
     def from_dir(cls, data_dir: Union[str, Path], block_size: int, pattern: str = "*.bin") -> "PackedDataset":
         data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data folder {str(data_dir)!r} does not exist (looked for {data_dir.resolve()}); "
+                                    "check the path, or make packed token files with SMDM/scripts/prepare_data.py "
+                                    f"--out_dir {data_dir}.")
         files = sorted(data_dir.glob(pattern))
         if not files:
             raise FileNotFoundError(f"No packed token files matching {pattern!r} in {data_dir}; "
