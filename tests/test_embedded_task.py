@@ -217,3 +217,12 @@ def test_shipped_tokenizer_is_the_backbones_tokenizer():
     for name in (SPM_FILE, "tokenizer.json"):
         assert (TOKENIZER_DIR / name).read_bytes() == (ASSETS_DIR / "backbone" / name).read_bytes()
     assert json.loads((TOKENIZER_DIR / "task.json").read_text())["config"] == dataclasses.asdict(T.TaskConfig())
+
+
+def test_cli_bad_config_is_one_line_before_anything_is_written(tmp_path):
+    from cli_helpers import assert_user_error, run_cli
+
+    result = run_cli(["-m", "remedi_patches.embedded.task", "--out_dir", str(tmp_path / "out"), "--min_ops", "5",
+                      "--max_ops", "2"])
+    assert_user_error(result, "--min_ops", "--max_ops")
+    assert not (tmp_path / "out").exists()

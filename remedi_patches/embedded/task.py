@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
+
 NAMES = (
     ("Tom", "He"), ("Sam", "He"), ("Ben", "He"), ("Max", "He"), ("Leo", "He"), ("Jack", "He"),
     ("Ann", "She"), ("Mia", "She"), ("Lily", "She"), ("Zoe", "She"), ("Eva", "She"), ("Kate", "She"),
@@ -39,20 +41,21 @@ SPLIT_BUCKETS = 20  # solution hash % 20: 0 -> test, 1 -> val, 2..19 -> train
 
 @dataclass(frozen=True)
 class TaskConfig:
-    min_ops: int = 2  # operations per problem, drawn uniformly in [min_ops, max_ops]
-    max_ops: int = 3
-    max_start: int = 20  # starting amount in [2, max_start]
-    max_operand: int = 9  # add / subtract amounts in [1, max_operand]
-    max_value: int = 30  # every intermediate result stays in [0, max_value] (99 is far harder to learn)
-    mul: bool = True  # besides add and subtract, "doubles / triples them"
+    min_ops: int = arg(2, "fewest operations per problem (drawn uniformly in [min_ops, max_ops])")
+    max_ops: int = arg(3, "most operations per problem")
+    max_start: int = arg(20, "largest starting amount (drawn in [2, max_start])")
+    max_operand: int = arg(9, "largest amount added or taken away (drawn in [1, max_operand])")
+    max_value: int = arg(30, "largest intermediate result (every result stays in [0, max_value]; 99 is far "
+                             "harder to learn)")
+    mul: bool = arg(True, "'doubles / triples them' steps besides add and subtract", cli=False)  # --mul/--no-mul
 
     def __post_init__(self):
         if not 1 <= self.min_ops <= self.max_ops:
-            raise ValueError(f"need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
+            raise ValueError(f"need 1 <= --min_ops <= --max_ops, got {self.min_ops}, {self.max_ops}")
         if not 2 <= self.max_start <= self.max_value:
-            raise ValueError(f"need 2 <= max_start <= max_value, got {self.max_start}, {self.max_value}")
+            raise ValueError(f"need 2 <= --max_start <= --max_value, got {self.max_start}, {self.max_value}")
         if self.max_operand < 1:
-            raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
+            raise ValueError(f"--max_operand must be >= 1, got {self.max_operand}")
 
 
 @dataclass(frozen=True)
@@ -157,10 +160,8 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Write the embedded task (train/val/test jsonl in GSM8K layout) and train its tokenizer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(description="Write the embedded task (train/val/test jsonl in GSM8K layout) and train its "
+                       "tokenizer.")
     p.add_argument("--out_dir", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl, task.json")
     p.add_argument("--tokenizer_dir", default=None, help="where the tokenizer goes; None = OUT_DIR/tokenizer")
     p.add_argument("--n_train", type=int, default=50000, help="training problems")
@@ -168,18 +169,17 @@ def main(argv=None):
     p.add_argument("--n_test", type=int, default=500, help="held-out test problems")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator and the tokenizer trainer")
     p.add_argument("--vocab_size", type=int, default=512, help="tokenizer size incl. 256 byte pieces and 3 specials")
-    d = TaskConfig()
-    p.add_argument("--min_ops", type=int, default=d.min_ops, help="fewest operations per problem")
-    p.add_argument("--max_ops", type=int, default=d.max_ops, help="most operations per problem")
-    p.add_argument("--max_start", type=int, default=d.max_start, help="largest starting amount")
-    p.add_argument("--max_operand", type=int, default=d.max_operand, help="largest amount added or taken away")
-    p.add_argument("--max_value", type=int, default=d.max_value, help="largest intermediate result")
-    p.add_argument("--mul", action=argparse.BooleanOptionalAction, default=d.mul, help="'doubles / triples them' steps")
+    add_config_args(p, TaskConfig)
+    p.add_argument("--mul", action=argparse.BooleanOptionalAction, default=TaskConfig.mul,
+                   help=TaskConfig.__dataclass_fields__["mul"].metadata["help"])
     args = p.parse_args(argv)
+    config = config_from_args(TaskConfig, args)  # checked before anything is generated or written
+    for s in SPLITS:
+        if getattr(args, f"n_{s}") < (1 if s == "train" else 0):
+            raise ValueError(f"--n_{s} must be >= {1 if s == 'train' else 0}, got {getattr(args, f'n_{s}')}")
 
     from remedi_patches.embedded.tokenizer import train_tokenizer
 
-    config = TaskConfig(args.min_ops, args.max_ops, args.max_start, args.max_operand, args.max_value, args.mul)
     out_dir = Path(args.out_dir)
     t0 = time.perf_counter()
     splits = {s: make_split(getattr(args, f"n_{s}"), args.seed, s, config) for s in SPLITS}
@@ -207,4 +207,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
