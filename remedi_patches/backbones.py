@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
 LLADA_MASK_ID = 126336
 SMDM_CONFIG = "smdm_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 UNREGISTERED_FINAL_NORM = "norm"  # final norm of a module of no registered kind (the convention above)
 
 Source = Union[str, Path]  # a hub name (str) or an existing local path (Path)
@@ -189,11 +190,15 @@ def load_tokenizer(source: Source):
                 raise
             raise FileNotFoundError(hub_unreachable_message(str(source), err, "tokenizer")) from err
     path = resolve_source(source, "tokenizer")
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass --tokenizer "
+                                "with a tokenizer folder or hub name")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise FileNotFoundError(
-            f"could not load a tokenizer from {str(path)!r} ({err}); pass --tokenizer with a folder holding "
+            f"could not load a tokenizer from {str(path)!r} ({detail}); pass --tokenizer with a folder holding "
             "tokenizer.json / tokenizer_config.json"
         ) from err
 
@@ -328,6 +333,7 @@ def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object
     from lit_gpt.model import first_nonfinite
     from remedi_patches import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
 
+    tokenizer = load_tokenizer(options.tokenizer or source)  # first: a missing tokenizer must not cost an 8B load
     if isinstance(source, str):  # a hub name
         try:
             model = AutoModel.from_pretrained(source, dtype=options.dtype)
@@ -346,7 +352,7 @@ def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object
         if bad is not None:
             raise ValueError(f"{_llada_weight_file(source, bad)}: tensor {bad!r} holds NaN or inf values; "
                              "re-download or re-save the model (the run that wrote it diverged)")
-    return model, load_tokenizer(options.tokenizer or source)
+    return model, tokenizer
 
 
 def _llada_mask_id(model: nn.Module, tokenizer) -> int:
@@ -395,8 +401,8 @@ def _load_smdm(source: Source, options: LoadOptions) -> tuple[nn.Module, object]
 
     source = Path(source)
     if source.is_dir():
-        model = load_smdm_folder(source, dtype=options.dtype)
-        return model, load_tokenizer(options.tokenizer or source)
+        tokenizer = load_tokenizer(options.tokenizer or source)
+        return load_smdm_folder(source, dtype=options.dtype), tokenizer
     if options.smdm_size is None:
         raise ValueError(
             f"{source} is an SMDM training checkpoint; say which architecture it holds with "

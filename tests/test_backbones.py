@@ -226,3 +226,12 @@ def test_load_eval_model_takes_ups_head_path(tmp_path):
               metadata={"format": "remedi-ups-head", "meta": json.dumps({"hidden_size": d, "width": 0})})
     with pytest.raises(ValueError, match="nan.safetensors: tensor 'net.0.weight' holds NaN or inf"):
         load_eval_model(None, device="cpu", ups_head_path=str(tmp_path / "nan.safetensors"))
+
+
+def test_folder_without_tokenizer_fails_before_the_weights_load(tmp_path, monkeypatch):
+    import lit_gpt.model
+
+    save_smdm_folder(TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64, block_size=16), tmp_path)
+    monkeypatch.setattr(lit_gpt.model, "load_smdm_folder", lambda *a, **k: pytest.fail("weights loaded first"))
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer .*pass --tokenizer"):
+        load_backbone(tmp_path)
