@@ -1,4 +1,4 @@
-"""Every backbone the sampler, trainers and evaluators accept: ONE registry entry per kind, and one loader.
+r"""Every backbone the sampler, trainers and evaluators accept: ONE registry entry per kind, and one loader.
 
     load_backbone(None)                       the embedded tiny model shipped in remedi_patches/embedded/assets
     load_backbone("GSAI-ML/LLaDA-8B-Base")    a hub name (needs the hub, or a warm HF cache)
