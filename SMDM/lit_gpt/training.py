@@ -699,7 +699,7 @@ def _steps(fabric, state, step_fn, groups_of, schedule: Schedule, out_dir: Path,
         done = state["step_count"] == schedule.max_steps
         eval_due = schedule.eval_interval and state["step_count"] % schedule.eval_interval == 0
         if evaluate is not None and (done or eval_due):
-            result.evaluation = _evaluate(fabric, evaluate, state["step_count"])
+            result.evaluation = _evaluate(fabric, evaluate, state["step_count"], bar)
             metrics.update(result.evaluation)
         fabric.log_dict(metrics, step=state["step_count"])
         result.metrics = metrics
@@ -712,10 +712,12 @@ def _steps(fabric, state, step_fn, groups_of, schedule: Schedule, out_dir: Path,
             save_checkpoint(fabric, out_dir / checkpoint_name(state["iter_num"]), state)
 
 
-def _evaluate(fabric: Fabric, evaluate, step: int) -> dict:
+def _evaluate(fabric: Fabric, evaluate, step: int, bar: Optional[tqdm] = None) -> dict:
     figures = dict(evaluate())
-    fabric.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in figures.items()))
+    line = f"step {step}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in figures.items())
+    if fabric.global_rank == 0:
+        (bar.write if bar is not None else print)(line)  # on a line of its own, not inside the progress bar
     return figures
 
 
