@@ -69,6 +69,8 @@ def test_unknown_size_is_a_clear_error():
         Config.from_name("Diff_LLaMA_tiny", n_layers=3)
     with pytest.raises(ValueError, match="not divisible by n_query_groups"):
         Config.from_name("Diff_LLaMA_tiny", n_query_groups=3)
+    with pytest.raises(ValueError, match="padding_multiple=0 must be a positive integer; n_layer=0 must be"):
+        Config.from_name("Diff_LLaMA_tiny", n_layer=0, padding_multiple=0)
     assert "Diff_LLaMA_tiny" in name_to_config
 
 

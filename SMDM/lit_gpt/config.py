@@ -31,11 +31,16 @@ class Config:
     rope_base: int = 10000
 
     def __post_init__(self) -> None:
-        if self.padded_vocab_size is None:
-            self.padded_vocab_size = find_multiple(self.vocab_size, self.padding_multiple)
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
-        problems = []
+        sizes = ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_embd", "n_query_groups",
+                 "intermediate_size")
+        problems = [f"{name}={getattr(self, name)} must be a positive integer" for name in sizes
+                    if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0)]
+        if problems:
+            raise ValueError(f"Invalid SMDM config {self.name!r}: " + "; ".join(problems) + ". Fix these fields.")
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = find_multiple(self.vocab_size, self.padding_multiple)
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         elif self.head_size % 2:
