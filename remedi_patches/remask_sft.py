@@ -214,8 +214,12 @@ def step_kind(mode: str, step: int, alt_ratio: int) -> str:
 
 def update_counts(mode: str, steps: int, alt_ratio: int) -> tuple[int, int]:
     """(TPS updates, UPS updates) made by optimizer steps 0 .. steps - 1."""
-    kinds = [step_kind(mode, s, alt_ratio) for s in range(steps)]
-    return sum(k in ("joint", "tps") for k in kinds), sum(k in ("joint", "ups") for k in kinds)
+    if mode == "ups_only":
+        return 0, steps
+    if mode == "joint":
+        return steps, steps
+    ups = steps // (alt_ratio + 1)  # step s is a UPS update when s % (alt_ratio + 1) == alt_ratio
+    return steps - ups, ups
 
 
 def sample_indices(seed: int, n: int, start: int, count: int) -> list[int]:

@@ -16,7 +16,8 @@ from remedi_patches.ups_head import UPSHead
 from test_data import char_tokenizer
 
 import lit_gpt.training as training
-from remedi_patches.remask_sft import RemaskConfig, propose_incorrect, remask_forward, run, step_kind
+from remedi_patches.remask_sft import (RemaskConfig, propose_incorrect, remask_forward, run, step_kind,
+                                       update_counts)
 from trainer_helpers import REPO, train_remedi
 
 SEQ_LEN = 32
@@ -208,6 +209,11 @@ def test_step_kind_ratio():
     assert kinds == ["tps", "tps", "tps", "ups"] * 3
     assert {step_kind("joint", s, 3) for s in range(5)} == {"joint"}
     assert {step_kind("ups_only", s, 3) for s in range(5)} == {"ups"}
+    for mode in ("ups_only", "joint", "alternating"):  # the logged running counts follow the step kinds
+        for n in range(13):
+            kinds = [step_kind(mode, s, 2) for s in range(n)]
+            assert update_counts(mode, n, 2) == (sum(k in ("joint", "tps") for k in kinds),
+                                                 sum(k in ("joint", "ups") for k in kinds))
 
 
 @pytest.mark.slow
