@@ -94,6 +94,14 @@ def test_nan_run_through_the_remask_cli_writes_no_head(tmp_path):
         assert not nonfinite_tensors(state["head"]) and not nonfinite_tensors(state["opt_head"]["state"])
 
 
+def test_a_checkpoint_holding_nan_is_refused_at_resume(data, trained, tmp_path):
+    ckpt = torch.load(trained / "iter-000006-ckpt.pth", weights_only=True)
+    next(iter(ckpt["model"].values())).view(-1)[0] = float("nan")
+    torch.save(ckpt, tmp_path / "iter-000006-ckpt.pth")
+    with pytest.raises(ValueError, match=r"iter-000006-ckpt.pth holds NaN/inf values .*delete it"):
+        train_mdm.main(mdm_args(data, tmp_path, max_steps=4))
+
+
 def test_second_run_on_the_same_out_dir_refuses(data, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()

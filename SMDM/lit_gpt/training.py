@@ -433,8 +433,9 @@ def load_checkpoint(fabric: Fabric, path: Union[str, Path], state: dict[str, Any
     """Restore `state` in place from a checkpoint (modules and optimizers strictly, plain values
     replaced) and torch's RNG state when the file holds one; returns the file's other entries.
 
-    Loads with torch's `weights_only` default (no code runs). A truncated or corrupt file, or one
-    that does not fit the model, raises a ValueError that names the file and the fix.
+    Loads with torch's `weights_only` default (no code runs). A truncated or corrupt file, one that does not
+    fit the model, or one holding NaN/inf weights or optimizer state raises a ValueError that names the file and
+    the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -451,6 +452,10 @@ def load_checkpoint(fabric: Fabric, path: Union[str, Path], state: dict[str, Any
         raise _corrupt(path, e) from None
     except (EOFError, OSError, pickle.UnpicklingError) as e:
         raise _corrupt(path, e) from None
+    bad = nonfinite_tensors({k: v for k, v in state.items() if isinstance(v, torch.nn.Module) or hasattr(v, "state")})
+    if bad:
+        raise UserError(f"Checkpoint {path} holds NaN/inf values ({', '.join(bad[:3])}); delete it to resume from the "
+                        "previous checkpoint in the same folder, or start fresh with --resume none.")
     if "rng_state" in rest:
         _set_rng_state(rest.pop("rng_state"))
     return rest
