@@ -221,3 +221,17 @@ def test_nonfinite_weights_refused_on_save_and_load(tmp_path):
     torch.save({"model": state, "iter_num": 2}, ckpt)
     with pytest.raises(ValueError, match=r"iter-000002-ckpt.pth: tensor 'lm_head.weight' holds NaN or inf.*earlier"):
         load_weights(TransEncoder.from_name("Diff_LLaMA_tiny", vocab_size=64, block_size=16), ckpt)
+
+
+def test_first_nonfinite_is_exact_even_when_the_fast_sum_overflows():
+    from lit_gpt.model import first_nonfinite
+
+    big = torch.full((100_000,), 60000.0, dtype=torch.float16)  # finite, but its fp16 sum overflows
+    assert first_nonfinite({"big": big, "ids": torch.arange(3)}) is None
+    both = torch.zeros(4)
+    both[0], both[1] = float("inf"), float("-inf")  # sums to NaN: still found
+    assert first_nonfinite([("ok", torch.ones(2)), ("both", both)]) == "both"
+    late = torch.zeros(10, dtype=torch.bfloat16)
+    late[-1] = float("nan")
+    assert first_nonfinite({"late": late}) == "late"
+    assert first_nonfinite({"meta": torch.empty(3, device="meta")}) is None
