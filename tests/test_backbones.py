@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from lit_gpt.model import TransEncoder, save_smdm_folder
@@ -201,7 +202,13 @@ def test_nonfinite_llada_weights_are_refused_naming_file_and_tensor(tmp_path):
     model = LLaDAModelLM(config)
     with torch.no_grad():
         model.model.transformer.blocks[0].up_proj.weight[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="refusing to save the LLaDA model.*blocks.0.up_proj.weight"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # written anyway, as a diverged run could
+    model.model.transformer.blocks[0].up_proj.weight.data.zero_()
     model.save_pretrained(tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.transformer.blocks.0.up_proj.weight' "
                                          r"holds NaN or inf"):
         load_backbone(_with_tokenizer(tmp_path))

@@ -292,6 +292,17 @@ class LLaDAModelLM(PreTrainedModel):
         out = CausalLMOutputWithPast(logits=logits, hidden_states=hidden_states)
         return out if return_dict else out.to_tuple()
 
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """transformers' save, refused (one ValueError naming the tensor) when a weight holds NaN or inf."""
+        from lit_gpt.model import first_nonfinite
+
+        bad = first_nonfinite(state_dict if state_dict is not None else self.state_dict())
+        if bad is not None:
+            raise ValueError(f"refusing to save the LLaDA model to {save_directory}: tensor {bad!r} holds NaN or inf "
+                             "values (training diverged); save an earlier checkpoint, or retrain with a lower "
+                             "learning rate.")
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' loader, after checking a local checkpoint's files (and, unless ignore_mismatched_sizes,
