@@ -38,7 +38,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from remedi_patches.sources import hub_unreachable_message, is_hub_name, resolve_source
+from remedi_patches.sources import hub_reachable, hub_unreachable_message, is_hub_name, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +178,19 @@ def _special_ids(tokenizer) -> tuple[Optional[int], Optional[int]]:
     return eos, eot
 
 
-def load_tokenizer(source: Source):
-    """A transformers tokenizer from a local folder or a hub name; errors name the source and the fix."""
+def load_tokenizer(source: Source, what: str = "tokenizer"):
+    """A transformers tokenizer from a local folder or a hub name; errors name the source (as `what`: the
+    tokenizer, or the model whose folder / hub repo holds it) and the fix."""
     from transformers import AutoTokenizer
 
     if is_hub_name(source):
         try:
-            return AutoTokenizer.from_pretrained(str(source))
+            return AutoTokenizer.from_pretrained(str(source), local_files_only=not hub_reachable())
         except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
             if isinstance(err, (ImportError, MemoryError)):
                 raise
-            raise FileNotFoundError(hub_unreachable_message(str(source), err, "tokenizer")) from err
-    path = resolve_source(source, "tokenizer")
+            raise FileNotFoundError(hub_unreachable_message(str(source), err, what)) from err
+    path = resolve_source(source, what)
     if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass --tokenizer "
                                 "with a tokenizer folder or hub name")
@@ -333,10 +334,11 @@ def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object
     from lit_gpt.model import first_nonfinite
     from remedi_patches import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
 
-    tokenizer = load_tokenizer(options.tokenizer or source)  # first: a missing tokenizer must not cost an 8B load
+    tokenizer = (load_tokenizer(options.tokenizer) if options.tokenizer is not None  # first: a missing tokenizer
+                 else load_tokenizer(source, "model"))                                # must not cost an 8B load
     if isinstance(source, str):  # a hub name
         try:
-            model = AutoModel.from_pretrained(source, dtype=options.dtype)
+            model = AutoModel.from_pretrained(source, dtype=options.dtype, local_files_only=not hub_reachable())
         except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
             if not isinstance(err, (OSError, ValueError)) and type(err).__module__.split(".")[0] not in (
                     "huggingface_hub", "requests", "httpx", "urllib3"):

@@ -22,6 +22,7 @@ gives their count and row numbers, and SFTExamples.skipped holds the count; if e
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from remedi_patches.embedded.task import format_prompt
-from remedi_patches.sources import missing_path_message, resolve_source
+from remedi_patches.sources import hub_reachable, missing_path_message, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,30 @@ def _load_local(path: Path, split: str, subset: Optional[str]):
                          "complete (re-download them) and share one set of fields and types") from err
 
 
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """datasets' offline mode (cached copies only) while the hub is unreachable: the error comes at once, not after
+    half a minute of download retries."""
+    import datasets
+    import huggingface_hub.constants
+
+    if hub_reachable():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hub(name: str, split: str, subset: Optional[str]):
     import datasets
 
     try:
-        return datasets.load_dataset(name, subset, split=split)
+        with _offline_unless_reachable():
+            return datasets.load_dataset(name, subset, split=split)
     except Exception as err:  # noqa: BLE001  hub / connection errors come from several libraries
         if isinstance(err, (ImportError, MemoryError)):
             raise

@@ -10,9 +10,13 @@ repo). Everything else is a local path, and a missing one is reported as such, n
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Union
+from urllib.parse import urlparse
 
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 LOCAL_PREFIXES = (".", "/", "~")
@@ -50,6 +54,27 @@ def resolve_source(name: Union[str, Path], what: str = "model") -> Union[str, Pa
     if not path.exists():
         raise FileNotFoundError(missing_path_message(name, what))
     return path
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint ($HF_ENDPOINT or huggingface.co) opens within `timeout` s.
+
+    Loaders pass `local_files_only=True` when it does not, so a machine without network gets the hub message (or
+    the cached copy) at once instead of after a minute of download retries. Behind a proxy (HTTPS_PROXY, ...) or
+    with HF_HUB_OFFLINE set, nothing is probed (True / the libraries' own offline mode decide)."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES) or os.environ.get("HF_HUB_OFFLINE"):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def hub_unreachable_message(name: str, err: BaseException, what: str = "model") -> str:

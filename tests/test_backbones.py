@@ -242,3 +242,24 @@ def test_folder_without_tokenizer_fails_before_the_weights_load(tmp_path, monkey
     monkeypatch.setattr(lit_gpt.model, "load_smdm_folder", lambda *a, **k: pytest.fail("weights loaded first"))
     with pytest.raises(FileNotFoundError, match="holds no tokenizer .*pass --tokenizer"):
         load_backbone(tmp_path)
+
+
+def test_hub_probe_skips_retries_without_network(monkeypatch):
+    import socket
+
+    from remedi_patches import sources
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in sources.PROXY_VARIABLES + ("HF_HUB_OFFLINE",):
+        monkeypatch.delenv(name, raising=False)
+    sources.hub_reachable.cache_clear()
+    try:
+        assert sources.hub_reachable() is False
+        sources.hub_reachable.cache_clear()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy nothing is probed
+        assert sources.hub_reachable() is True
+    finally:
+        sources.hub_reachable.cache_clear()
