@@ -74,6 +74,7 @@ class BackboneKind:
     hub_names: Callable[[str], bool] = field(default=lambda name: False)  # loads this hub name (org/name)?
     max_length: Callable[[object], Optional[int]] = field(default=lambda config: None)  # config -> context
     sources: str = ""                                 # what a user passes, for error messages
+    decoding: str = "llada"                           # sampling regime it needs: "llada" (DESIGN 3.1) | "block" (10)
 
 
 _KINDS: dict[str, BackboneKind] = {}
@@ -112,7 +113,8 @@ def fsdp_block_classes(kinds: Optional[list[str]] = None) -> set[type]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model under UPSModel / PEFT / Fabric / DDP / FSDP / torch.compile wrappers (the object holding .config and the layers)."""
+    """The model under UPSModel / PEFT / Fabric / DDP / FSDP / torch.compile wrappers (the object holding .config
+    and the layers)."""
     from remedi_patches.modeling_wrappers import UPSModel
 
     seen = set()

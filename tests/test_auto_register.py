@@ -10,7 +10,8 @@ from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
 
 ORDERS = {
     "package first": "import remedi_patches\nfrom transformers import AutoModel",
-    "mid-chain": "import remedi_patches  # the Auto modules load inside transformers' own import chain\nfrom transformers import PreTrainedModel, AutoTokenizer\n"
+    # the Auto modules are first imported inside transformers' own import chain (modeling_utils)
+    "mid-chain": "import remedi_patches\nfrom transformers import PreTrainedModel, AutoTokenizer\n"
                  "from transformers.models.auto.modeling_auto import AutoModel",
 }
 
