@@ -39,6 +39,7 @@ from lightning_fabric.loggers import CSVLogger
 from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
+from lit_gpt.model import first_nonfinite
 from remedi_patches.cli import UserError, arg
 from remedi_patches.run_lock import RunLock
 from remedi_patches.sources import is_hub_name, missing_path_message
@@ -337,9 +338,8 @@ def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
     dict / list of those) that hold NaN or inf. Local shards only under FSDP."""
     bad: list[str] = []
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() or obj.is_complex():
-            if not bool(torch.isfinite(obj.detach()).all()):
-                bad.append(prefix or "tensor")
+        if first_nonfinite([(prefix or "tensor", obj)]) is not None:  # fast: a finite sum proves a tensor finite
+            bad.append(prefix or "tensor")
     elif isinstance(obj, torch.nn.Module):
         for name, t in list(obj.named_parameters()) + list(obj.named_buffers()):
             bad += nonfinite_tensors(t, f"{prefix}.{name}" if prefix else name)
