@@ -112,6 +112,18 @@ def test_second_run_on_the_same_out_dir_refuses(data, tmp_path):
     assert_user_error(result, "in use by another run", f"pid {os.getpid()}")
 
 
+def test_second_run_writing_the_same_head_refuses(tmp_path):
+    from remedi_patches.remask_sft import RemaskConfig, run
+
+    head = tmp_path / "heads" / "ups_head.safetensors"
+    head.parent.mkdir()
+    head.write_bytes(b"the head another run is writing")
+    (head.parent / ".ups_head.safetensors.lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname()}))
+    with unchanged(head.parent), pytest.raises(ValueError, match="ups_head.safetensors is in use by another run"):
+        run(RemaskConfig(save_path=str(head), out_dir=str(tmp_path / "out"), accelerator="cpu"))
+    assert not (tmp_path / "out" / ".run.lock").exists()  # nothing held after the refusal
+
+
 def test_resume_lists_changed_settings(data, trained, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -140,7 +140,7 @@ class OptimConfig:
             raise UserError("--micro_batch_size and --global_batch_size must be >= 1")
 
 
-def config_from_args(args) -> "Config":
+def smdm_config(args) -> "Config":
     """SMDM Config named by exactly one of --model / --model_name, with --vocab_size applied."""
     from lit_gpt.config import Config
 

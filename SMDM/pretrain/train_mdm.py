@@ -27,11 +27,11 @@ from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, mdm_loss, 
 from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
 from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
-                              UserError, claim_outputs, config_from_args, csv_logger, default_micro_batch_size,
+                              UserError, claim_outputs, csv_logger, default_micro_batch_size,
                               export_smdm, fit, grad_accum_steps, hparams_of, micro_batch_rows,
                               num_parameters, require_path, resume_path, setup_fabric,
-                              setup_model_and_optimizer, warmup_for)
-from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args as from_namespace, run_main
+                              setup_model_and_optimizer, smdm_config, warmup_for)
+from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
 
 STREAM_TRAIN, STREAM_VAL = 0, 1
 
@@ -83,11 +83,11 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> MDMConfig:
-    return from_namespace(MDMConfig, build_parser().parse_args(argv)).check()
+    return config_from_args(MDMConfig, build_parser().parse_args(argv)).check()
 
 
 def model_config(cfg: MDMConfig) -> Config:
-    config = config_from_args(cfg)
+    config = smdm_config(cfg)
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}; lower it.")
     return config

@@ -29,11 +29,11 @@ from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, seeded_gen
 from lit_gpt.model import CONFIG_FILE, TransEncoder, load_smdm_config, load_weights
 from lit_gpt.packed_dataset import SampleOrder
 from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
-                              UserError, claim_outputs, config_from_args, csv_logger, default_micro_batch_size,
+                              UserError, claim_outputs, csv_logger, default_micro_batch_size,
                               export_smdm, fit, grad_accum_steps, hparams_of, micro_batch_rows,
                               num_parameters, require_path, resume_path, setup_fabric,
-                              setup_model_and_optimizer, warmup_for)
-from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args as from_namespace, run_main
+                              setup_model_and_optimizer, smdm_config, warmup_for)
+from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
 from remedi_patches.data import answer_mask, build_sft_examples, column_names, load_records, resolve_fields
 from remedi_patches.losses import tps_loss
 
@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> SFTConfig:
-    return from_namespace(SFTConfig, build_parser().parse_args(argv)).check()
+    return config_from_args(SFTConfig, build_parser().parse_args(argv)).check()
 
 
 def model_config(cfg: SFTConfig) -> Config:
@@ -111,7 +111,7 @@ def model_config(cfg: SFTConfig) -> Config:
                             "drop --model / --model_name / --vocab_size.")
         config = load_smdm_config(cfg.pretrained_path)
     else:
-        config = config_from_args(cfg)
+        config = smdm_config(cfg)
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}; lower it.")
     return config
