@@ -13,7 +13,7 @@ from remedi_patches.backbones import load_backbone
 from remedi_patches.modeling_wrappers import load_lora, load_ups_head, save_ups_head
 from remedi_patches.noise import apply_remask_noise
 from remedi_patches.ups_head import UPSHead
-from test_data import char_tokenizer
+from char_tokenizer import char_tokenizer
 
 import lit_gpt.training as training
 from remedi_patches.remask_sft import (RemaskConfig, propose_incorrect, remask_forward, run, step_kind,
