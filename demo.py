@@ -95,7 +95,9 @@ def demo(args, out: Path) -> dict:
 
     print("\nAccuracy on held-out embedded problems (exact final answer):\n")
     print("\n\n".join(tables))
-    print(f"\nUPS incorrect-token detection AUC (held-out noised data): {auc:.3f}" if auc is not None else "")
+    if auc is not None:
+        print(f"\nIncorrect-token detection AUC on held-out noised data: UPS {auc:.3f}, the backbone's own "
+              f"1 - p_TPS {train_metrics['eval_tps_auc']:.3f} (same tokens)")
     print(f"\nhead: {head_path}\nlogs: {out / 'train'}\npredictions: {out / 'predictions.jsonl'}")
     return report
 

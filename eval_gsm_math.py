@@ -45,7 +45,7 @@ from tqdm import tqdm
 from remedi_patches.backbones import EvalModel
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.confidence import get_confidence_source
-from remedi_patches.data import column_names, load_records, render_prompt, resolve_fields
+from remedi_patches.data import column_names, json_records, load_records, render_prompt, resolve_fields
 from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.run_lock import RunLock
@@ -274,35 +274,19 @@ def read_predictions(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"no predictions file at {path}; pass the predictions.jsonl an earlier "
                                 "eval_gsm_math.py run wrote")
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{n} is not UTF-8 text; the file is damaged or not a predictions "
-                                 "file") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n} is not valid JSON ({err}); the file is truncated or not a "
-                                 "predictions file") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; pass a "
-                                 "predictions.jsonl written by eval_gsm_math.py")
-            missing = [k for k in PREDICTION_KEYS if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n} lacks {missing}; pass a predictions.jsonl written by eval_gsm_math.py")
-            if row["format"] not in FORMATS:
-                raise ValueError(f"{path}:{n} has format {row['format']!r}; a row's format is one of {FORMATS}")
-            bad = [k for k in ("output", "gold", "source") if not isinstance(row[k], str)]
-            if bad:
-                raise ValueError(f"{path}:{n}: {bad} must be strings; the row was edited by hand or not written by "
-                                 "eval_gsm_math.py")
-            if isinstance(row["seconds"], bool) or not isinstance(row["seconds"], (int, float)):
-                raise ValueError(f"{path}:{n}: seconds must be a number, got {row['seconds']!r}")
-            rows.append(row)
+    for where, row in json_records(path):
+        missing = [k for k in PREDICTION_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"{path}, {where} lacks {missing}; pass a predictions.jsonl written by eval_gsm_math.py")
+        if row["format"] not in FORMATS:
+            raise ValueError(f"{path}, {where} has format {row['format']!r}; a row's format is one of {FORMATS}")
+        bad = [k for k in ("output", "gold", "source") if not isinstance(row[k], str)]
+        if bad:
+            raise ValueError(f"{path}, {where}: {bad} must be strings; the row was edited by hand or not written by "
+                             "eval_gsm_math.py")
+        if isinstance(row["seconds"], bool) or not isinstance(row["seconds"], (int, float)):
+            raise ValueError(f"{path}, {where}: seconds must be a number, got {row['seconds']!r}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no predictions; pass the predictions.jsonl of a finished run")
     return rows

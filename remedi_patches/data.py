@@ -23,10 +23,12 @@ gives their count and row numbers, and SFTExamples.skipped holds the count; if e
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -81,11 +83,8 @@ def _json_kind(value) -> Optional[str]:
     return None if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def _check_record(path: Path, where: str, record, kinds: dict) -> None:
-    """A record must be a JSON object whose fields keep one JSON type throughout the file (Arrow needs that)."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}, {where}: expected a JSON object {{...}} per record, found {_json_kind(record)}; "
-                         "fix or delete it")
+def _check_types(path: Path, where: str, record: dict, kinds: dict) -> None:
+    """Every field keeps one JSON type throughout the file (Arrow needs that)."""
     for key, value in record.items():
         kind = _json_kind(value)
         if kind is None:
@@ -96,9 +95,10 @@ def _check_record(path: Path, where: str, record, kinds: dict) -> None:
                              "value of a field one type (e.g. quote numbers meant as text)")
 
 
-def _utf8_lines(path: Path):
-    """(1-based number, text) of each line; ValueError naming the first line that is not UTF-8."""
-    with open(path, "rb") as f:
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based number, text) of each line (of a gzipped file too); ValueError naming the first line that is not
+    UTF-8."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 yield number, raw.decode("utf-8")
@@ -108,36 +108,29 @@ def _utf8_lines(path: Path):
                                  "delete the line") from None
 
 
-def validate_json_file(path: Path) -> int:
-    """Check a .json / .jsonl data file before `datasets` reads it; returns its number of records.
+def json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every JSON object of a .json / .jsonl(.gz) file; `where` is "line N" or "record N".
 
-    Raises ValueError naming the file and the (1-based) line for: an empty file, a line that is not UTF-8, a
-    line that is not valid JSON or not a JSON object, and a field whose JSON type changes between records.
     A `.json` file may be one JSON document (an array of objects); otherwise, and always for `.jsonl`, each
-    non-blank line is one JSON object."""
-    import json
-
-    kinds: dict = {}
-    count = 0
+    non-blank line is one JSON object. ValueError naming the file and the (1-based) line for a line that is not
+    UTF-8, not valid JSON or not a JSON object; an empty file yields nothing (callers say what they expected)."""
+    path = Path(path)
     if path.suffix == ".json":
-        text = "".join(line for _, line in _utf8_lines(path))
-        if not text.strip():
-            raise ValueError(f"{path} is empty (no records); point --dataset at a file of JSON records")
+        lines = list(_utf8_lines(path))
+        text = "".join(line for _, line in lines)
         try:
-            document = json.loads(text)
+            document = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as err:
             if text.lstrip().startswith("["):  # one (broken) array; anything else is read as JSON lines below
                 raise ValueError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno}); fix "
                                  "the file (one JSON array of objects, or one JSON object per line)") from None
         else:
-            records = document if isinstance(document, list) else [document]
-            for i, record in enumerate(records, 1):
-                _check_record(path, f"record {i}", record, kinds)
-            if not records:
-                raise ValueError(f"{path} holds no records (an empty JSON array); point --dataset at a file of "
-                                 "JSON records")
-            return len(records)
-    for number, line in _utf8_lines(path):
+            for i, record in enumerate(document if isinstance(document, list) else [document], 1):
+                yield _object(path, f"record {i}", record)
+            return
+    else:
+        lines = _utf8_lines(path)
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -145,10 +138,30 @@ def validate_json_file(path: Path) -> int:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); fix or delete "
                              "the line (each line of a JSON-lines file is one JSON object)") from None
-        _check_record(path, f"line {number}", record, kinds)
+        yield _object(path, f"line {number}", record)
+
+
+def _object(path: Path, where: str, record) -> tuple[str, dict]:
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, {where}: expected a JSON object {{...}} per record, found {_json_kind(record)}; "
+                         "fix or delete it")
+    return where, record
+
+
+def validate_json_file(path: Path) -> int:
+    """Check a .json / .jsonl data file before `datasets` reads it; returns its number of records.
+
+    Raises ValueError naming the file and the (1-based) line for: an empty file, a line that is not UTF-8, a
+    line that is not valid JSON or not a JSON object (json_records), and a field whose JSON type changes between
+    records."""
+    kinds: dict = {}
+    count = 0
+    for where, record in json_records(path):
+        _check_types(path, where, record, kinds)
         count += 1
     if count == 0:
-        raise ValueError(f"{path} is empty (no records); point --dataset at a file with one JSON object per line")
+        raise ValueError(f"{path} is empty (no records); point --dataset at a file of JSON records (one JSON object "
+                         "per line, or a JSON array of objects)")
     return count
 
 

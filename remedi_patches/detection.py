@@ -49,8 +49,8 @@ from remedi_patches.losses import remask_losses
 from remedi_patches.metrics import Confusion, confusion_at, detection_scores, roc_auc, roc_curve, token_prob_scores
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import backbone_forward, load_ups_head
-from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, noise_special_ids,
-                                  tps_incorrect_noise)
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, check_noise_settings,
+                                  noise_special_ids, tps_incorrect_noise)
 from remedi_patches.trajectory_views import pyplot, save_figure, write_text
 
 
@@ -75,12 +75,7 @@ class DetectionSettings:
                            "recall)", group="detection")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.r_incorrect <= 1.0:
-            raise ValueError(f"--r_incorrect must be in [0, 1] (rho_incorrect peaks at r), got {self.r_incorrect}")
-        if self.incorrect_source not in INCORRECT_SOURCES:
-            raise ValueError(f"--incorrect_source must be one of {INCORRECT_SOURCES}, got {self.incorrect_source!r}")
-        if not 0.0 <= self.eps < 1.0:
-            raise ValueError(f"--eps must be in [0, 1), got {self.eps}; the usual value is 1e-3")
+        check_noise_settings(self.r_incorrect, self.incorrect_source, self.eps)
         if self.t is not None and not 0.0 <= self.t <= 1.0:
             raise ValueError(f"--t must be in [0, 1] (or unset for t ~ U(eps, 1)), got {self.t}")
         if self.batch_size < 1:

@@ -21,6 +21,16 @@ import torch
 INCORRECT_SOURCES = ("uniform", "tps")
 
 
+def check_noise_settings(r_incorrect: float, incorrect_source: str, eps: float) -> None:
+    """ValueError naming the flag (--r_incorrect, --incorrect_source, --eps) whose value no noise can use."""
+    if not 0.0 <= r_incorrect <= 1.0:
+        raise ValueError(f"--r_incorrect must be in [0, 1] (rho_incorrect peaks at r), got {r_incorrect}")
+    if incorrect_source not in INCORRECT_SOURCES:
+        raise ValueError(f"--incorrect_source must be one of {INCORRECT_SOURCES}, got {incorrect_source!r}")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"--eps must be in [0, 1) (t ~ U(eps, 1)), got {eps}; the usual value is 1e-3")
+
+
 class RemaskBatch(NamedTuple):
     noisy: torch.Tensor  # (B, L) long, x_t fed to the model
     t: torch.Tensor  # (B,) float, diffusion time per sequence

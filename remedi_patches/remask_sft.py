@@ -24,7 +24,6 @@ of the detection report.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -45,8 +44,8 @@ from remedi_patches.detection import DetectionSettings, measure_detection
 from remedi_patches.losses import RemaskLosses, remask_losses
 from remedi_patches.modeling_wrappers import (backbone_forward, check_head_fits, hidden_size_of, load_ups_head,
                                               save_ups_head)
-from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, noise_special_ids,
-                                  tps_incorrect_noise)
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, check_noise_settings,
+                                  noise_special_ids, tps_incorrect_noise)
 from remedi_patches.ups_head import UPSHead
 
 TRAIN_MODES = ("ups_only", "joint", "alternating")
@@ -166,12 +165,7 @@ class RemaskConfig(FabricConfig, RunConfig):
                 raise UserError(f"--{name} must be a positive number, got {value}")
         if self.train_mode not in TRAIN_MODES:
             raise UserError(f"--train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}")
-        if not 0.0 <= self.r_incorrect <= 1.0:
-            raise UserError(f"--r_incorrect must be in [0, 1] (rho_incorrect peaks at r), got {self.r_incorrect}")
-        if self.incorrect_source not in INCORRECT_SOURCES:
-            raise UserError(f"--incorrect_source must be one of {INCORRECT_SOURCES}, got {self.incorrect_source!r}")
-        if not 0.0 <= self.eps < 1.0:
-            raise UserError(f"--eps must be in [0, 1), got {self.eps}")
+        check_noise_settings(self.r_incorrect, self.incorrect_source, self.eps)
         if self.lambda_ups < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError("--lambda_ups must be >= 0 and --min_lr_ratio in [0, 1]")
         if self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.lora_dropout < 1.0:

@@ -30,3 +30,13 @@ def data_dir() -> Path:
 def tiny(tmp_path_factory, data_dir) -> Path:
     """A tiny SMDM export (2 layers, width 32, 400-piece tokenizer), random UPS head at tiny/ups_head.safetensors."""
     return tiny_smdm_dir(tmp_path_factory.mktemp("tiny_smdm"), data_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models on the 2 shared CI cores run faster without thrashing. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@ naming the problem (the path, file, line or tensor), no traceback, nothing that 
 import json
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from cli_helpers import assert_user_error, run_cli, unchanged

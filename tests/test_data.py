@@ -153,7 +153,7 @@ def test_hub_name_offline_gives_clear_error(monkeypatch):
 @pytest.mark.parametrize("name,content,fragments", [
     ("empty.jsonl", b"", ["empty.jsonl is empty"]),
     ("blank.jsonl", b"\n  \n", ["blank.jsonl is empty"]),
-    ("empty.json", b"[]", ["empty.json holds no records"]),
+    ("empty.json", b"[]", ["empty.json is empty"]),
     ("latin1.jsonl", b'{"question": "a", "answer": "b"}\n{"question": "caf\xe9", "answer": "b"}\n',
      ["latin1.jsonl, line 2", "not UTF-8", "byte 0xe9", "iconv"]),
     ("broken.jsonl", b'{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": }\n',

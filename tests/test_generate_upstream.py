@@ -8,8 +8,7 @@ from lit_gpt.model import TransEncoder, save_smdm_folder
 from generate import build_parser, generate, main
 from remedi_patches.modeling_wrappers import save_ups_head
 from remedi_patches.ups_head import UPSHead
-from toy_models import (D, EOS, EOT, MASK, PAD, PROMPT, SHORT, V, BareToyMDM, ToyMDM,  # noqa: F401  (D, PAD: until
-                        padded_batch, reference_generate)  # test_ups_head imports them from toy_models)
+from toy_models import EOS, MASK, PROMPT, SHORT, V, BareToyMDM, ToyMDM, padded_batch, reference_generate
 
 
 @pytest.fixture(scope="module")

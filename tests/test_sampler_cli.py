@@ -67,7 +67,7 @@ def test_eval_malformed_predictions_name_file_and_line(out_dir):
     bad.write_text(json.dumps(PREDICTION) + "\n" + json.dumps(PREDICTION)[:-9] + "\n")
     with unchanged(out_dir):
         result = run_cli(["eval_gsm_math.py", "--predictions", str(bad)])
-    assert_user_error(result, f"{bad}:2 is not valid JSON")
+    assert_user_error(result, f"{bad}, line 2: not valid JSON")
     assert not (out_dir / "regraded_predictions.jsonl").exists()
 
 

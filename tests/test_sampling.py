@@ -207,10 +207,10 @@ def test_model_flags_keep_the_seed_names():
 
 
 @pytest.mark.parametrize("line,message", [
-    (b'{"index": 0', "bad.jsonl:2 is not valid JSON"),
-    (b"\xff\xfe{}", "bad.jsonl:2 is not UTF-8"),
-    (b"[1, 2]", "bad.jsonl:2 is a JSON list"),
-    (b'{"index": 0}', "bad.jsonl:2 lacks"),
+    (b'{"index": 0', "bad.jsonl, line 2: not valid JSON"),
+    (b"\xff\xfe{}", "bad.jsonl, line 2: not UTF-8"),
+    (b"[1, 2]", "bad.jsonl, line 2: expected a JSON object"),
+    (b'{"index": 0}', "bad.jsonl, line 2 lacks"),
 ])
 def test_malformed_prediction_rows_name_file_and_line(tmp_path, line, message):
     good = {"index": 0, "source": "ups", "format": "gsm8k", "prompt": "q", "output": "#### 1", "extracted": "1",
@@ -220,5 +220,5 @@ def test_malformed_prediction_rows_name_file_and_line(tmp_path, line, message):
     with pytest.raises(ValueError, match=message):
         read_predictions(path)
     path.write_text(json.dumps({**good, "format": "mmlu"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1 has format 'mmlu'"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 1 has format 'mmlu'"):
         read_predictions(path)

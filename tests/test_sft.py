@@ -2,7 +2,6 @@
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,9 @@ from lit_gpt.config import Config
 from lit_gpt.diffusion import draw_noise, seeded_generator
 from lit_gpt.model import TransEncoder, load_smdm_folder, save_smdm_folder
 
-from trainer_helpers import make_char_tokenizer, one_thread, train_sft  # noqa: F401  (autouse fixture)
+from trainer_helpers import make_char_tokenizer, train_sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 64
 SEQ_LEN = 16

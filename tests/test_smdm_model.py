@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from lit_gpt.config import Config, name_to_config, num_non_embedding_params
 from lit_gpt.model import TransEncoder, load_smdm_folder, load_weights, save_smdm_folder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread keeps tiny models from thrashing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Non-embedding parameter counts (millions) that upstream SMDM's train_mdm.py tabulates per size.
 UPSTREAM_N = {

@@ -16,9 +16,10 @@ from lit_gpt.diffusion import draw_noise, forward_process, mdm_loss, seeded_gene
 from lit_gpt.model import load_smdm_folder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder, write_chunk
 
-from trainer_helpers import (REPO, VOCAB, make_char_tokenizer, one_thread, prepare_data,  # noqa: F401
-                             train_mdm, write_pattern_data)
+from trainer_helpers import REPO, VOCAB, make_char_tokenizer, prepare_data, train_mdm, write_pattern_data
 from trainer_helpers import mdm_args as run_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -14,7 +14,9 @@ import torch
 import lit_gpt.training as training
 from cli_helpers import assert_user_error, run_cli, unchanged
 from lit_gpt.training import TrainingDiverged, latest_checkpoint, nonfinite_tensors
-from trainer_helpers import make_char_tokenizer, mdm_args, one_thread, train_mdm, write_pattern_data  # noqa: F401
+from trainer_helpers import make_char_tokenizer, mdm_args, train_mdm, write_pattern_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MDM, SFT, REMEDI = "SMDM/pretrain/train_mdm.py", "SMDM/sft/train_sft.py", "SMDM/pretrain/train_remedi.py"
 

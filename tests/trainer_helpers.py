@@ -1,7 +1,8 @@
-"""Shared helpers of the trainer tests. The trainer scripts (SMDM/pretrain, SMDM/sft, SMDM/scripts are folders of scripts, not packages) as modules,
-imported once by path for the tests that call their main() in-process:
+"""Shared helpers of the trainer tests: the trainer scripts as modules (SMDM/pretrain, SMDM/sft and SMDM/scripts are
+folders of scripts, not packages, so they are imported once by path for the tests that call their main()
+in-process), a character tokenizer saved to a folder, and packed pattern data.
 
-    from trainer_scripts import train_mdm, train_sft, train_remedi, prepare_data
+    from trainer_helpers import train_mdm, train_sft, train_remedi, prepare_data
 """
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-
-import pytest
-import torch
 
 from lit_gpt.packed_dataset import write_chunk
 
@@ -38,15 +36,6 @@ train_mdm = load_script("SMDM/pretrain/train_mdm.py")
 train_sft = load_script("SMDM/sft/train_sft.py")
 train_remedi = load_script("SMDM/pretrain/train_remedi.py")
 prepare_data = load_script("SMDM/scripts/prepare_data.py")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread keeps tiny models from thrashing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_char_tokenizer(folder: Path, chat_template: bool = False):

@@ -39,6 +39,7 @@ from lightning_fabric.loggers import CSVLogger
 from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
+from lit_gpt.config import Config
 from lit_gpt.model import first_nonfinite
 from remedi_patches.cli import UserError, arg
 from remedi_patches.run_lock import RunLock
@@ -102,6 +103,16 @@ class RunConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What the SMDM trainers save besides --out_dir (whose default is each trainer's own)."""
+    save_interval: int = arg(5000, "save a checkpoint every N optimizer steps (and always after the last one)",
+                             group="run")
+    seed: int = arg(3407, "seeds model init, data order and noise", group="run")
+    export_dir: Optional[Path] = arg(None, "folder for the final model.safetensors + smdm_config.json; default "
+                                     "<out_dir>/final", group="run")
+
+
+@dataclass
 class SMDMModelConfig:
     model: Optional[int] = arg(None, "upstream size in millions: 170 -> Diff_LLaMA_170M", group="model")
     model_name: Optional[str] = arg(None, "config name, e.g. Diff_LLaMA_170M or Diff_LLaMA_tiny", group="model")
@@ -140,10 +151,8 @@ class OptimConfig:
             raise UserError("--micro_batch_size and --global_batch_size must be >= 1")
 
 
-def smdm_config(args) -> "Config":
+def smdm_config(args) -> Config:
     """SMDM Config named by exactly one of --model / --model_name, with --vocab_size applied."""
-    from lit_gpt.config import Config
-
     if (args.model is None) == (args.model_name is None):
         raise UserError("Pass exactly one of --model N (upstream size, e.g. 170) or --model_name NAME "
                         "(e.g. Diff_LLaMA_tiny).")

@@ -26,18 +26,17 @@ from lit_gpt.config import Config, num_non_embedding_params
 from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, mdm_loss, seeded_generator
 from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
-from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
-                              UserError, claim_outputs, csv_logger, default_micro_batch_size,
-                              export_smdm, fit, grad_accum_steps, hparams_of, micro_batch_rows,
-                              num_parameters, require_path, resume_path, setup_fabric,
-                              setup_model_and_optimizer, smdm_config, warmup_for)
+from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
+                              TrainGroup, UserError, claim_outputs, csv_logger, default_micro_batch_size, export_smdm,
+                              fit, grad_accum_steps, hparams_of, micro_batch_rows, num_parameters, require_path,
+                              resume_path, setup_fabric, setup_model_and_optimizer, smdm_config, warmup_for)
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
 
 STREAM_TRAIN, STREAM_VAL = 0, 1
 
 
 @dataclass
-class MDMConfig(FabricConfig, RunConfig, OptimConfig, SMDMModelConfig):
+class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelConfig):
     train_data_dir: Optional[Path] = arg(None, "folder of packed *.bin files (prepare_data.py); required",
                                          group="data")
     val_data_dir: Optional[Path] = arg(None, "folder of packed *.bin validation files", group="data")
@@ -53,11 +52,6 @@ class MDMConfig(FabricConfig, RunConfig, OptimConfig, SMDMModelConfig):
                                     group="diffusion")
     out_dir: Path = arg(Path("workdir/mdm"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
                         "the final export", group="run")
-    save_interval: int = arg(5000, "save a checkpoint every N optimizer steps (and always after the last one)",
-                             group="run")
-    seed: int = arg(3407, "seeds model init, data order and noise", group="run")
-    export_dir: Optional[Path] = arg(None, "folder for the final model.safetensors + smdm_config.json; default "
-                                     "<out_dir>/final", group="run")
 
     def check(self) -> "MDMConfig":
         """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded."""

@@ -12,7 +12,6 @@ transformers.AutoTokenizer from a local folder (or a hub name where the hub is r
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,6 +21,7 @@ import numpy as np
 from lit_gpt.packed_dataset import token_dtype, write_chunk
 from lit_gpt.training import check_writable_dir, require_path
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
+from remedi_patches.data import json_records
 from remedi_patches.run_lock import RunLock
 
 SUFFIXES = (".jsonl", ".json", ".txt")
@@ -71,30 +71,18 @@ def input_files(paths: list[Path]) -> list[Path]:
 
 
 def documents(path: Path, text_field: str) -> Iterator[str]:
-    """Texts of one input file: .txt lines, JSON lines, or a .json array of records."""
-    if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-        records = json.loads(path.read_text(encoding="utf-8"))
-        yield from (_text(record, text_field, f"{path}[{i}]") for i, record in enumerate(records))
+    """Texts of one input file: .txt lines, or the `text_field` of each record of a JSON-lines / JSON-array file."""
+    if path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            yield from (line.strip() for line in f if line.strip())
         return
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".txt":
-                yield line
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not a JSON record ({e}); .jsonl/.json inputs hold one record "
-                                 "per line or a JSON array of records.") from None
-            yield _text(record, text_field, f"{path}:{line_no}")
+    for where, record in json_records(path):
+        yield _text(record, text_field, f"{path}, {where}")
 
 
 def _text(record: dict, text_field: str, where: str) -> str:
-    if not isinstance(record, dict) or text_field not in record:
-        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+    if text_field not in record:
+        fields = sorted(record)
         raise ValueError(f"{where} has no field {text_field!r}; fields present: {fields}. Pass --text_field.")
     return str(record[text_field])
 

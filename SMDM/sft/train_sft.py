@@ -28,11 +28,10 @@ from lit_gpt.config import Config, num_non_embedding_params
 from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, seeded_generator
 from lit_gpt.model import CONFIG_FILE, TransEncoder, load_smdm_config, load_weights
 from lit_gpt.packed_dataset import SampleOrder
-from lit_gpt.training import (FabricConfig, OptimConfig, RunConfig, Schedule, SMDMModelConfig, TrainGroup,
-                              UserError, claim_outputs, csv_logger, default_micro_batch_size,
-                              export_smdm, fit, grad_accum_steps, hparams_of, micro_batch_rows,
-                              num_parameters, require_path, resume_path, setup_fabric,
-                              setup_model_and_optimizer, smdm_config, warmup_for)
+from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
+                              TrainGroup, UserError, claim_outputs, csv_logger, default_micro_batch_size, export_smdm,
+                              fit, grad_accum_steps, hparams_of, micro_batch_rows, num_parameters, require_path,
+                              resume_path, setup_fabric, setup_model_and_optimizer, smdm_config, warmup_for)
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
 from remedi_patches.data import answer_mask, build_sft_examples, column_names, load_records, resolve_fields
 from remedi_patches.losses import tps_loss
@@ -42,7 +41,7 @@ CLI_DEFAULTS = {"warmup_steps": 200}  # upstream SMDM SFT's schedule (lr 2e-4 ->
 
 
 @dataclass
-class SFTConfig(FabricConfig, RunConfig, OptimConfig, SMDMModelConfig):
+class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelConfig):
     pretrained_path: Optional[Path] = arg(
         None, "weights to start from: an SMDM folder (its smdm_config.json sets the model), a .safetensors file or "
         "an iter-*-ckpt.pth (with --model / --model_name); none: random init", group="model")
@@ -65,11 +64,6 @@ class SFTConfig(FabricConfig, RunConfig, OptimConfig, SMDMModelConfig):
     eps: float = arg(1e-3, "p_mask = (1 - eps) t + eps", group="schedule")
     out_dir: Path = arg(Path("workdir/sft"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
                         "the final export", group="run")
-    save_interval: int = arg(5000, "save a checkpoint every N optimizer steps (and always after the last one)",
-                             group="run")
-    seed: int = arg(3407, "seeds model init, data order and noise", group="run")
-    export_dir: Optional[Path] = arg(None, "folder for the final model.safetensors + smdm_config.json; default "
-                                     "<out_dir>/final", group="run")
 
     def check(self) -> "SFTConfig":
         """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded."""
