@@ -24,6 +24,7 @@ of the detection report.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -277,21 +278,34 @@ def remask_forward(model, head, batch: RemaskBatch, input_ids, answer_mask, answ
 # ---------------------------------------------------------------- setup
 
 
-def _examples(cfg: RemaskConfig, tokenizer, split: str, limit: Optional[int]):
-    records = sft_data.load_records(cfg.dataset, split, cfg.subset, limit=limit)
+def load_split_records(cfg: RemaskConfig) -> tuple:
+    """(training records, records of --eval_split or None), with their fields checked: read before any model
+    loads, so that a broken data file is reported at once."""
+    def load(split: str, limit: Optional[int]):
+        records = sft_data.load_records(cfg.dataset, split, cfg.subset, limit=limit)
+        sft_data.resolve_fields(sft_data.column_names(records), cfg.text_field, cfg.prompt_field, cfg.answer_field,
+                                cfg.thinking_field, cfg.attempt_field)
+        return records
+
+    held = load(cfg.eval_split, cfg.eval_samples) if cfg.eval_samples and cfg.eval_split is not None else None
+    return load(cfg.split, cfg.max_records), held
+
+
+def _examples(cfg: RemaskConfig, tokenizer, records) -> sft_data.SFTExamples:
     fields = sft_data.resolve_fields(sft_data.column_names(records), cfg.text_field, cfg.prompt_field,
                                      cfg.answer_field, cfg.thinking_field, cfg.attempt_field)
     return sft_data.build_sft_examples(records, tokenizer, cfg.seq_len, fields, cfg.chat_template,
                                        cfg.prompt_template)
 
 
-def split_train_eval(cfg: RemaskConfig, tokenizer):
-    """(train examples, held-out examples or None)."""
-    train = _examples(cfg, tokenizer, cfg.split, cfg.max_records)
+def split_train_eval(cfg: RemaskConfig, tokenizer, records: tuple):
+    """(train examples, held-out examples or None) from load_split_records' records."""
+    train_records, held_records = records
+    train = _examples(cfg, tokenizer, train_records)
     if cfg.eval_samples == 0:
         return train, None
-    if cfg.eval_split is not None:
-        return train, _examples(cfg, tokenizer, cfg.eval_split, cfg.eval_samples)
+    if held_records is not None:
+        return train, _examples(cfg, tokenizer, held_records)
     if len(train) <= cfg.eval_samples:
         raise UserError(f"{len(train)} training examples cannot spare --eval_samples {cfg.eval_samples} for "
                         "evaluation; lower --eval_samples or pass --eval_split")
@@ -301,7 +315,8 @@ def split_train_eval(cfg: RemaskConfig, tokenizer):
 
 
 def _rows(ex: sft_data.SFTExamples, idx: torch.Tensor) -> sft_data.SFTExamples:
-    return sft_data.SFTExamples(ex.input_ids[idx], ex.prompt_len[idx], ex.answer_len[idx], ex.dropped, ex.truncated)
+    return dataclasses.replace(ex, input_ids=ex.input_ids[idx], prompt_len=ex.prompt_len[idx],
+                               answer_len=ex.answer_len[idx])
 
 
 def add_lora(cfg: RemaskConfig, model, kind: str, trainable: bool):
@@ -393,6 +408,7 @@ def run(cfg: RemaskConfig, backbone=None) -> dict:
 
 
 def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
+    records = load_split_records(cfg)
     fabric = setup_fabric(cfg, wrap_blocks=_wrap_blocks(cfg), loggers=[csv_logger(out_dir)])
     precision = cfg.precision or default_precision(cfg.accelerator)
     if backbone is None:
@@ -407,7 +423,7 @@ def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
     vocab_size = len(tokenizer)
     special = noise_special_ids(tokenizer, mask_id, backbone.eos_id, backbone.eot_id)
 
-    train_ex, eval_ex = split_train_eval(cfg, tokenizer)
+    train_ex, eval_ex = split_train_eval(cfg, tokenizer, records)
     global_batch = cfg.batch_size * fabric.world_size * cfg.grad_accum
     max_steps = cfg.max_steps or cfg.epochs * max(1, len(train_ex) // global_batch)
 
