@@ -129,7 +129,7 @@ def test_bad_inputs_name_the_fix(tiny, tmp_path):
         E.main(["--predictions", str(tmp_path / "missing.jsonl")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"index": 0}\n{"truncat')
-    with pytest.raises(ValueError, match="bad.jsonl:1 lacks"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 1 lacks"):
         E.read_predictions(bad)
 
 
