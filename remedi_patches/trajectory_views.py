@@ -4,6 +4,8 @@ Record a run with `generate(..., trajectory=Trajectory(keep_tokens=True))`, then
     trace = row_trace(trajectory, row, answer_start, mask_id)   one row's answer tokens before and after every step
     answer_mask_counts(trace)      masks left in the answer per step (non-increasing: the monotone-noise check)
     step_changes(trace)            per step: tokens committed, tokens re-masked, masks left (block / answer)
+    step_lines(trace, text)        the same as text: `+pos:'tok'` committed, `-pos:'tok'` re-masked, per step
+    trajectory_text(trajectory, answer_start, tokenizer, mask_id)   every row as text (generate --show_trajectory)
     revisions(trace, reference)    every re-masked token and what replaced it; with a reference answer the
                                    "wrong -> re-masked -> corrected" cases are marked `corrected`
     plot_mask_counts / plot_trajectory (PNG, matplotlib Agg), trajectory_html (one self-contained HTML page)
@@ -153,18 +155,48 @@ def reference_ids(tokenizer, answer: str, gen_length: int, pad_id: Optional[int]
     return ids + [pad_id] * (gen_length - len(ids)) if pad_id is not None else ids
 
 
+def _is_committed(trace: RowTrace, s: int, pos: int) -> bool:
+    """Position `pos` was masked before step s and holds a token after it."""
+    return s > 0 and int(trace.states[s - 1, pos]) == trace.mask_id and int(trace.states[s, pos]) != trace.mask_id
+
+
 def _cell_kind(trace: RowTrace, s: int, pos: int, reference: Optional[Sequence[int]]) -> str:
-    """Category of answer position `pos` in state s (0 = before the first step)."""
+    """Fill category of answer position `pos` in state s (0 = before the first step). With a reference, every
+    token on the canvas, the ones committed at this step included (so the final answer row reads right / wrong
+    throughout), is `right` or `wrong`; the commit itself is then marked by a frame (see _is_committed).
+    Without one a token just committed is `committed`, an older one `kept`."""
     token = int(trace.states[s, pos])
     if s > 0 and token == trace.mask_id and int(trace.states[s - 1, pos]) != trace.mask_id:
         return "remasked"
     if token == trace.mask_id:
         return "mask"
-    if s > 0 and int(trace.states[s - 1, pos]) == trace.mask_id:
-        return "committed"
     if reference is None or pos >= len(reference):
-        return "kept"
+        return "committed" if _is_committed(trace, s, pos) else "kept"
     return "right" if token == reference[pos] else "wrong"
+
+
+def step_lines(trace: RowTrace, text: Callable[[int], str]) -> list[str]:
+    """One text line per step: `+pos:'tok'` for each token committed, `-pos:'tok'` for each token re-masked (the
+    token removed), and the masks left in the block / answer. Positions count from the start of the answer."""
+    lines = []
+    for c in step_changes(trace):
+        added = " ".join(f"+{p}:{text(t)!r}" for p, t in c.committed) or "-"
+        removed = " ".join(f"-{p}:{text(t)!r}" for p, t in c.remasked) or "-"
+        lines.append(f"  step {c.index + 1:3d} (block {c.block} step {c.step + 1}): masks {c.block_masks} in block, "
+                     f"{c.answer_masks} in answer | committed {added} | re-masked {removed}")
+    return lines
+
+
+def trajectory_text(trajectory: Trajectory, answer_start: int, tokenizer, mask_id: int) -> str:
+    """Every row of a run recorded with Trajectory(keep_tokens=True), as text: a `row N` header, then
+    step_lines with the tokens decoded by `tokenizer` (what `generate.py --show_trajectory` prints)."""
+    text = token_texts(tokenizer, mask_id)
+    rows = trajectory.steps[0].tokens.shape[0] if trajectory.steps and trajectory.steps[0].tokens is not None else 1
+    lines = []
+    for row in range(rows):
+        lines.append(f"row {row}:")
+        lines.extend(step_lines(row_trace(trajectory, row, answer_start, mask_id), text))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- pictures (matplotlib, Agg)
@@ -211,9 +243,10 @@ def plot_mask_counts(traces: dict[str, RowTrace], path: str | Path, title: str =
 
 def plot_trajectory(trace: RowTrace, text: Callable[[int], str], path: str | Path,
                     reference: Optional[Sequence[int]] = None, title: str = "") -> Path:
-    """Steps (rows) x answer positions (columns). Blue: committed at the step; orange: re-masked at the step
-    (showing the token removed); grey: [MASK]; green / red: a kept token equal to / different from the
-    reference (white without one). Black frames: re-masked positions that ended right (`corrected`)."""
+    """Steps (rows) x answer positions (columns). Green / red: a token equal to / different from the reference,
+    whether kept or committed at the step (so the last row is the graded answer); a blue frame marks a token
+    committed at the step (without a reference: blue fill; older tokens white); orange: re-masked at the step
+    (showing the token removed); grey: [MASK]. Black frames: re-masked positions that ended right (`corrected`)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
 
@@ -231,6 +264,12 @@ def plot_trajectory(trace: RowTrace, text: Callable[[int], str], path: str | Pat
                 if grid[s][p] == kinds.index("remasked"):
                     token = int(trace.states[s - 1, p])
                 ax.text(p, s, text(token).strip()[:4], ha="center", va="center", fontsize=6)
+    if reference is not None:
+        for s in range(steps):
+            for p in range(width):
+                if _is_committed(trace, s, p):
+                    ax.add_patch(Rectangle((p - 0.42, s - 0.42), 0.84, 0.84, fill=False, lw=1.2,
+                                           ec=COLOURS["committed"]))
     for rev in revisions(trace, reference):
         if rev.kind == "corrected":
             height = rev.committed_at - rev.remasked_at + 1  # from the re-masked cell to the corrected one
@@ -239,8 +278,12 @@ def plot_trajectory(trace: RowTrace, text: Callable[[int], str], path: str | Pat
     ax.set_xlabel("answer position")
     ax.set_ylabel("after step (0 = start)")
     ax.set_title(title or "denoising trajectory")
-    shown = [k for k in kinds if reference is not None or k not in ("right", "wrong")]
-    ax.legend(handles=[Patch(facecolor=COLOURS[k], edgecolor="#999", label=k) for k in shown], loc="upper left",
+    shown = [k for k in kinds if k not in ("right", "wrong", "committed", "kept") or
+             (k in ("right", "wrong")) == (reference is not None)]
+    handles = [Patch(facecolor=COLOURS[k], edgecolor="#999", label=k) for k in shown]
+    if reference is not None:
+        handles.append(Patch(facecolor="white", edgecolor=COLOURS["committed"], lw=1.2, label="committed at step"))
+    ax.legend(handles=handles, loc="upper left",
               bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return save_figure(fig, path)
 
@@ -270,9 +313,12 @@ pre{background:#f6f6f6;padding:6px}"""
 
 
 def _legend(with_reference: bool) -> str:
-    names = [k for k in COLOURS if with_reference or k not in ("right", "wrong")]
-    return "<p class='legend'>" + "".join(f"<span style='background:{COLOURS[k]}'>{k}</span>" for k in names) + \
-        "<span class='corrected'>wrong &rarr; re-masked &rarr; corrected</span></p>"
+    names = [k for k in COLOURS if (k not in ("right", "wrong", "committed", "kept")) or
+             (k in ("right", "wrong")) == with_reference]
+    spans = "".join(f"<span style='background:{COLOURS[k]}'>{k}</span>" for k in names)
+    if with_reference:
+        spans += f"<span style='box-shadow:inset 0 0 0 2px {COLOURS['committed']}'>committed at this step</span>"
+    return f"<p class='legend'>{spans}<span class='corrected'>wrong &rarr; re-masked &rarr; corrected</span></p>"
 
 
 def _trace_table(view: TraceView) -> str:
@@ -288,7 +334,11 @@ def _trace_table(view: TraceView) -> str:
             kind = _cell_kind(trace, s, p, ref)
             token = int(trace.states[s - 1, p]) if kind == "remasked" else int(trace.states[s, p])
             cls = kind + (" corrected" if (p, s) in corrected else "")
-            cells.append(f"<td class='{cls}' style='background:{COLOURS[kind]}'><span>"
+            style = f"background:{COLOURS[kind]}"
+            if kind != "committed" and _is_committed(trace, s, p):  # right / wrong fill, commit shown by a frame
+                cls += " new"
+                style += f";box-shadow:inset 0 0 0 2px {COLOURS['committed']}"
+            cells.append(f"<td class='{cls}' style='{style}'><span>"
                          f"{html.escape(view.text(token))}</span></td>")
         lines.append(f"<tr><th>{label} ({masks[s]})</th>{''.join(cells)}</tr>")
     lines.append("</table>")

@@ -1,5 +1,6 @@
 """remedi_patches.trajectory_views: trajectory views (mask counts, step changes, revisions), pictures, HTML."""
 import html
+import re
 
 import pytest
 import torch
@@ -105,7 +106,8 @@ def test_html_is_self_contained_and_marks_the_correction(tmp_path):
     assert path.read_text().startswith("<!DOCTYPE html>")
     assert "<script" not in page and "src=" not in page and "http" not in page
     assert page.count("<tr>") == 5  # start + 4 steps
-    assert page.count("class='remasked") == 1 and page.count(" corrected'") == 2  # re-masked cell, then fixed cell
+    assert page.count("class='remasked") == 1  # the re-masked cell, then the fixed cell, framed as corrected:
+    assert len(re.findall(r"class='[a-z ]* corrected[ ']", page)) == 2
     assert "corrected: position 0 't5' re-masked at step 2, then 't9' at step 3" in html.unescape(page)
     assert "step 4 (block 0) (0)" in page
 
@@ -121,3 +123,39 @@ def test_token_texts_show_masks_and_unknown_ids(tiny):
     ids = D.reference_ids(tokenizer, "3+4=7. #### 7", 16, tokenizer.eos_token_id)
     assert len(ids) == 16 and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == "3+4=7. #### 7"
+
+
+def test_tokens_committed_at_the_last_step_are_graded_not_blue():
+    """With a reference, a token committed at a step is filled right / wrong like any kept token (the commit is a
+    frame), so the final row reads as the graded answer; without a reference it stays `committed`."""
+    trace = hand_trace()  # the last step commits the right 2 at position 2
+    last = trace.num_steps
+    assert [D._cell_kind(trace, last, p, [9, 7, 2]) for p in range(3)] == ["right", "right", "right"]
+    assert [D._cell_kind(trace, last, p, [9, 7, 3]) for p in range(3)] == ["right", "right", "wrong"]
+    assert D._cell_kind(trace, 1, 0, [9, 7, 2]) == "wrong"  # the wrong 5 committed at step 1
+    assert [D._cell_kind(trace, last, p, None) for p in range(3)] == ["kept", "kept", "committed"]
+    page = D.trajectory_html([D.TraceView("p", trace, text, reference=[9, 7, 2])])
+    final_row = page.split("<tr>")[-1]
+    assert f"background:{D.COLOURS['committed']}'" not in final_row and "class='right new'" in final_row
+    assert f"background:{D.COLOURS['right']}" in final_row
+
+
+def test_step_lines_and_trajectory_text_show_the_tokens(run, tiny):
+    from transformers import AutoTokenizer
+
+    lines = D.step_lines(hand_trace(), text)
+    assert len(lines) == 4
+    assert "committed +0:'t5'" in lines[0] and "re-masked -0:'t5'" in lines[1] and "+1:'t7'" in lines[1]
+    assert "masks 0 in block, 0 in answer | committed +2:'t2' | re-masked -" in lines[3]
+    backbone, _, trajectory, out = run
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny))
+    shown = D.trajectory_text(trajectory, 6, tokenizer, backbone.mask_id)
+    rows = shown.split("row 1:\n")
+    assert rows[0].startswith("row 0:\n") and len(rows) == 2
+    assert rows[1].count("\n") == 5 and "committed +" in rows[1]
+    first_token = D.token_texts(tokenizer, backbone.mask_id)(int(out[1, 6]))
+    assert f":{first_token!r}" in rows[1]
+    with pytest.raises(ValueError, match="keep_tokens=True"):
+        bare = Trajectory()
+        bare.steps = [type(trajectory.steps[0])(**{**trajectory.steps[0].__dict__, "tokens": None})]
+        D.trajectory_text(bare, 6, tokenizer, backbone.mask_id)
