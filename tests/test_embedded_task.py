@@ -226,3 +226,24 @@ def test_cli_bad_config_is_one_line_before_anything_is_written(tmp_path):
                       "--max_ops", "2"])
     assert_user_error(result, "--min_ops", "--max_ops")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+
+def test_build_exports_under_out_and_replaces_the_shipped_backbone_only_with_install(tmp_path):
+    from pathlib import Path
+
+    from remedi_patches.cli import UserError
+    from remedi_patches.embedded import build as B
+
+    args = B.parse_args([])
+    assert args.work_dir == Path("out/embedded_build") and B.export_dir(args) == Path("out/embedded_build/backbone")
+    assert B.export_dir(B.parse_args(["--work_dir", str(tmp_path)])) == tmp_path / "backbone"
+    assert B.export_dir(B.parse_args(["--out_dir", str(tmp_path / "bb")])) == tmp_path / "bb"
+    assert B.export_dir(B.parse_args(["--install"])) == B.BACKBONE_DIR == ASSETS_DIR / "backbone"
+    with pytest.raises(UserError, match="--install"):
+        B.export_dir(B.parse_args(["--out_dir", str(B.BACKBONE_DIR)]))
+    with pytest.raises(UserError, match="--out_dir"):
+        B.export_dir(B.parse_args(["--install", "--out_dir", str(tmp_path)]))
+    assert "--install" in B.__doc__ and "out/embedded_build" in B.__doc__

@@ -1,14 +1,17 @@
 """Rebuild the embedded backbone from nothing, with the project's own tools only.
 
-    python -m remedi_patches.embedded.build --work_dir out/embedded_build
+    python -m remedi_patches.embedded.build                    # everything under out/embedded_build
+    python -m remedi_patches.embedded.build --install          # ... and then replace the shipped backbone
 
 Stages (each is an ordinary command a user could type; all are logged to <work_dir>/build.log):
   1. task data (train / val / test jsonl, GSM8K layout) and the sentencepiece tokenizer
   2. packed pretraining text: "Question: ...\\nAnswer: <solution></s>" per problem
   3. SMDM masked-diffusion pretraining           (SMDM/pretrain/train_mdm.py)
   4. diffusion SFT, prompt kept clean            (SMDM/sft/train_sft.py)
-  5. export to remedi_patches/embedded/assets/backbone: model.safetensors, smdm_config.json,
-     the tokenizer, both runs' metrics.csv and BUILD.json (commands, seed, timings, last losses)
+  5. export to <work_dir>/backbone (or --out_dir): model.safetensors, smdm_config.json, the tokenizer,
+     both runs' metrics.csv and BUILD.json (commands, seed, timings, last losses). Use it with
+     `--model <that folder>`. The shipped backbone in the source tree
+     (remedi_patches/embedded/assets/backbone) is only replaced with --install.
 
 A killed build resumes: finished stages are skipped and both trainers continue from their newest
 checkpoint in <work_dir>.
@@ -35,7 +38,11 @@ BACKBONE_DIR = ASSETS_DIR / "backbone"
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work_dir", type=Path, default=Path("out/embedded_build"), help="data, checkpoints and logs")
-    p.add_argument("--out_dir", type=Path, default=BACKBONE_DIR, help="where the finished backbone is exported")
+    p.add_argument("--out_dir", type=Path, default=None,
+                   help="where the finished backbone is exported (None = <work_dir>/backbone)")
+    p.add_argument("--install", action="store_true",
+                   help="export into the source tree's shipped backbone folder instead, replacing it "
+                   f"({BACKBONE_DIR.relative_to(REPO)})")
     p.add_argument("--seed", type=int, default=0, help="task, tokenizer and both training runs")
     p.add_argument("--n_train", type=int, default=50000, help="training problems")
     p.add_argument("--vocab_size", type=int, default=512, help="tokenizer size (multiple of 64: no padded rows)")
@@ -46,6 +53,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (both stages)")
     p.add_argument("--sft_seq_len", type=int, default=72, help="prompt + solution + EOS padding")
     return p.parse_args(argv)
+
+
+def export_dir(args: argparse.Namespace) -> Path:
+    """Where the finished backbone goes: <work_dir>/backbone by default, --out_dir if given, the shipped
+    backbone folder only with --install (an --out_dir pointing there without --install is refused)."""
+    if args.install:
+        if args.out_dir is not None and args.out_dir.resolve() != BACKBONE_DIR.resolve():
+            raise UserError(f"--install exports into {BACKBONE_DIR}; drop --out_dir {args.out_dir}, or drop --install")
+        return BACKBONE_DIR
+    out = args.out_dir if args.out_dir is not None else args.work_dir / "backbone"
+    if out.resolve() == BACKBONE_DIR.resolve():
+        raise UserError(f"--out_dir {args.out_dir} is the shipped backbone in the source tree; add --install to "
+                        "replace it on purpose, or export elsewhere")
+    return out
 
 
 def run(cmd: list[str], log) -> None:
@@ -68,6 +89,7 @@ def last_row(metrics_dir: Path, key: str) -> float | None:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    out = export_dir(args)  # checked before hours of training
     w = args.work_dir.resolve()
     w.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -106,7 +128,6 @@ def main(argv=None) -> Path:
              "--save_interval", 200, "--out_dir", w / "sft", *common], log)
         times["sft_s"] = round(time.time() - t0, 1)
 
-    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     for f in (w / "sft" / "final").iterdir():
         shutil.copy2(f, out / f.name)
