@@ -1,7 +1,12 @@
-"""Remask SFT (RemeDi, DESIGN.md 3.4): config, step function and setup; the loop is lit_gpt.training.fit.
+"""Remask SFT (RemeDi): config, step function and setup; the loop is lit_gpt.training.fit.
 
     from remedi_patches.remask_sft import RemaskConfig, run
-    summary = run(RemaskConfig(dataset="embedded", seq_len=72, max_steps=400, lr=3e-3, ups_width=128))
+    summary = run(RemaskConfig())        # the embedded backbone and task with the demo's recipe (EMBEDDED_RECIPE)
+    summary = run(RemaskConfig(model_name="GSAI-ML/LLaDA-8B-Base", dataset="data/gsm8k", seq_len=1024, batch_size=1))
+
+Defaults that depend on the model (None in the dataclass, resolved by check()): with the embedded backbone
+(--model_name embedded, the default) the recipe the demo trains with, EMBEDDED_RECIPE (seq_len 72 on the embedded
+task); with any other backbone the general defaults, GENERAL_DEFAULTS (the seeds' LLaDA settings).
 
 Per sequence (prompt never noised): t ~ U(eps, 1); answer tokens masked with rho_mask(t) = t; unmasked answer
 tokens replaced by a different token with rho_incorrect(t) = 4 r t (1 - t), drawn uniformly from the vocabulary
@@ -50,6 +55,19 @@ from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_n
 from remedi_patches.ups_head import UPSHead
 
 TRAIN_MODES = ("ups_only", "joint", "alternating")
+# defaults resolved by RemaskConfig.check(): the embedded recipe is the demo's (held-out AUC ~0.9 in 100 updates)
+EMBEDDED_RECIPE = {"seq_len": 72, "batch_size": 32, "max_steps": 400, "lr": 3e-3, "warmup_steps": 20,
+                   "ups_width": 128, "eval_samples": 256}
+GENERAL_DEFAULTS = {"seq_len": 128, "batch_size": 8, "max_steps": 0, "lr": 1e-4, "warmup_steps": 0,
+                    "ups_width": None, "eval_samples": 64}
+
+
+def _by_model(name: str, what: str = "") -> str:
+    """Help text of a model-dependent default."""
+    general = GENERAL_DEFAULTS[name]
+    general = "0, or the loaded head's" if name == "ups_width" else general
+    return (f"{what}; default {EMBEDDED_RECIPE[name]} with the embedded model (the demo's recipe), else {general}"
+            if what else f"default {EMBEDDED_RECIPE[name]} with the embedded model, else {general}")
 STREAM_ORDER, STREAM_NOISE, STREAM_EVAL, STREAM_PROPOSE = 10, 11, 12, 13
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -83,17 +101,21 @@ class RemaskConfig(FabricConfig, RunConfig):
                                          "task's and the evaluators' format", group="data")
     max_records: Optional[int] = arg(None, "use at most this many records (embedded: problems generated; default "
                                      "4000)", group="data")
-    seq_len: int = arg(128, "tokens per row: prompt + answer + EOS padding", group="data")
+    seq_len: Optional[int] = arg(None, _by_model("seq_len", "tokens per row: prompt + answer + EOS padding") +
+                                 " (72 only on the embedded task)", group="data")
     # optimisation
-    batch_size: int = arg(8, "sequences per device per micro-batch", group="optimisation")
+    batch_size: Optional[int] = arg(None, _by_model("batch_size", "sequences per device per micro-batch"),
+                                    group="optimisation")
     grad_accum: int = arg(1, "micro-batches per optimizer update", group="optimisation")
     epochs: int = arg(1, "passes over the data (unless --max_steps)", group="optimisation")
-    max_steps: int = arg(0, "optimizer updates; 0: from --epochs", group="optimisation")
-    lr: float = arg(1e-4, "peak learning rate of the UPS head", group="optimisation")
+    max_steps: Optional[int] = arg(None, _by_model("max_steps", "optimizer updates; 0: from --epochs"),
+                                   group="optimisation")
+    lr: Optional[float] = arg(None, _by_model("lr", "peak learning rate of the UPS head"), group="optimisation")
     lr_ups: Optional[float] = arg(None, "head learning rate in joint/alternating; default --lr", group="optimisation")
     lr_lora: float = arg(5e-5, "peak learning rate of the LoRA weights", group="optimisation")
     min_lr_ratio: float = arg(0.1, "cosine decay ends at ratio x peak", group="optimisation")
-    warmup_steps: int = arg(0, "linear warmup updates", group="optimisation")
+    warmup_steps: Optional[int] = arg(None, _by_model("warmup_steps", "linear warmup updates"),
+                                      group="optimisation")
     weight_decay: float = arg(0.0, "AdamW weight decay", group="optimisation")
     grad_clip: float = arg(1.0, "gradient-norm clip (0 disables)", group="optimisation")
     # Remask SFT
@@ -108,8 +130,9 @@ class RemaskConfig(FabricConfig, RunConfig):
                           choices=TRAIN_MODES, group="remask SFT")
     alt_ratio: int = arg(1, "alternating: TPS updates per UPS update", group="remask SFT")
     # UPS head
-    ups_width: Optional[int] = arg(None, "hidden width of a new head (0: one Linear); default 0, or the loaded "
-                                   "head's", group="UPS head")
+    ups_width: Optional[int] = arg(None, "hidden width of a new head (0: one Linear); default 128 with the embedded "
+                                   "model (the demo's recipe), else 0; with --load_ups_head the loaded head's",
+                                   group="UPS head")
     load_ups_head: Optional[str] = arg(None, "continue training this saved head", group="UPS head")
     save_path: Optional[str] = arg(None, "where the trained head goes (safetensors); default "
                                    "<out_dir>/ups_head.safetensors", flags=("--save_path", "--save_ups_head"),
@@ -127,7 +150,8 @@ class RemaskConfig(FabricConfig, RunConfig):
     # evaluation, checkpoints
     eval_split: Optional[str] = arg(None, "held-out split for the detection AUC; default: --eval_samples records "
                                     "held out of --split", group="evaluation and checkpoints")
-    eval_samples: int = arg(64, "held-out sequences (0: no evaluation)", group="evaluation and checkpoints")
+    eval_samples: Optional[int] = arg(None, _by_model("eval_samples", "held-out sequences (0: no evaluation)"),
+                                      group="evaluation and checkpoints")
     eval_every: int = arg(100, "evaluate every N updates (0: only at the end)", group="evaluation and checkpoints")
     save_every: int = arg(100, "resumable checkpoint every N updates (and after the last)",
                           group="evaluation and checkpoints")
@@ -149,8 +173,28 @@ class RemaskConfig(FabricConfig, RunConfig):
             return None
         return Path(self.save_lora_dir) if self.save_lora_dir else Path(self.out_dir) / "lora"
 
+    @property
+    def embedded_model(self) -> bool:
+        return self.model_name == "embedded"
+
+    def resolve_defaults(self) -> "RemaskConfig":
+        """Fill the model-dependent defaults left None: EMBEDDED_RECIPE for the embedded backbone (seq_len 72 only
+        on the embedded task: other data gets the model's 128), GENERAL_DEFAULTS otherwise. Idempotent."""
+        recipe = EMBEDDED_RECIPE if self.embedded_model else GENERAL_DEFAULTS
+        for name, value in recipe.items():
+            if getattr(self, name) is not None:
+                continue
+            if name == "seq_len" and self.dataset != "embedded":
+                value = GENERAL_DEFAULTS["seq_len"]
+            if name == "ups_width" and self.load_ups_head is not None:
+                value = None  # the loaded head's width
+            setattr(self, name, value)
+        return self
+
     def check(self) -> "RemaskConfig":
-        """UserError / FileNotFoundError naming the first bad flag and the fix. Reads no model or data."""
+        """UserError / FileNotFoundError naming the first bad flag and the fix. Reads no model or data.
+        Resolves the model-dependent defaults first (resolve_defaults)."""
+        self.resolve_defaults()
         self.check_fabric(), self.check_run()
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "epochs": self.epochs, "alt_ratio": self.alt_ratio, "lora_r": self.lora_r}

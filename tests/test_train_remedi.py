@@ -315,6 +315,49 @@ def test_cli_help_lists_the_seed_flags(capsys):
                  "--incorrect_source"):
         assert flag in text, flag
     assert "(default: 0.1)" in text  # r_incorrect's default is shown
+    flat = " ".join(text.split())
+    assert "learning rate of the UPS head; default 0.003 with the embedded model (the demo's recipe), else 0.0001 " \
+        "--lr_ups" in flat  # the resolved defaults, not "(default: None)"
+    assert "DESIGN.md" not in text  # not in this repository
+
+
+def test_defaults_are_the_demos_recipe_on_the_embedded_model_and_the_seeds_otherwise(root, tmp_path):
+    from remedi_patches.remask_sft import EMBEDDED_RECIPE, GENERAL_DEFAULTS
+
+    embedded = train_remedi.parse_config([])
+    assert {k: getattr(embedded, k) for k in EMBEDDED_RECIPE} == EMBEDDED_RECIPE == dict(
+        seq_len=72, batch_size=32, max_steps=400, lr=3e-3, warmup_steps=20, ups_width=128, eval_samples=256)
+    assert (embedded.eval_every, embedded.save_every) == (100, 100)
+    other = train_remedi.parse_config(["--model_name", str(root / "llada")])
+    assert {k: getattr(other, k) for k in GENERAL_DEFAULTS} == GENERAL_DEFAULTS == dict(
+        seq_len=128, batch_size=8, max_steps=0, lr=1e-4, warmup_steps=0, ups_width=None, eval_samples=64)
+    # flags given win; the embedded model on other data keeps its window; a loaded head keeps its width
+    given = train_remedi.parse_config(["--seq_len", "40", "--lr", "0.5", "--max_steps", "0"])
+    assert (given.seq_len, given.lr, given.max_steps, given.batch_size) == (40, 0.5, 0, 32)
+    assert train_remedi.parse_config(["--dataset", str(root / "sums.jsonl")]).seq_len == 128
+    head = tmp_path / "h.safetensors"
+    save_ups_head(head, UPSHead(32, 8), {"mask_id": 0})
+    assert train_remedi.parse_config(["--load_ups_head", str(head)]).ups_width is None
+    assert RemaskConfig().check() == embedded  # the dataclass resolves the same way
+
+
+def test_demo_trains_with_the_embedded_recipe(monkeypatch, tmp_path):
+    """The demo's head and a bare train_remedi.py run are trained the same way (one recipe, two entry points)."""
+    import demo
+
+    from remedi_patches.remask_sft import EMBEDDED_RECIPE
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg.check())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        demo.demo(demo.parse_args(["--out_dir", str(tmp_path)]), tmp_path)
+    assert {k: getattr(seen[0], k) for k in EMBEDDED_RECIPE} == EMBEDDED_RECIPE
+    assert (seen[0].eval_every, seen[0].save_every) == (100, 100)
 
 
 @pytest.mark.parametrize("argv, match", [
