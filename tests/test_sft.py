@@ -121,6 +121,15 @@ def test_sft_loss_falls(pair_data, tokenizer_dir, tmp_path):
     assert len(losses) == 50
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     assert load_smdm_folder(tmp_path / "final").config.vocab_size == VOCAB
+    from remedi_patches.backbones import load_backbone  # the export carries --tokenizer: it loads on its own
+
+    assert load_backbone(tmp_path / "final").tokenizer.get_vocab() == train_sft_tokenizer(tokenizer_dir).get_vocab()
+
+
+def train_sft_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def test_chat_conversations_use_the_chat_template(tokenizer_dir, tmp_path, monkeypatch):

@@ -333,3 +333,63 @@ def test_fit_contract_alternating_groups_accumulation_and_resume(tmp_path):
     resumed = training.fit(fabric, state, step_fn, groups, schedule, tmp_path / "killed",
                            resume=training.resume_path(tmp_path / "killed", "auto"))
     assert resumed.losses == full.losses[3:]
+
+
+# ------------------------------------------------------------------ vocabulary, plan, cost, tokenizer export
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Packed text of the character tokenizer (vocab 50), made by prepare_data.py (so it records its tokenizer)."""
+    root = tmp_path_factory.mktemp("chardata")
+    make_char_tokenizer(root / "tok")
+    (root / "docs.txt").write_text("\n".join(f"{a}+{b}={a + b}" for a in range(20) for b in range(20)) + "\n")
+    prepare_data.main(["--input", str(root / "docs.txt"), "--tokenizer", str(root / "tok"),
+                       "--out_dir", str(root / "packed"), "--chunk_size", "512"])
+    return root / "packed", root / "tok"
+
+
+def test_data_vocabulary_is_checked_before_training_and_the_export_carries_the_tokenizer(char_data, tmp_path,
+                                                                                          capsys):
+    from transformers import AutoTokenizer
+
+    packed, tok = char_data
+    meta = training.read_packed_meta(packed)
+    vocab = len(AutoTokenizer.from_pretrained(tok))
+    assert meta["vocab_size"] == vocab and Path(meta["tokenizer"]) == tok.resolve() and meta["documents"] == 400
+    # an explicit vocabulary that differs from the data's tokenizer: one line, before anything is written
+    with pytest.raises(ValueError, match=f"tokenizer of {vocab} tokens.*vocab_size 32000; fix --vocab_size {vocab}"):
+        train_mdm.main(run_args(packed, tmp_path / "a", vocab_size=32000))
+    assert not (tmp_path / "a").exists()
+    # none given: the data's (not the config's 32000); the plan comes first; the export loads on its own
+    args = {k: v for k, v in dict(zip(run_args(packed, tmp_path / "b")[::2], run_args(packed, tmp_path / "b")[1::2]))
+            .items() if k != "--vocab_size"}
+    train_mdm.main([x for kv in args.items() for x in kv] + ["--max_steps", "2"])
+    out = capsys.readouterr().out
+    assert f"vocab_size {vocab}: the tokenizer the packed data was made with" in out
+    assert out.index(f"vocab {vocab}, 2 steps of 4 x 16 tokens") < out.index("Exported")
+    assert "with its tokenizer" in out
+    from remedi_patches.backbones import load_backbone
+
+    backbone = load_backbone(tmp_path / "b" / "final")
+    assert backbone.mask_id == vocab and len(backbone.tokenizer) == vocab
+    assert backbone.tokenizer("1+2=3")["input_ids"] == AutoTokenizer.from_pretrained(tok)("1+2=3")["input_ids"]
+
+
+def test_data_without_a_record_is_checked_by_its_largest_token(data, tmp_path):
+    assert training.read_packed_meta(data) is None and training.packed_max_token(data) == VOCAB - 1
+    training.check_data_vocab([data, None], VOCAB, "m", True)
+    with pytest.raises(ValueError, match=f"token id {VOCAB - 1} in .* is >= vocab_size {VOCAB - 1} of m"):
+        training.check_data_vocab([data], VOCAB - 1, "m", True)
+
+
+def test_a_run_far_too_big_for_a_cpu_is_warned_about():
+    from lit_gpt.config import Config
+
+    tiny = Config.from_name("Diff_LLaMA_tiny")  # the config's 32000-token vocabulary, upstream batch 256 x 2048
+    warning = training.heavy_cpu_warning(tiny, 256, 32, 2048, 1000, gflops=50.0)
+    assert warning.startswith("Warning: this is a heavy run for a CPU") and "--global_batch_size" in warning
+    assert "GB" in warning and "TFLOP" in warning
+    embedded = Config.from_name("Diff_LLaMA_embedded", vocab_size=512)  # the embedded build's pretraining
+    assert training.heavy_cpu_warning(embedded, 64, 64, 128, 300, gflops=50.0) is None
+    assert training.cpu_gflops(0.01) > 0.1

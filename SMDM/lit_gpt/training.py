@@ -39,7 +39,7 @@ from lightning_fabric.loggers import CSVLogger
 from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
-from lit_gpt.config import Config
+from lit_gpt.config import Config, num_non_embedding_params
 from lit_gpt.model import first_nonfinite
 from remedi_patches.cli import UserError, arg
 from remedi_patches.run_lock import RunLock
@@ -54,7 +54,7 @@ LOSS_EMA = 0.1  # weight of the newest step in the running loss the divergence g
 # hparams whose change on resume does not move the trajectory (not listed in the resume warning)
 NOT_TRAJECTORY = frozenset({"out_dir", "resume", "export_dir", "save_interval", "save_every", "eval_interval",
                             "eval_every", "eval_iters", "eval_mc", "save_path", "save_lora_dir", "accelerator",
-                            "devices", "num_nodes", "strategy", "divergence_factor"})
+                            "devices", "num_nodes", "strategy", "divergence_factor", "tokenizer"})
 
 
 class TrainingDiverged(UserError):
@@ -296,6 +296,136 @@ def setup_fabric(cfg: FabricConfig, wrap_blocks: Optional[set[type]] = None,
                     strategy=strategy, precision=precision, loggers=loggers)
     fabric.launch()
     return fabric
+
+
+# ---------------------------------------------------------------- packed data: its vocabulary, the run's cost
+
+PACKED_META_SUFFIX = "_meta.json"  # prepare_data.py writes <prefix>_meta.json beside <prefix>_*.bin
+
+
+def write_packed_meta(out_dir: Path, prefix: str, tokenizer_path: Union[str, Path], vocab_size: int,
+                      documents: int, tokens: int) -> Path:
+    """Record which tokenizer made a folder of packed files, so the trainer can check the model's vocabulary
+    and ship the tokenizer with its export."""
+    import json
+
+    source = Path(tokenizer_path)
+    meta = {"tokenizer": str(source.resolve()) if source.exists() else str(tokenizer_path),
+            "vocab_size": int(vocab_size), "documents": int(documents), "tokens": int(tokens)}
+    path = Path(out_dir) / f"{prefix}{PACKED_META_SUFFIX}"
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_packed_meta(data_dir: Union[str, Path]) -> Optional[dict]:
+    """The prepare_data.py record of a folder of packed files (None for data packed without one). UserError
+    when the folder mixes data of different tokenizers."""
+    import json
+
+    metas = {}
+    for path in sorted(Path(data_dir).glob(f"*{PACKED_META_SUFFIX}")):
+        try:
+            metas[path] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable prepare_data.py record ({err}); delete it or re-run "
+                            "prepare_data.py") from None
+    sizes = {m.get("vocab_size") for m in metas.values()}
+    if len(sizes) > 1:
+        raise UserError(f"{data_dir} mixes packed data of tokenizers with vocabularies {sorted(sizes)}; keep one "
+                        "tokenizer per data folder")
+    return next(iter(metas.values()), None)
+
+
+def packed_max_token(data_dir: Union[str, Path], sample: int = 1 << 22) -> int:
+    """The largest token id among the first and the last `sample` tokens of the first and last chunk files of
+    a packed folder: milliseconds, even for big data."""
+    import numpy as np
+
+    from lit_gpt.packed_dataset import HDR_SIZE, read_header
+
+    files = sorted(Path(data_dir).glob("*.bin"))
+    top = -1
+    for f in {files[0], files[-1]} if files else ():
+        dtype, n = read_header(f)
+        tokens = np.memmap(f, dtype=dtype, mode="r", offset=HDR_SIZE, shape=(n,))
+        for part in (tokens[:sample], tokens[-sample:]):
+            if len(part):
+                top = max(top, int(part.max()))
+    return top
+
+
+def check_data_vocab(data_dirs: Sequence[Union[str, Path, None]], vocab_size: int, model_name: str,
+                     vocab_flag_given: bool) -> None:
+    """Before training: UserError (one line, naming --vocab_size) when the packed data does not fit the model's
+    vocabulary: a token id >= vocab_size (the model's [MASK] id), or data whose prepare_data.py record names a
+    tokenizer of another size than the model's."""
+    for data_dir in (d for d in data_dirs if d is not None):
+        meta = read_packed_meta(data_dir)
+        if meta is not None and meta.get("vocab_size") != vocab_size:
+            hint = "fix --vocab_size" if vocab_flag_given else "pass --vocab_size"
+            raise UserError(f"the packed data in {data_dir} was made with a tokenizer of {meta['vocab_size']} "
+                            f"tokens ({meta.get('tokenizer')}) but {model_name} has vocab_size {vocab_size}; "
+                            f"{hint} {meta['vocab_size']}")
+        top = packed_max_token(data_dir)
+        if top >= vocab_size:
+            raise UserError(f"token id {top} in {data_dir} is >= vocab_size {vocab_size} of {model_name} (its mask "
+                            "id); pass --vocab_size matching the tokenizer the data was prepared with")
+
+
+def tokenizer_vocab_error(tokenizer, vocab_size: int, model_name: str) -> Optional[str]:
+    """The one-line problem when `tokenizer` does not fit a model of `vocab_size` ids (the mask id is vocab_size),
+    else None."""
+    if len(tokenizer) > vocab_size:
+        return (f"the tokenizer has {len(tokenizer)} tokens but {model_name} has vocab_size {vocab_size} (its mask "
+                "id); use the tokenizer the model was trained with, or set --vocab_size")
+    return None
+
+
+def cpu_gflops(seconds: float = 0.05) -> float:
+    """A quick measure of this process's float32 matmul speed (GFLOP/s)."""
+    import time
+
+    a = torch.randn(512, 512)
+    torch.mm(a, a)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, a)
+        n += 1
+    return 2 * 512 ** 3 * n / (time.perf_counter() - start) / 1e9
+
+
+def step_cost(config, global_batch: int, micro_batch: int, seq_len: int) -> tuple[float, float]:
+    """(FLOPs of one optimizer step, bytes of one micro-batch's training memory), rough: 6 x parameters x
+    tokens plus attention for the compute; float32 logits (and their gradient), per-layer activations,
+    attention scores and AdamW state for the memory."""
+    d, layers, vocab = config.n_embd, config.n_layer, config.padded_vocab_size
+    params = num_non_embedding_params(config) + 2 * vocab * d
+    flops = global_batch * seq_len * (6 * (params - vocab * d) + 12 * layers * d * seq_len)
+    tokens = micro_batch * seq_len
+    memory = 4 * (3 * tokens * vocab + 24 * layers * tokens * d
+                  + 2 * layers * micro_batch * config.n_head * seq_len * seq_len + 4 * params)
+    return float(flops), float(memory)
+
+
+def heavy_cpu_warning(config, global_batch: int, micro_batch: int, seq_len: int, max_steps: int,
+                      gflops: float, max_step_s: float = 60.0, max_memory_gb: float = 8.0) -> Optional[str]:
+    """A warning when a CPU run is far too big to try casually (a step over `max_step_s` seconds at `gflops`,
+    or over `max_memory_gb` of training memory), with the flags that shrink it; None when it is reasonable."""
+    flops, memory = step_cost(config, global_batch, micro_batch, seq_len)
+    step_s = flops / (gflops * 1e9)
+    if step_s <= max_step_s and memory / 1e9 <= max_memory_gb:
+        return None
+    total_h = step_s * max_steps / 3600
+    return (f"Warning: this is a heavy run for a CPU: one step of {global_batch} x {seq_len} tokens on {config.name} "
+            f"is ~{flops / 1e12:.1f} TFLOP (~{_duration(step_s)} at the ~{gflops:.0f} GFLOP/s measured here; "
+            f"{max_steps} steps ~{total_h:.1f} h) and micro-batches of {micro_batch} need ~{memory / 1e9:.0f} GB. "
+            "For a quick run lower --global_batch_size, --micro_batch_size and --seq_len (e.g. "
+            "--global_batch_size 32 --micro_batch_size 8 --seq_len 256), or train on a GPU.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------- schedule and batches
@@ -745,9 +875,10 @@ def _check_state_finite(fabric: Fabric, state: dict, out_dir: Path, step: int, g
                     groups)
 
 
-def export_smdm(fabric: Fabric, out_dir: Path, config, export_dir: Path) -> Optional[Path]:
+def export_smdm(fabric: Fabric, out_dir: Path, config, export_dir: Path, tokenizer=None) -> Optional[Path]:
     """On rank 0, write the model weights of the newest checkpoint in `out_dir` as an SMDM folder
-    (model.safetensors + smdm_config.json, see lit_gpt.model.save_smdm_folder); the same after DDP
+    (model.safetensors + smdm_config.json, see lit_gpt.model.save_smdm_folder) with `tokenizer` (a
+    transformers tokenizer, saved beside them so that the folder loads on its own); the same after DDP
     or FSDP. Returns `export_dir`, or None when `out_dir` holds no checkpoint. Refuses (writes nothing)
     when the weights hold NaN/inf."""
     from lit_gpt.model import TransEncoder, load_weights, save_smdm_folder
@@ -762,6 +893,10 @@ def export_smdm(fabric: Fabric, out_dir: Path, config, export_dir: Path) -> Opti
         load_weights(model, checkpoint)
         require_finite(model, f"the model of {checkpoint}", "Train again with a lower learning rate.")
         save_smdm_folder(model, export_dir)
-        fabric.print(f"Exported {checkpoint.name} to {export_dir}")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(export_dir))
+        fabric.print(f"Exported {checkpoint.name} to {export_dir}" + (" with its tokenizer" if tokenizer is not None
+                                                                       else " (no tokenizer: pass --tokenizer to "
+                                                                       "ship one)"))
     fabric.barrier()
     return export_dir

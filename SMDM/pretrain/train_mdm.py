@@ -1,7 +1,15 @@
-"""Masked-diffusion pretraining of SMDM's TransEncoder on packed token files (Lightning Fabric).
+r"""Masked-diffusion pretraining of SMDM's TransEncoder on packed token files (Lightning Fabric).
 
     python SMDM/pretrain/train_mdm.py --model 170 --flops 10. --devices 8 --strategy fsdp \
         --train_data_dir data/slimpajama/train --val_data_dir data/slimpajama/val
+    python SMDM/pretrain/train_mdm.py --model_name Diff_LLaMA_embedded --train_data_dir out/packed/train \
+        --seq_len 128 --global_batch_size 64 --micro_batch_size 64 --max_steps 300     # minutes on a CPU
+
+Packed data comes from SMDM/scripts/prepare_data.py, which records its tokenizer: the model's vocabulary
+defaults to that tokenizer's size (a mismatch with --vocab_size, or a token id beyond the vocabulary, is an
+error before training), and the export (<out_dir>/final) carries the tokenizer, so it loads on its own
+(`generate.py --model <out_dir>/final`). The plan is printed before the first step, with a warning when the
+run is far too big for a CPU.
 
 Objective (lit_gpt.diffusion): t ~ U(0, 1), each token masked with p_mask = (1 - eps) t + eps,
 loss = sum over masked tokens of CE / p_mask, divided by b * l; with probability
@@ -15,6 +23,7 @@ The loop (accumulation, clipping, NaN / divergence guard, checkpoints, resume, l
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,9 +36,11 @@ from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, mdm_loss, 
 from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
 from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
-                              TrainGroup, UserError, claim_outputs, csv_logger, default_micro_batch_size, export_smdm,
-                              fit, grad_accum_steps, hparams_of, micro_batch_rows, num_parameters, require_path,
-                              resume_path, setup_fabric, setup_model_and_optimizer, smdm_config, warmup_for)
+                              TrainGroup, UserError, check_data_vocab, claim_outputs, cpu_gflops, csv_logger,
+                              default_micro_batch_size, export_smdm, fit, grad_accum_steps, heavy_cpu_warning,
+                              hparams_of, micro_batch_rows, num_parameters, read_packed_meta, require_path,
+                              resume_path, setup_fabric, setup_model_and_optimizer, smdm_config,
+                              tokenizer_vocab_error, warmup_for)
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
 
 STREAM_TRAIN, STREAM_VAL = 0, 1
@@ -50,6 +61,9 @@ class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
     eps: float = arg(1e-3, "p_mask = (1 - eps) t + eps", group="diffusion")
     random_length_prob: float = arg(0.01, "share of steps trained on a random length in [1, seq_len]",
                                     group="diffusion")
+    tokenizer: Optional[str] = arg(None, "tokenizer folder to ship with the export (and to check against the "
+                                   "model's vocabulary); default: the one prepare_data.py recorded for "
+                                   "--train_data_dir", group="model")
     out_dir: Path = arg(Path("workdir/mdm"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
                         "the final export", group="run")
 
@@ -60,6 +74,7 @@ class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
             raise UserError("--train_data_dir is required: a folder of packed *.bin files made by prepare_data.py")
         require_path(self.train_data_dir, "--train_data_dir")
         require_path(self.val_data_dir, "--val_data_dir")
+        require_path(self.tokenizer, "--tokenizer", kind="model")
         for name in ("seq_len", "eval_iters", "eval_mc", "save_interval"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -72,7 +87,12 @@ class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = ArgumentParser(description=__doc__, formatter_class=Formatter)
     return add_config_args(parser, MDMConfig)
 
 
@@ -99,6 +119,32 @@ def resolve_max_steps(cfg: MDMConfig, config: Config) -> int:
     return steps
 
 
+def data_vocab(cfg: MDMConfig) -> Optional[dict]:
+    """The prepare_data.py record of --train_data_dir; fills --vocab_size from it when not given (printed)."""
+    meta = read_packed_meta(cfg.train_data_dir)
+    if meta is not None and cfg.vocab_size is None:
+        cfg.vocab_size = int(meta["vocab_size"])
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"vocab_size {cfg.vocab_size}: the tokenizer the packed data was made with "
+                  f"({meta.get('tokenizer')})", flush=True)
+    return meta
+
+
+def export_tokenizer(cfg: MDMConfig, meta: Optional[dict], config: Config):
+    """The tokenizer the export ships: --tokenizer, else the data's recorded one if it still exists (None
+    otherwise); UserError when it does not fit the model's vocabulary."""
+    source = cfg.tokenizer or (meta or {}).get("tokenizer")
+    if source is None or (cfg.tokenizer is None and not Path(source).exists()):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    problem = tokenizer_vocab_error(tokenizer, config.vocab_size, config.name)
+    if problem:
+        raise UserError(f"{problem} (tokenizer {source})")
+    return tokenizer
+
+
 def check_vocab(tokens: torch.Tensor, vocab_size: int, data_dir: Path) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
@@ -109,8 +155,12 @@ def check_vocab(tokens: torch.Tensor, vocab_size: int, data_dir: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> list[float]:
     """Train; returns the per-step losses of this run (on every rank)."""
     cfg = parse_args(argv)
+    vocab_given = cfg.vocab_size is not None
+    meta = data_vocab(cfg)
     config = model_config(cfg)
     max_steps = resolve_max_steps(cfg, config)
+    check_data_vocab([cfg.train_data_dir, cfg.val_data_dir], config.vocab_size, config.name, vocab_given)
+    tokenizer = export_tokenizer(cfg, meta, config)
     n_million = num_non_embedding_params(config) / 1e6
     cfg.micro_batch_size = cfg.micro_batch_size or default_micro_batch_size(n_million)
     grad_accum = grad_accum_steps(cfg.global_batch_size, cfg.micro_batch_size, cfg.world_size)
@@ -121,9 +171,15 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         fabric = setup_fabric(cfg, loggers=[csv_logger(cfg.out_dir)])
         hparams = {**hparams_of(cfg), "model_name": config.name, "vocab_size": config.vocab_size,
                    "max_steps": max_steps}
-        fabric.print(f"{config.name}: {n_million:.2f}M non-embedding parameters, {max_steps} steps of "
-                     f"{cfg.global_batch_size} x {cfg.seq_len} tokens, {grad_accum} micro-batches of "
-                     f"{cfg.micro_batch_size} per device per step, {len(train_data)} training sequences")
+        fabric.print(f"{config.name}: {n_million:.2f}M non-embedding parameters, vocab {config.vocab_size}, "
+                     f"{max_steps} steps of {cfg.global_batch_size} x {cfg.seq_len} tokens, {grad_accum} "
+                     f"micro-batches of {cfg.micro_batch_size} per device per step, {len(train_data)} training "
+                     f"sequences on {fabric.device}", flush=True)  # the plan, before the first (maybe long) step
+        if fabric.device.type == "cpu":
+            warning = heavy_cpu_warning(config, cfg.global_batch_size, cfg.micro_batch_size, cfg.seq_len, max_steps,
+                                        cpu_gflops())
+            if warning:
+                fabric.print(warning, flush=True)
 
         fabric.seed_everything(cfg.seed)
         with fabric.init_module():
@@ -177,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         result = fit(fabric, state, step_fn, [group], schedule, cfg.out_dir,
                      evaluate if val_data is not None else None, resume=resume_path(cfg.out_dir, cfg.resume),
                      hparams=hparams)
-        export_smdm(fabric, cfg.out_dir, config, export_dir)
+        export_smdm(fabric, cfg.out_dir, config, export_dir, tokenizer)
     return result.losses
 
 

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from lit_gpt.packed_dataset import token_dtype, write_chunk
-from lit_gpt.training import check_writable_dir, require_path
+from lit_gpt.training import check_writable_dir, require_path, write_packed_meta
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
 from remedi_patches.data import json_records
 from remedi_patches.run_lock import RunLock
@@ -150,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         written, n_docs, n_tokens = pack(files, tokenizer, args.out_dir, args.prefix, args.text_field,
                                          args.chunk_size, args.batch_docs)
+        write_packed_meta(args.out_dir, args.prefix, args.tokenizer, len(tokenizer), n_docs, n_tokens)
     print(f"{n_docs} documents, {n_tokens} tokens ({np.dtype(token_dtype(len(tokenizer))).name}, vocab "
           f"{len(tokenizer)}) -> {len(written)} files in {args.out_dir}")
     return written

@@ -177,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         group = TrainGroup(model, state["optimizer"], lr=cfg.lr, min_lr=cfg.min_lr)
         result = fit(fabric, state, step_fn, [group], schedule, cfg.out_dir,
                      resume=resume_path(cfg.out_dir, cfg.resume), hparams=hparams)
-        export_smdm(fabric, cfg.out_dir, config, export_dir)
+        export_smdm(fabric, cfg.out_dir, config, export_dir, tokenizer)  # the export loads on its own
     return result.losses
 
 
