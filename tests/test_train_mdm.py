@@ -393,3 +393,33 @@ def test_a_run_far_too_big_for_a_cpu_is_warned_about():
     embedded = Config.from_name("Diff_LLaMA_embedded", vocab_size=512)  # the embedded build's pretraining
     assert training.heavy_cpu_warning(embedded, 64, 64, 128, 300, gflops=50.0) is None
     assert training.cpu_gflops(0.01) > 0.1
+
+
+@pytest.mark.slow
+def test_upstream_defaults_on_a_cpu_print_the_plan_and_a_warning_within_seconds(tmp_path):
+    """The run of the issue (Diff_LLaMA_tiny, 256 x 2048 per step, on a CPU), output piped and NOT unbuffered:
+    the plan and the warning arrive before the first (minutes-long) step; the process is then stopped."""
+    import selectors
+    import time
+
+    data = write_pattern_data(tmp_path / "packed", n_tokens=8192, chunk=4096)  # blocks of the default 2048
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    cmd = [sys.executable, str(REPO / "SMDM/pretrain/train_mdm.py"), "--model_name", "Diff_LLaMA_tiny",
+           "--train_data_dir", str(data), "--max_steps", "1000", "--micro_batch_size", "1", "--accelerator", "cpu",
+           "--out_dir", str(tmp_path / "run")]  # micro-batches of 1: the step is slow, its memory small
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines, start = [], time.monotonic()
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() - start < 60 and not any("heavy run for a CPU" in x for x in lines):
+            if sel.select(timeout=1) and (line := proc.stdout.readline()):
+                lines.append(line)
+            elif proc.poll() is not None:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(lines)
+    assert "Diff_LLaMA_tiny:" in text and "1000 steps of 256 x 2048 tokens" in text, text
+    assert "heavy run for a CPU" in text and "--global_batch_size" in text, text
