@@ -42,23 +42,24 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from remedi_patches.backbones import EvalModel
+from remedi_patches.backbones import EvalModel, max_length_of
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.confidence import get_confidence_source
 from remedi_patches.data import column_names, json_records, load_records, render_prompt, resolve_fields
 from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.run_lock import RunLock
-from remedi_patches.sampling import (SamplerSettings, add_sampler_args, decode_answers, encode_prompts,
-                                     needs_ups_head, sample, settings_from_args)
+from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, PromptWindow,
+                                     SamplerSettings, add_sampler_args, decode_answers, encode_texts, needs_ups_head,
+                                     prompt_texts, sample, settings_from_args, uses_chat)
 
 FORMATS = ("gsm8k", "math")
 NOREMASK = ":noremask"
 UPSTREAM = "upstream"
 BOXED_HINT = "Put the final answer in \\boxed{}."
 PREDICTION_KEYS = ("index", "source", "format", "prompt", "output", "extracted", "gold", "correct", "seconds")
-EVAL_DEFAULTS = {"steps": 32, "gen_length": 32, "block_length": 32}  # the embedded task: answers < 32 tokens
-DEFAULT_SOURCES = ("ups", "tps_prob", "random")
+EVAL_DEFAULTS = LENGTH_DEFAULTS  # None = from the model's window (remedi_patches.sampling.default_lengths)
+DEFAULT_SOURCES = ("ups", "tps_prob", "random")  # without --ups_head: the same minus 'ups'
 
 
 # ---------------------------------------------------------------- runs (what is compared)
@@ -108,9 +109,25 @@ def parse_runs(texts: Sequence[str], no_remask: bool = False) -> list[Run]:
 @dataclass(frozen=True)
 class EvalItem:
     index: int   # position in the dataset (pairs rows of different sources)
-    prompt: str  # the text fed to the tokenizer (before any chat template)
+    prompt: str  # the plain prompt (render_prompt(question, template)); the model input unless a chat template applies
     gold: str    # GSM8K: the final number; MATH: the reference answer
     reference: str = ""  # the dataset's full solution (infer_compare.py draws tokens against it)
+    question: Optional[str] = None  # the question as written (None: `prompt` is used as written)
+    template: Optional[str] = None  # the --prompt_template it was rendered with
+
+
+def question_item(index: int, question: str, template: Optional[str] = None) -> EvalItem:
+    """An ungraded item for a free prompt (generate.py / infer_compare.py --prompt), by the one prompt rule."""
+    return EvalItem(index, render_prompt(question, template), "", question=question, template=template)
+
+
+def item_texts(tokenizer, items: Sequence[EvalItem], chat: str = "auto") -> tuple[list[str], bool]:
+    """The model-input texts of `items` by the one prompt rule (remedi_patches.sampling.prompt_texts) and whether
+    the chat template was applied."""
+    applied = uses_chat(tokenizer, chat)
+    texts = [prompt_texts(tokenizer, [it.prompt if it.question is None else it.question], chat,
+                          "{question}" if it.question is None else it.template)[0][0] for it in items]
+    return texts, applied
 
 
 def _gold(text: str, fmt: str, index: int, field: str) -> str:
@@ -147,7 +164,7 @@ def make_items(records: Iterable[dict], fmt: str, prompt_template: Optional[str]
             question = f"{question}\n{BOXED_HINT}"
         prompt = render_prompt(question, prompt_template)
         gold = _gold(str(record[gold_field]), fmt, i, gold_field)
-        items.append(EvalItem(i, prompt, gold, str(record[fields.answer])))
+        items.append(EvalItem(i, prompt, gold, str(record[fields.answer]), question, prompt_template))
     return items
 
 
@@ -163,24 +180,27 @@ def grade(fmt: str, output: str, gold: str) -> tuple[Optional[str], bool]:
 # ---------------------------------------------------------------- sampling
 
 
-def sample_texts(em: EvalModel, prompts: list[str], settings: SamplerSettings, chat: str = "off",
-                 trajectory=None) -> tuple[list[str], int]:
-    """Answers to `prompts` (one left-padded batch) -> (answers cut at EOS/EoT, padded prompt length)."""
+def sample_texts(em: EvalModel, texts: list[str], settings: SamplerSettings, chat_applied: bool = False,
+                 fit: Optional[PromptWindow] = None, trajectory=None) -> tuple[list[str], int]:
+    """Answers to model-input `texts` (item_texts; one left-padded batch, left-cropped by `fit`, by default the
+    model's window) -> (answers cut at EOS/EoT, padded prompt length)."""
     if needs_ups_head(em, settings):
         raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), "
                          "or drop 'ups' from --confidence_sources")
-    ids, attention_mask = encode_prompts(em.tokenizer, prompts, chat)
+    fit = fit or PromptWindow(max_length_of(em.model), settings.gen_length)
+    ids, attention_mask = fit.crop_batch(*encode_texts(em.tokenizer, texts, chat_applied))
     out = sample(em, ids, attention_mask, settings, trajectory)  # (B, Lp + gen_length)
     return decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids), ids.shape[1]
 
 
 def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], settings: SamplerSettings, *,
-             fmt: str = "gsm8k", batch_size: int = 1, seed: int = 0, chat: str = "off",
+             fmt: str = "gsm8k", batch_size: int = 1, seed: int = 0, chat: str = "auto",
              progress: bool = True) -> tuple[list[dict], dict]:
     """Sample and grade every item under every run -> (prediction rows, summary).
 
     Runs share `settings` and each starts from torch.manual_seed(seed). Items are batched by prompt length;
-    rows come back in item order per run. `seconds` is the batch's wall time divided by its size.
+    rows come back in item order per run. `seconds` is the batch's wall time divided by its size. Prompts longer
+    than the model's window leaves after gen_length are left-cropped, with one warning for the whole run.
     """
     if batch_size < 1:
         raise ValueError(f"--infer_bs must be >= 1, got {batch_size}")
@@ -191,9 +211,12 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
                              "train_remedi.py), or drop it from --confidence_sources")
     if not items:
         raise ValueError("no problems to evaluate; check --dataset / --split / --max_samples")
-    lengths = [len(ids) for ids in em.tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]]
+    fit = PromptWindow(max_length_of(em.model), settings.gen_length)  # one-line error if gen_length cannot fit
+    texts, applied = item_texts(em.tokenizer, items, chat)
+    lengths = [len(ids) for ids in em.tokenizer(texts, add_special_tokens=not applied)["input_ids"]]
+    fit.report(lengths)  # the one cropping warning of the run
     order = sorted(range(len(items)), key=lambda i: lengths[i])
-    batches = [[items[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rows = []
     for run, rs in zip(runs, run_settings):
         torch.manual_seed(seed)
@@ -201,11 +224,12 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
         with tqdm(total=len(items), desc=run.label, disable=not progress, file=sys.stderr) as bar:
             for batch in batches:
                 start = time.perf_counter()
-                answers, _ = sample_texts(em, [it.prompt for it in batch], rs, chat)
+                answers, _ = sample_texts(em, [texts[i] for i in batch], rs, applied, fit)
                 seconds = (time.perf_counter() - start) / len(batch)
-                for item, output in zip(batch, answers):
+                for i, output in zip(batch, answers):
+                    item = items[i]
                     extracted, correct = grade(fmt, output, item.gold)
-                    run_rows.append({"index": item.index, "source": run.label, "format": fmt, "prompt": item.prompt,
+                    run_rows.append({"index": item.index, "source": run.label, "format": fmt, "prompt": texts[i],
                                      "output": output, "extracted": extracted, "gold": item.gold,
                                      "correct": correct, "seconds": seconds})
                 bar.update(len(batch))
@@ -302,23 +326,32 @@ def write_summary(out_dir: Path, summary: dict, prefix: str = "") -> None:
 
 def add_eval_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = DEFAULT_SOURCES,
                           defaults: Optional[dict] = None, exclude: Sequence[str] = ()) -> None:
-    """The sampler flags of the evaluators: SamplerSettings' (remedi_patches.sampling, embedded-task defaults) with
-    --confidence_sources in place of --confidence_source, plus --eos_gating, --chat and --seed."""
+    """The sampler flags of the evaluators: SamplerSettings' (remedi_patches.sampling; lengths None = from the
+    model's window) with --confidence_sources in place of --confidence_source, plus --eos_gating, --chat and
+    --seed."""
+    p.set_defaults(default_sources=tuple(sources))
     group = p.add_argument_group("sampler")
-    group.add_argument("--confidence_sources", nargs="+", default=list(sources),
-                       help=f"sources compared under the same settings: NAME, NAME{NOREMASK} or {UPSTREAM}")
+    group.add_argument("--confidence_sources", nargs="+", default=None,
+                       help=f"sources compared under the same settings: NAME, NAME{NOREMASK} or {UPSTREAM}; None = "
+                            f"{' '.join(sources)} (without --ups_head: the same without 'ups')")
     add_sampler_args(p, defaults={**EVAL_DEFAULTS, **(defaults or {})},
                      exclude=("confidence_source", *exclude))
     group.add_argument("--eos_gating", action="store_true", help="= --logits_eos_inf --confidence_eos_eot_inf")
-    group.add_argument("--chat", choices=["auto", "on", "off"], default="off",
-                       help="wrap prompts in the tokenizer's chat template (instruct models: on)")
+    group.add_argument("--chat", choices=CHAT_CHOICES, default="auto", help=CHAT_HELP)
     group.add_argument("--seed", type=int, default=0, help="torch.manual_seed before each source")
 
 
-def runs_and_settings(args: argparse.Namespace, **overrides) -> tuple[list[Run], SamplerSettings]:
-    """The parsed --confidence_sources and the common SamplerSettings, checked (ValueError names the flag)."""
-    runs = parse_runs(args.confidence_sources, no_remask=args.remask is False)
-    settings = settings_from_args(args, remask=None, **overrides)
+def runs_and_settings(args: argparse.Namespace, window: Optional[int] = None,
+                      **overrides) -> tuple[list[Run], SamplerSettings]:
+    """The parsed --confidence_sources (None: the defaults, 'ups' only with --ups_head) and the common
+    SamplerSettings (lengths left None from `window`, the model's; None before loading), checked (ValueError
+    names the flag)."""
+    sources = args.confidence_sources
+    if sources is None:
+        sources = [s for s in getattr(args, "default_sources", DEFAULT_SOURCES)
+                   if s != "ups" or args.ups_head_path is not None]
+    runs = parse_runs(sources, no_remask=args.remask is False)
+    settings = settings_from_args(args, window, remask=None, **overrides)
     if any(r.source == "ups" for r in runs) and args.ups_head_path is None:
         raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), or "
                          "drop 'ups' from --confidence_sources")
@@ -337,12 +370,11 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--max_samples", type=int, default=50, help="first N problems (0 = all)")
     d.add_argument("--prompt_field", default=None, help="question field (default: found as in training)")
     d.add_argument("--answer_field", default=None, help="reference field (default: answer / solution)")
-    d.add_argument("--prompt_template", default=None,
-                   help="prompt with a {question} placeholder; None = 'Question: {question}\\nAnswer:' (math: plus "
-                        "a request to box the answer)")
+    d.add_argument("--prompt_template", default=None, help=TEMPLATE_HELP + " (math: the question carries a request to "
+                   "box the answer)")
     add_eval_sampler_args(p)
     r = p.add_argument_group("run")
-    r.add_argument("--infer_bs", type=int, default=1, help="prompts per sampler call (left-padded)")
+    r.add_argument("--infer_bs", type=int, default=16, help="prompts per sampler call (sorted by length, left-padded)")
     r.add_argument("--out_dir", default=None,
                    help="where outputs go; None = out/eval_gsm_math (re-grading: the predictions file's folder)")
     r.add_argument("--predictions", default=None,
@@ -387,10 +419,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples or None)
         items = make_items(records, args.format, args.prompt_template, args.prompt_field, args.answer_field)
         em = spec.load()
+        runs, settings = runs_and_settings(args, max_length_of(em.model))  # lengths left None: from the window
         rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs,
                                  seed=args.seed, chat=args.chat, progress=not args.no_progress)
         write_jsonl(out_dir / "predictions.jsonl", rows)
-        write_summary(out_dir, {**summary, "settings": vars(args)})
+        write_summary(out_dir, {**summary, "settings": {**vars(args), "confidence_sources": [r.label for r in runs],
+                                                         **{k: getattr(settings, k) for k in EVAL_DEFAULTS}}})
     print(markdown_table(summary))
     print(f"\nwrote {out_dir / 'predictions.jsonl'} and {out_dir / 'summary.json'}")
     return summary

@@ -29,10 +29,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from remedi_patches.backbones import load_eval_model
+from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.likelihood import mc_loglikelihood
+from remedi_patches.model_args import resolve_device
 from remedi_patches.modeling_wrappers import backbone_forward
-from remedi_patches.sampling import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids, optional_value,
+from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, optional_value,
                                      sample)
 
 
@@ -84,7 +85,8 @@ class LLaDAEvalHarness(LM):
                 None = dynamic sources re-mask, upstream never does. ups_head: older name of ups_head_path.
             padding_id: left-padding id (None = the tokenizer's pad, else EOS). tokenizer: when the model has none.
             smdm_size: architecture of an SMDM iter-*-ckpt.pth checkpoint (e.g. Diff_LLaMA_170M).
-            device: None = cuda if available else cpu. dtype: 'auto' = bfloat16 on CUDA, the checkpoint's elsewhere.
+            device: None / 'auto' = cuda if available else cpu.
+            dtype: 'auto' = bfloat16 on CUDA, the checkpoint's elsewhere.
             max_batch_size: accepted from lm-eval's command line; unused (batch_size is fixed).
         """
         super().__init__()
@@ -107,12 +109,25 @@ class LLaDAEvalHarness(LM):
         if self.accelerator is not None:  # lm-eval shards the requests by rank and gathers the results
             device = str(self.accelerator.device)
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        self.em = load_eval_model(optional_value(model_path), tokenizer=optional_value(tokenizer), device=device,
+        self.em = load_eval_model(optional_value(model_path), tokenizer=optional_value(tokenizer),
+                                  device=resolve_device(optional_value(device)),
                                   dtype=dtype, lora_path=optional_value(lora_path),
                                   ups_head_path=optional_value(ups_head_path),
                                   mask_id=mask_id, pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
         self.model_path = optional_value(model_path) or "embedded"
+        self._window: Optional[PromptWindow] = None
+
+    @property
+    def window(self) -> PromptWindow:
+        """The cropping rule of every sampling entry point (remedi_patches.sampling.PromptWindow) for max_length
+        capped by the model's own window: made at the first generation, so a gen_length that leaves no room is
+        refused there (likelihood-only runs never need it), and warns once per model."""
+        if self._window is None:
+            window = max_length_of(self.em.model)
+            budget = self.max_length if window is None else min(self.max_length, window)
+            self._window = PromptWindow(budget, self.settings.gen_length, flag="gen_length")
+        return self._window
 
     @property
     def device(self) -> torch.device:
@@ -175,11 +190,10 @@ class LLaDAEvalHarness(LM):
                                   "scored with loglikelihood (Monte Carlo) or generate_until tasks")
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        room = self.max_length - self.settings.gen_length
         out = []
         for start in tqdm(range(0, len(requests), self.batch_size), desc="llada_dist generate_until"):
             chunk = requests[start:start + self.batch_size]
-            prompts = [fit_prompt(self.tokenizer(r.args[0])["input_ids"], room) for r in chunk]
+            prompts = self.window.crop([self.tokenizer(r.args[0])["input_ids"] for r in chunk])
             answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.batch_size)
             for request, answer in zip(chunk, answers):
                 gen_kwargs = request.args[1]

@@ -16,15 +16,16 @@ from typing import Optional
 import torch
 
 from remedi_patches.cli import ArgumentParser, run_main
-from remedi_patches.embedded import format_prompt
+from remedi_patches.backbones import max_length_of
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.remasking import Trajectory
-from remedi_patches.sampling import (UPSTREAM_RULES, SamplerSettings, add_sampler_args, decode_answers,  # noqa: F401
+from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP,  # noqa: F401
+                                     UPSTREAM_RULES, PromptWindow, SamplerSettings, add_sampler_args, decode_answers,
                                      encode_prompts, generate, sample, settings_from_args)
 
 DEFAULT_PROMPT = ("Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. "
                   "How many shells does Mia have now?")
-CLI_DEFAULTS = {"steps": 128, "gen_length": 128, "block_length": 32}
+CLI_DEFAULTS = LENGTH_DEFAULTS  # None = from the model's window (remedi_patches.sampling.default_lengths)
 
 
 def format_trajectory(trajectory: Trajectory, answer_start: int) -> str:
@@ -46,9 +47,8 @@ def build_parser() -> ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt text; repeat for a batch (None = one built-in question: {DEFAULT_PROMPT!r})")
-    p.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
-                   help="wrap prompts in the tokenizer's chat template (auto: when the tokenizer has one; the "
-                   "embedded model's prompt format is applied by on / auto)")
+    p.add_argument("--chat", choices=CHAT_CHOICES, default="auto", help=CHAT_HELP)
+    p.add_argument("--prompt_template", default=None, help=TEMPLATE_HELP)
     add_sampler_args(p, defaults=CLI_DEFAULTS)
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling")
     p.add_argument("--show_trajectory", action="store_true", help="print committed / re-masked positions per step")
@@ -57,20 +57,22 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> list[str]:
     args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)  # every flag checked before the model is loaded
+    settings_from_args(args)  # every flag checked before the model is loaded (lengths left None: provisionally)
     spec = model_spec_from_args(args)
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise ValueError("--prompt is empty; give the prompt text, or leave --prompt out for the built-in question")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     em = spec.load()  # backbone, then LoRA, then UPS head (checked to fit)
-    prompts, chat = args.prompt or [DEFAULT_PROMPT], args.chat
-    if spec.model_name in (None, "embedded") and chat != "off":  # the embedded task's own prompt format
-        prompts, chat = [format_prompt(p) for p in prompts], "off"
-    ids, attention_mask = encode_prompts(em.tokenizer, prompts, chat)
+    window = max_length_of(em.model)
+    settings = settings_from_args(args, window)  # lengths left None: from the model's window
+    fit = PromptWindow(window, settings.gen_length)  # one-line error when gen_length alone does not fit
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    ids, attention_mask = fit.crop_batch(*encode_prompts(em.tokenizer, prompts, args.chat, args.prompt_template))
     trajectory = Trajectory() if args.show_trajectory else None
     torch.manual_seed(args.seed)
     out = sample(em, ids, attention_mask, settings, trajectory)
     answers = decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids)
+    print(f"(steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length})\n")
     for prompt, answer in zip(prompts, answers):
         print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
     if trajectory is not None:

@@ -7,8 +7,10 @@
         --lora_path checkpoints/lora_math --prompt "Give a brief plan for learning calculus." \\
         --steps 128 --gen_length 128 --block_length 16 --eos_gating
 
-Prompts come from --prompt (used as written, repeatable) or, without one, from --dataset (formatted as in
-eval_gsm_math.py, answers graded). Every source starts from torch.manual_seed(--seed) with the same settings.
+Prompts come from --prompt (repeatable) or, without one, from --dataset (answers graded); both become model input
+by the one prompt rule of generate.py and eval_gsm_math.py (--chat, --prompt_template; remedi_patches.sampling.
+prompt_texts), so `--prompt P --confidence_sources S` answers exactly as `generate.py --prompt P --confidence_source
+S` with the same flags and seed. Every source starts from torch.manual_seed(--seed) with the same settings.
 Printed per prompt: each source's answer with its re-masking events by kind (same / changed; with a reference:
 corrected / broken, see remedi_patches.trajectory_views.revisions); then per source and step the tokens committed
 (+pos:'tok') and re-masked (-pos:'tok'), with the masks left in the current block and in the whole answer.
@@ -24,26 +26,29 @@ from typing import Optional
 
 import torch
 
-from eval_gsm_math import (FORMATS, EvalItem, add_eval_sampler_args, grade, make_items, runs_and_settings,
-                           sample_texts, write_text)
+from eval_gsm_math import (FORMATS, EvalItem, add_eval_sampler_args, grade, item_texts, make_items, question_item,
+                           runs_and_settings, sample_texts, write_text)
 from remedi_patches import trajectory_views as diag
+from remedi_patches.backbones import max_length_of
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.data import load_records
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.remasking import Trajectory
+from remedi_patches.sampling import TEMPLATE_HELP, PromptWindow
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Same prompts, several confidence sources, side by side, with trajectories.")
     add_model_args(p)
-    p.add_argument("--prompt", action="append", default=None, help="prompt text, used as written; repeat for more")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (made model input as in generate.py: --chat, --prompt_template); repeat for more")
+    p.add_argument("--prompt_template", default=None, help=TEMPLATE_HELP)
     d = p.add_argument_group("data (when no --prompt is given)")
     d.add_argument("--dataset", default="embedded", help="hub name, local file or 'embedded'")
     d.add_argument("--subset", default=None, help="hub config / sub-folder")
     d.add_argument("--split", default="test", help="dataset split")
     d.add_argument("--format", choices=FORMATS, default="gsm8k", help="grader of the answers")
     d.add_argument("--max_samples", type=int, default=2, help="first N problems")
-    d.add_argument("--prompt_template", default=None, help="as in eval_gsm_math.py")
     d.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
                    help="colour kept tokens by the dataset's solution, position by position (auto: for 'embedded', "
                         "whose model writes exactly that format)")
@@ -68,7 +73,7 @@ def step_lines(trace: diag.RowTrace, text) -> list[str]:
 def _items(args) -> tuple[list[EvalItem], bool]:
     """(prompts to compare, whether they carry a graded / reference answer)."""
     if args.prompt:
-        return [EvalItem(i, p, "") for i, p in enumerate(args.prompt)], False
+        return [question_item(i, p, args.prompt_template) for i, p in enumerate(args.prompt)], False
     records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples)
     return make_items(records, args.format, args.prompt_template), True
 
@@ -84,6 +89,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     items, graded = _items(args)
     em = spec.load()
+    window = max_length_of(em.model)
+    runs, settings = runs_and_settings(args, window)  # lengths left None: from the model's window
+    fit = PromptWindow(window, settings.gen_length)  # one-line error when gen_length alone does not fit
+    texts, chat_applied = item_texts(em.tokenizer, items, args.chat)
     text = diag.token_texts(em.tokenizer, em.mask_id)
     use_reference = graded and (args.reference == "on" or (args.reference == "auto" and args.dataset == "embedded"))
     references = [diag.reference_ids(em.tokenizer, it.reference, settings.gen_length, em.eos_id) if use_reference
@@ -93,14 +102,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for run in runs:
         torch.manual_seed(args.seed)
         trajectory = Trajectory(keep_tokens=True)
-        answers[run.label], prompt_len = sample_texts(em, [it.prompt for it in items], run.settings(settings),
-                                                      args.chat, trajectory)
+        answers[run.label], prompt_len = sample_texts(em, texts, run.settings(settings), chat_applied, fit,
+                                                      trajectory)
         traces[run.label] = [diag.row_trace(trajectory, row, prompt_len, em.mask_id) for row in range(len(items))]
 
     views, files = [], []
     width = max(len(label) for label in answers)
     for i, item in enumerate(items):
-        print(f"=== prompt {i}\n{item.prompt}")
+        print(f"=== prompt {i}\n{texts[i]}")
         print(f"--- answers (gold {item.gold})" if graded else "--- answers")
         for label in answers:
             correct = grade(args.format, answers[label][i], item.gold)[1] if graded else None

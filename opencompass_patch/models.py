@@ -20,8 +20,11 @@ max_out_len, batch_size, run_cfg):
     remask                 None: dynamic sources re-mask, upstream never does; False: never re-mask
     ups_head_path, lora_path   UPS head .safetensors and PEFT LoRA folder (train_remedi.py outputs);
                            `ups_head` is accepted as the older name of ups_head_path
-    device, dtype          None = cuda if available else cpu; 'auto' = bfloat16 on CUDA, checkpoint dtype elsewhere
-    max_seq_len            prompt + gen_length budget; longer prompts keep their last tokens (with a warning)
+    device, dtype          None / 'auto' = cuda if available else cpu; dtype 'auto' = bfloat16 on CUDA, the
+                           checkpoint's dtype elsewhere
+    max_seq_len            prompt + gen_length budget, capped by the model's own window; longer prompts keep their
+                           last tokens with ONE warning per model (remedi_patches.sampling.PromptWindow, the rule of
+                           every sampling entry point); a gen_length that leaves no room is refused when loading
     stop_words             the answer text is cut at the earliest one (also OpenCompass's stopping_criteria)
     meta_template          OpenCompass prompt meta template
 
@@ -42,9 +45,9 @@ from opencompass.registry import MODELS
 from opencompass.utils.logging import get_logger
 from opencompass.utils.prompt import PromptList
 
-from remedi_patches.backbones import load_eval_model
-from remedi_patches.sampling import (SamplerSettings, decode_answer, fit_prompt, generate_answer_ids,
-                                     optional_value)
+from remedi_patches.backbones import load_eval_model, max_length_of
+from remedi_patches.model_args import resolve_device
+from remedi_patches.sampling import PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, optional_value
 
 logger = get_logger()
 PromptType = Union[PromptList, str]
@@ -126,12 +129,25 @@ class LLaDAModel(BaseModel):
         if ups_head_path and self.settings.confidence_source != "ups":
             logger.warning("ups_head_path=%s is loaded but only used with confidence_source='ups' (got %r)",
                            ups_head_path, self.settings.confidence_source)
-        self.em = load_eval_model(optional_value(path), tokenizer=optional_value(tokenizer_path), device=device,
+        self.em = load_eval_model(optional_value(path), tokenizer=optional_value(tokenizer_path),
+                                  device=resolve_device(optional_value(device)),
                                   dtype=dtype, lora_path=lora_path, ups_head_path=ups_head_path, mask_id=mask_id,
                                   pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
+        self._window: Optional[PromptWindow] = None
         logger.info("%s sampler: %s, mask_id=%s, padding_id=%s, ups_head_path=%s, lora_path=%s",
                     type(self).__name__, self.settings, self.em.mask_id, self.em.pad_id, ups_head_path, lora_path)
+
+    @property
+    def window(self) -> PromptWindow:
+        """The cropping rule of every sampling entry point (remedi_patches.sampling.PromptWindow) for max_seq_len
+        capped by the model's own window: made at the first generation, so a gen_length that leaves no room is
+        refused there (likelihood-only runs never need it), and warns once per model."""
+        if self._window is None:
+            window = max_length_of(self.em.model)
+            budget = self.max_seq_len if window is None else min(self.max_seq_len, window)
+            self._window = PromptWindow(budget, self.settings.gen_length, flag="gen_length")
+        return self._window
 
     def _template_parser(self, meta_template: Optional[dict]):
         return APITemplateParser(meta_template or CHAT_META_TEMPLATE)
@@ -149,8 +165,7 @@ class LLaDAModel(BaseModel):
     def generate(self, inputs: list[PromptType], max_out_len: Optional[int] = None,
                  stopping_criteria: Sequence[str] = ()) -> list[str]:
         """Answers for a list of prompts, cut at EOS / EoT, to max_out_len tokens and at the first stop word."""
-        room = self.max_seq_len - self.settings.gen_length
-        prompts = [fit_prompt(self.encode_prompt(p), room) for p in inputs]
+        prompts = self.window.crop([self.encode_prompt(p) for p in inputs])
         answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.micro_batch)
         stops = list(dict.fromkeys([*self.stop_words, *stopping_criteria]))
         return [decode_answer(self.tokenizer, a, max_out_len, stops) for a in answers]

@@ -1,7 +1,7 @@
 """Which model bundle a sampling CLI loads (backbone, LoRA adapter, UPS head), declared once for every CLI.
 
     add_model_args(parser)                         --model/--model_name --smdm_size --tokenizer --ups_head
-                                                   --lora_path --mask_id --device --dtype
+                                                   --lora_path --mask_id --device (auto) --dtype
     spec = model_spec_from_args(parser.parse_args())   # checked: local paths exist, device and dtype are usable
     bundle = spec.load()                           # remedi_patches.backbones.EvalModel, for sampling.sample()
 
@@ -25,8 +25,11 @@ from remedi_patches.sources import resolve_source
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: Optional[str]) -> str:
+    """'auto' (or None) -> 'cuda' when this torch sees a CUDA device, else 'cpu'; other values unchanged."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class ModelSpec:
                                        "used by confidence source 'ups'", flags=("--ups_head",), metavar="PATH")
     lora_path: Optional[str] = arg(None, "PEFT LoRA adapter folder applied to the backbone")
     mask_id: Optional[int] = arg(None, "None = the loaded backbone's mask id")
-    device: str = arg(_default_device(), "torch device")
+    device: str = arg("auto", "torch device: auto = cuda when this torch sees a GPU, else cpu; or cpu, cuda, cuda:1")
     dtype: str = arg("auto", "auto: bfloat16 on CUDA, the checkpoint's dtype otherwise", choices=DTYPES)
 
     def __post_init__(self):
@@ -62,13 +65,16 @@ class ModelSpec:
                     resolve_source(value, what=flag.lstrip("-"))  # the project's one local-path-vs-hub-name rule
                 except FileNotFoundError as err:
                     raise FileNotFoundError(f"{flag}: {err}") from None
+        if self.device == "auto":
+            return self
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}, but this torch has no CUDA device; pass --device cpu")
         return self
 
     def load(self) -> EvalModel:
         """Backbone, then the LoRA adapter, then the UPS head (checked to fit the backbone)."""
-        return load_eval_model(self.model_name, tokenizer=self.tokenizer, device=self.device, dtype=self.dtype,
+        return load_eval_model(self.model_name, tokenizer=self.tokenizer, device=resolve_device(self.device),
+                               dtype=self.dtype,
                                lora_path=self.lora_path, ups_head_path=self.ups_head_path, mask_id=self.mask_id,
                                smdm_size=self.smdm_size)
 

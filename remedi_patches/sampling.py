@@ -12,9 +12,14 @@
 Upstream sampling (confidence_source None) never re-masks a committed token: `remask=True` there is refused,
 `remask=None` (the default) means "re-mask with a dynamic source, never in upstream mode".
 
-Also here, because both evaluation harnesses (OpenCompass, lm-eval) and the CLIs share them: prompt encoding
-(`encode_prompts`, `left_pad`, `fit_prompt`), batched answers (`generate_answer_ids`) and decoding
-(`decode_answers`, `decode_answer`).
+Also here, because every sampling entry point (generate.py, infer_compare.py, eval_gsm_math.py, the OpenCompass and
+lm-eval models) shares them:
+- lengths that fit the model: `default_lengths(window, ...)` fills the lengths a CLI leaves None (its defaults)
+  from the model's window (backbones.max_length_of); `PromptWindow(window, gen_length)` refuses a gen_length that
+  leaves no room (one line naming --gen_length and the window) and left-crops longer prompts with ONE warning;
+- the one prompt rule: `prompt_texts` / `encode_prompts(tokenizer, questions, chat, template)` (--chat auto | on |
+  off means the same everywhere);
+- `left_pad`, batched answers (`generate_answer_ids`) and decoding (`decode_answers`, `decode_answer`).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from remedi_patches.cli import add_config_args, arg, config_from_args
+from remedi_patches.data import render_prompt
 from remedi_patches.confidence import CONFIDENCE_SOURCES, ConfidenceInputs, get_confidence_source
 from remedi_patches.modeling_wrappers import UPSModel, logits_of
 from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k, rank_last,
@@ -242,9 +248,12 @@ class SamplerSettings:
     command line can refuse bad flags before it loads a model. Defaults are generate()'s.
     """
 
-    steps: int = arg(128, "denoising steps in all, a multiple of the block count (gen_length / block_length)")
-    gen_length: int = arg(128, "answer tokens sampled per prompt")
-    block_length: int = arg(128, "semi-autoregressive block size; divides gen_length")
+    steps: int = arg(128, "denoising steps in all, a multiple of the block count (gen_length / block_length); "
+                     "CLI default None = gen_length (one token per step)")
+    gen_length: int = arg(128, "answer tokens sampled per prompt; CLI default None = from the model's window W: "
+                          "min(128, W // 4), a multiple of 32 when >= 32 (128 when W is unknown)")
+    block_length: int = arg(128, "semi-autoregressive block size; divides gen_length; CLI default None = 32, or "
+                            "gen_length when 32 does not divide it")
     temperature: float = arg(0.0, "Gumbel-max sampling temperature (0 = argmax)")
     cfg_scale: float = arg(0.0, "classifier-free guidance scale (0 = off)")
     remasking: str = arg("low_confidence", "upstream rule, used when no confidence source is given",
@@ -299,12 +308,108 @@ def add_sampler_args(parser: argparse.ArgumentParser, defaults: Optional[dict] =
     return add_config_args(parser, SamplerSettings, group=group, exclude=exclude, defaults=defaults)
 
 
-def settings_from_args(namespace: argparse.Namespace, **overrides) -> SamplerSettings:
-    """SamplerSettings from parsed flags (ValueError on a bad value); `eos_gating` turns both EOS flags on."""
+def settings_from_args(namespace: argparse.Namespace, window: Optional[int] = None, **overrides) -> SamplerSettings:
+    """SamplerSettings from parsed flags (ValueError on a bad value); `eos_gating` turns both EOS flags on.
+
+    Lengths left None (the sampling CLIs' defaults) come from `default_lengths(window, ...)`; explicit values are
+    kept exactly. A CLI calls this once before loading the model (window None: every flag checked early) and again
+    with the loaded model's window (`backbones.max_length_of`).
+    """
     if getattr(namespace, "eos_gating", False):
         overrides.setdefault("logits_eos_inf", True)
         overrides.setdefault("confidence_eos_eot_inf", True)
+    given = {name: overrides.get(name, getattr(namespace, name, None)) for name in LENGTH_FIELDS}
+    if any(v is None for v in given.values()):
+        overrides.update(default_lengths(window, **given))
     return config_from_args(SamplerSettings, namespace, **overrides)
+
+
+# ---------------------------------------------------------------- lengths that fit the model's window
+
+LENGTH_FIELDS = ("steps", "gen_length", "block_length")
+LENGTH_DEFAULTS = {name: None for name in LENGTH_FIELDS}  # the sampling CLIs' defaults: "from the model"
+DEFAULT_GEN_LENGTH, DEFAULT_BLOCK = 128, 32
+
+
+def default_lengths(window: Optional[int], steps: Optional[int] = None, gen_length: Optional[int] = None,
+                    block_length: Optional[int] = None) -> dict:
+    """{steps, gen_length, block_length}: the given values kept exactly, the None ones from the model's window.
+
+    gen_length = min(128, window // 4) (128 when the window is unknown; 3/4 of the window stay for the prompt),
+    rounded down to a multiple of block_length (given, else 32) when at least one block fits; block_length = 32,
+    or gen_length itself when 32 does not divide it; steps = gen_length (one token per step). The result is
+    checked by SamplerSettings. The embedded model (window 128): 32 / 32 / 32; LLaDA-8B (4096): 128 / 128 / 32.
+    """
+    if gen_length is None:
+        gen_length = DEFAULT_GEN_LENGTH if window is None else max(1, min(DEFAULT_GEN_LENGTH, window // 4))
+        unit = block_length if isinstance(block_length, int) and block_length > 0 else DEFAULT_BLOCK
+        if gen_length >= unit:
+            gen_length -= gen_length % unit
+    if block_length is None:
+        block_length = DEFAULT_BLOCK if isinstance(gen_length, int) and gen_length % DEFAULT_BLOCK == 0 else gen_length
+    if steps is None:
+        steps = gen_length
+    return {"steps": steps, "gen_length": gen_length, "block_length": block_length}
+
+
+def check_fits(gen_length: int, window: Optional[int], flag: str = "--gen_length") -> Optional[int]:
+    """Tokens left for the prompt in a window of `window` tokens (None = unlimited) after `gen_length` answer
+    tokens; a ValueError naming `flag` and the window when the answer alone does not leave one prompt token."""
+    if window is None:
+        return None
+    if gen_length >= window:
+        raise ValueError(f"{flag} {gen_length} does not fit the model's window of {window} tokens (the prompt needs at "
+                         f"least one); use {flag} {max(1, window // 2)} or less")
+    return window - gen_length
+
+
+class PromptWindow:
+    """The one cropping rule of every sampling entry point: prompts longer than the room the window leaves after
+    gen_length answer tokens keep their last tokens (the question sits at the end of few-shot prompts), with ONE
+    warning per PromptWindow (per run) naming how many prompts were cropped and by how much.
+
+        fit = PromptWindow(max_length_of(model), settings.gen_length)   # ValueError when gen_length alone is too long
+        fit.report(lengths)                  # optional: warn once about every prompt of the run up front
+        ids, mask = fit.crop_batch(ids, mask)     # left-padded tensors   |   fit.crop(list_of_token_lists)
+    """
+
+    def __init__(self, window: Optional[int], gen_length: int, flag: str = "--gen_length"):
+        self.window, self.gen_length, self.flag = window, gen_length, flag
+        self.room = check_fits(gen_length, window, flag)
+        self.warned = False
+
+    def report(self, lengths: Sequence[int]) -> None:
+        """Warn (once) about the prompts of these lengths that will be cropped; later crops stay silent."""
+        if self.warned or self.room is None:
+            return
+        cuts = [n - self.room for n in lengths if n > self.room]
+        if cuts:
+            self.warned = True
+            by = str(max(cuts)) if min(cuts) == max(cuts) else f"{min(cuts)} to {max(cuts)}"
+            logger.warning("%d of %d prompts are longer than the %d tokens the model's window of %d leaves after "
+                           "%s %d: cropped to their last %d tokens (cut by %s tokens); lower %s to keep more of "
+                           "the prompt", len(cuts), len(lengths), self.room, self.window, self.flag, self.gen_length,
+                           self.room, by, self.flag)
+
+    def crop(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token-id prompts, each cut to its last `room` tokens."""
+        self.report([len(p) for p in prompts])
+        if self.room is None:
+            return [list(p) for p in prompts]
+        return [list(p)[-self.room:] for p in prompts]
+
+    def crop_batch(self, ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Left-padded (ids, mask) cut to the last `room` columns (mask None when no padding is left)."""
+        if self.room is None or ids.shape[1] <= self.room:
+            return ids, attention_mask
+        lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [ids.shape[1]] * len(ids)
+        self.report(lengths)
+        ids = ids[:, -self.room:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -self.room:]
+            attention_mask = None if bool(attention_mask.all()) else attention_mask
+        return ids, attention_mask
 
 
 # ---------------------------------------------------------------- the model bundle
@@ -333,20 +438,55 @@ def needs_ups_head(bundle, settings: SamplerSettings) -> bool:
 # ---------------------------------------------------------------- prompts in, answers out (CLIs and harnesses)
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> left-padded (ids, attention_mask); chat 'auto' applies the tokenizer's chat template if any."""
+CHAT_CHOICES = ("auto", "on", "off")
+CHAT_HELP = ("how a prompt becomes model input (the same in every entry point): auto = the tokenizer's chat template "
+             "when it has one, else the plain prompt rule ('Question: ...\\nAnswer:', or --prompt_template); on = "
+             "the chat template (an error when the tokenizer has none); off = the plain prompt rule")
+TEMPLATE_HELP = ("plain prompt with a {question} placeholder; None = 'Question: {question}\\nAnswer:' (the embedded "
+                 "task's format); '{question}' = the prompt as written. With a chat template it shapes the user turn")
+
+
+def uses_chat(tokenizer, chat: str) -> bool:
+    """Whether `chat` (auto, on, off) applies the tokenizer's chat template (ValueError for on without one)."""
+    if chat not in CHAT_CHOICES:
+        raise ValueError(f"unknown --chat {chat!r}; use one of {list(CHAT_CHOICES)}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat == "on" and not has_template:
-        raise ValueError("--chat on, but the tokenizer has no chat template; use --chat off for base models")
-    use_chat = chat == "on" or (chat == "auto" and has_template)
-    if use_chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
+        raise ValueError("--chat on, but the tokenizer has no chat template; use --chat auto or off (the plain "
+                         "'Question: ...\\nAnswer:' prompt)")
+    return chat == "on" or (chat == "auto" and has_template)
+
+
+def prompt_texts(tokenizer, questions: Sequence[str], chat: str = "auto", template: Optional[str] = None
+                 ) -> tuple[list[str], bool]:
+    """The project's ONE prompt rule -> (model-input texts, whether the chat template was applied).
+
+    Chat template (chat 'on', or 'auto' when the tokenizer has one): one user turn holding the question (rendered
+    by `template` when one is given). Otherwise remedi_patches.data.render_prompt(question, template): by default
+    the embedded task's "Question: ...\nAnswer:".
+    """
+    if uses_chat(tokenizer, chat):
+        turns = [q if template is None else render_prompt(q, template) for q in questions]
+        return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                              tokenize=False) for t in turns], True
+    return [render_prompt(q, template) for q in questions], False
+
+
+def encode_texts(tokenizer, texts: Sequence[str], chat_applied: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-input texts -> left-padded (ids, attention_mask); the tokenizer's special tokens unless the chat
+    template already holds them."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=not use_chat)
+    enc = tokenizer(list(texts), padding=True, return_tensors="pt", add_special_tokens=not chat_applied)
     return enc["input_ids"], enc["attention_mask"]
+
+
+def encode_prompts(tokenizer, questions: Sequence[str], chat: str = "auto", template: Optional[str] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """User prompts -> left-padded (ids, attention_mask) by the one prompt rule (prompt_texts)."""
+    texts, chat_applied = prompt_texts(tokenizer, questions, chat, template)
+    return encode_texts(tokenizer, texts, chat_applied)
 
 
 def cut_at_stop(row: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
