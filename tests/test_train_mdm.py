@@ -144,7 +144,8 @@ def test_prepare_data_packs_documents_with_eos(tmp_path):
     with pytest.raises(ValueError, match="already holds"):
         prepare_data.main(["--input", str(tmp_path / "more.txt"), "--tokenizer", str(tmp_path / "tok"),
                            "--out_dir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match="no field 'body'.*fields present: \\['text'\\]"):
+    with pytest.raises(ValueError, match="docs.jsonl, line 1: field 'body' \\(from --text_field\\) is not in the "
+                       "dataset; fields present: \\['text'\\]"):
         prepare_data.main(["--input", str(tmp_path / "docs.jsonl"), "--tokenizer", str(tmp_path / "tok"),
                            "--out_dir", str(tmp_path / "out2"), "--text_field", "body"])
 

@@ -5,7 +5,8 @@
 
 Stages (each is an ordinary command a user could type; all are logged to <work_dir>/build.log):
   1. task data (train / val / test jsonl, GSM8K layout) and the sentencepiece tokenizer
-  2. packed pretraining text: "Question: ...\\nAnswer: <solution></s>" per problem
+  2. packed pretraining text (SMDM/scripts/prepare_data.py on the question / answer files):
+     "Question: ...\\nAnswer: <solution></s>" per problem
   3. SMDM masked-diffusion pretraining           (SMDM/pretrain/train_mdm.py)
   4. diffusion SFT, prompt kept clean            (SMDM/sft/train_sft.py)
   5. export to <work_dir>/backbone (or --out_dir): model.safetensors, smdm_config.json, the tokenizer,
@@ -29,7 +30,6 @@ from pathlib import Path
 
 from remedi_patches.cli import ArgumentParser, UserError, run_main
 from remedi_patches.embedded import ASSETS_DIR
-from remedi_patches.embedded.task import format_prompt, read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 BACKBONE_DIR = ASSETS_DIR / "backbone"
@@ -100,15 +100,10 @@ def main(argv=None) -> Path:
         if not (data / "test.jsonl").is_file():
             run([py, "-m", "remedi_patches.embedded.task", "--out_dir", data, "--tokenizer_dir", tok,
                  "--n_train", args.n_train, "--seed", args.seed, "--vocab_size", args.vocab_size], log)
-        for split in ("train", "val"):
-            text = data / f"pretrain_{split}.jsonl"
-            if not text.is_file():
-                with text.open("w") as f:
-                    for p in read_jsonl(data / f"{split}.jsonl"):
-                        f.write(json.dumps({"text": f"{format_prompt(p.question)} {p.solution}"}) + "\n")
+        for split in ("train", "val"):  # documents: the prompt rule's "Question: ...\nAnswer:" + " " + solution
             packed = w / "packed" / split
             if not packed.is_dir():
-                run([py, "SMDM/scripts/prepare_data.py", "--input", text, "--tokenizer", tok,
+                run([py, "SMDM/scripts/prepare_data.py", "--input", data / f"{split}.jsonl", "--tokenizer", tok,
                      "--out_dir", packed, "--prefix", split], log)
         times["data_s"] = round(time.time() - t0, 1)
 
