@@ -122,10 +122,12 @@ class LLaDAEvalHarness(LM):
     def window(self) -> PromptWindow:
         """The cropping rule of every sampling entry point (remedi_patches.sampling.PromptWindow) for max_length
         capped by the model's own window: made at the first generation, so a gen_length that leaves no room is
-        refused there (likelihood-only runs never need it), and warns once per model."""
-        if self._window is None:
-            window = max_length_of(self.em.model)
-            budget = self.max_length if window is None else min(self.max_length, window)
+        refused there (likelihood-only runs never need it), and warns once per model (made again if max_length
+        or the settings change)."""
+        window = max_length_of(self.em.model)
+        budget = self.max_length if window is None else min(self.max_length, window)
+        if self._window is None or (self._window.window, self._window.gen_length) != (budget,
+                                                                                     self.settings.gen_length):
             self._window = PromptWindow(budget, self.settings.gen_length, flag="gen_length")
         return self._window
 
