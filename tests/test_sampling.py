@@ -13,7 +13,7 @@ from eval_gsm_math import read_predictions
 from generate import generate as generate_from_script
 from remedi_patches.backbones import EvalModel
 from remedi_patches.cli import ArgumentParser
-from remedi_patches.model_args import ModelSpec, add_model_args, model_spec_from_args
+from remedi_patches.model_args import ModelSpec, add_model_args, model_spec_from_args, resolve_device
 from remedi_patches.remasking import Trajectory
 from remedi_patches.sampling import (SamplerSettings, add_sampler_args, decode_answer, fit_prompt, generate,
                                      generate_answer_ids, left_pad, needs_ups_head, optional_value, sample,
@@ -201,6 +201,15 @@ def test_model_flags_keep_the_seed_names():
     assert model_spec_from_args(head).ups_head_path == "." and head.model_name == "org/m"
     assert parser.parse_args(["--model", "m"]).model_name == "m"
     assert "--ups_head PATH" in parser.format_help()
+
+
+def test_device_auto_is_the_default_everywhere():
+    parser = ArgumentParser(prog="x")
+    add_model_args(parser)
+    spec = model_spec_from_args(parser.parse_args([]))
+    assert spec.device == "auto" and "auto = cuda" in parser.format_help()
+    assert resolve_device("auto") == resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
 
 
 # ---------------------------------------------------------------- predictions files
