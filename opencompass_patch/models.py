@@ -3,6 +3,10 @@
     LLaDAModel       chat models (LLaDA-8B-Instruct): the prompt's turns go through the tokenizer's chat template
     LLaDABaseModel   base models (LLaDA-8B-Base, SMDM, the embedded tiny model): raw prompt text, stop words
 
+The two differ only in their default `chat` key, which means what --chat means in generate.py / eval_gsm_math.py:
+'on' (LLaDAModel) = the chat template, 'off' (LLaDABaseModel) = the prompt text as the dataset config's template
+wrote it, 'auto' = the chat template when the tokenizer has one.
+
 Both are registered with opencompass.registry.MODELS (import this module, or name the class in a config as
 `from opencompass_patch.models import LLaDAModel`). Config keys, besides OpenCompass's own (type, abbr,
 max_out_len, batch_size, run_cfg):
@@ -27,6 +31,7 @@ max_out_len, batch_size, run_cfg):
                            every sampling entry point); a gen_length that leaves no room is refused when loading
     stop_words             the answer text is cut at the earliest one (also OpenCompass's stopping_criteria)
     meta_template          OpenCompass prompt meta template
+    chat                   'auto' | 'on' | 'off'; None = the class's ('on' for LLaDAModel, 'off' for LLaDABaseModel)
 
 max_out_len: the sampler always fills a canvas of gen_length tokens (its block / step schedule depends on
 it); the answer is then cut at its first EOS / EoT token and to at most max_out_len tokens. Set
@@ -47,7 +52,8 @@ from opencompass.utils.prompt import PromptList
 
 from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.model_args import resolve_device
-from remedi_patches.sampling import PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, optional_value
+from remedi_patches.sampling import (CHAT_CHOICES, PromptWindow, SamplerSettings, decode_answer, generate_answer_ids,
+                                     optional_value, uses_chat)
 
 logger = get_logger()
 PromptType = Union[PromptList, str]
@@ -89,6 +95,8 @@ def plain_text(prompt: PromptType) -> str:
 class LLaDAModel(BaseModel):
     """LLaDA-style chat model: prompts go through the tokenizer's chat template. See the module docstring."""
 
+    default_chat = "on"
+
     def __init__(self, path: Optional[str] = None, *, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
                  meta_template: Optional[dict] = None, stop_words: Sequence[str] = (), cfg: float = 0.0,
                  temperature: float = 0.0, remasking: str = "low_confidence", mask_id: Optional[int] = None,
@@ -96,7 +104,7 @@ class LLaDAModel(BaseModel):
                  gen_blocksize: int = 512, batch_size_: int = 1, diff_confidence_eos_eot_inf: bool = False,
                  diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None,
                  remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
-                 smdm_size: Optional[str] = None,
+                 smdm_size: Optional[str] = None, chat: Optional[str] = None,
                  device: Optional[str] = None, dtype: Optional[str] = "auto", **other):
         if "ups_head" in other:  # the older name of the key
             if ups_head_path is not None:
@@ -121,6 +129,10 @@ class LLaDAModel(BaseModel):
         except ValueError as err:
             raise ValueError(f"{err} (in the model config: steps = gen_steps, block_length = gen_blocksize, "
                              "cfg_scale = cfg)") from None
+        self.chat = optional_value(chat) or self.default_chat
+        if self.chat not in CHAT_CHOICES:
+            raise ValueError(f"chat={chat!r} in the model config; use one of {list(CHAT_CHOICES)} (None = "
+                             f"{self.default_chat!r} for {type(self).__name__})")
         if batch_size_ < 1:
             raise ValueError(f"batch_size_ must be >= 1, got {batch_size_}")
         self.micro_batch = batch_size_
@@ -155,11 +167,16 @@ class LLaDAModel(BaseModel):
         return APITemplateParser(meta_template or CHAT_META_TEMPLATE)
 
     def encode_prompt(self, prompt: PromptType) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
+        """The prompt's token ids: its turns through the chat template (chat 'on', or 'auto' with a template), else
+        its text as written with the tokenizer's own special tokens."""
+        if self.chat == "on" and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.path} has no chat template; evaluate this base model with "
-                             "LLaDABaseModel instead of LLaDAModel")
-        text = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                             "LLaDABaseModel instead of LLaDAModel (or set chat='auto' or 'off')")
+        if uses_chat(self.tokenizer, self.chat):
+            text = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True,
+                                                      tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(plain_text(prompt))["input_ids"]
 
     def get_token_len(self, prompt: PromptType) -> int:
         return len(self.encode_prompt(prompt))
@@ -184,8 +201,7 @@ class LLaDAModel(BaseModel):
 class LLaDABaseModel(LLaDAModel):
     """LLaDA-style base model: raw prompt text (the tokenizer's own special tokens added), stop words."""
 
+    default_chat = "off"
+
     def _template_parser(self, meta_template: Optional[dict]):
         return LMTemplateParser(meta_template)
-
-    def encode_prompt(self, prompt: PromptType) -> list[int]:
-        return self.tokenizer(plain_text(prompt))["input_ids"]
