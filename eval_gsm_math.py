@@ -51,7 +51,8 @@ from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.run_lock import RunLock
 from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, PromptWindow,
                                      SamplerSettings, add_sampler_args, decode_answers, encode_texts, needs_ups_head,
-                                     prompt_texts, sample, settings_from_args, uses_chat)
+                                     check_sampler_args, prompt_texts, sample, settings_from_args,
+                                     uses_chat)
 
 FORMATS = ("gsm8k", "math")
 NOREMASK = ":noremask"
@@ -341,17 +342,24 @@ def add_eval_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = D
     group.add_argument("--seed", type=int, default=0, help="torch.manual_seed before each source")
 
 
-def runs_and_settings(args: argparse.Namespace, window: Optional[int] = None,
-                      **overrides) -> tuple[list[Run], SamplerSettings]:
+BEFORE_LOAD = "before load"
+
+
+def runs_and_settings(args: argparse.Namespace, window: Optional[int] | str = BEFORE_LOAD,
+                      **overrides) -> tuple[list[Run], Optional[SamplerSettings]]:
     """The parsed --confidence_sources (None: the defaults, 'ups' only with --ups_head) and the common
-    SamplerSettings (lengths left None from `window`, the model's; None before loading), checked (ValueError
-    names the flag)."""
+    SamplerSettings, lengths left None from `window` (the loaded model's, None = unlimited), checked (ValueError
+    names the flag). Before the model is loaded (window BEFORE_LOAD) the flags are checked and settings is None."""
     sources = args.confidence_sources
     if sources is None:
         sources = [s for s in getattr(args, "default_sources", DEFAULT_SOURCES)
                    if s != "ups" or args.ups_head_path is not None]
     runs = parse_runs(sources, no_remask=args.remask is False)
-    settings = settings_from_args(args, window, remask=None, **overrides)
+    if window == BEFORE_LOAD:
+        check_sampler_args(args, remask=None, **overrides)
+        settings = None
+    else:
+        settings = settings_from_args(args, window, remask=None, **overrides)
     if any(r.source == "ups" for r in runs) and args.ups_head_path is None:
         raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), or "
                          "drop 'ups' from --confidence_sources")
@@ -412,7 +420,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"--max_samples must be >= 0 (0 = all), got {args.max_samples}")
     if args.infer_bs < 1:
         raise ValueError(f"--infer_bs must be >= 1, got {args.infer_bs}")
-    runs, settings = runs_and_settings(args)
+    runs_and_settings(args)  # every flag checked before loading
     spec = model_spec_from_args(args)
     out_dir = check_out_dir(Path(args.out_dir or "out/eval_gsm_math"))
     with RunLock(out_dir):

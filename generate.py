@@ -21,7 +21,8 @@ from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.remasking import Trajectory
 from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP,  # noqa: F401
                                      UPSTREAM_RULES, PromptWindow, SamplerSettings, add_sampler_args, decode_answers,
-                                     encode_prompts, generate, sample, settings_from_args)
+                                     check_sampler_args, encode_prompts, generate, sample,
+                                     settings_from_args)
 
 DEFAULT_PROMPT = ("Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. "
                   "How many shells does Mia have now?")
@@ -57,7 +58,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> list[str]:
     args = build_parser().parse_args(argv)
-    settings_from_args(args)  # every flag checked before the model is loaded (lengths left None: provisionally)
+    check_sampler_args(args)  # every flag checked before the model is loaded (lengths left None: after)
     spec = model_spec_from_args(args)
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise ValueError("--prompt is empty; give the prompt text, or leave --prompt out for the built-in question")

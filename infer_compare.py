@@ -84,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"--max_samples must be >= 1, got {args.max_samples}")
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise ValueError("--prompt is empty; give the prompt text, or leave --prompt out to use --dataset")
-    runs, settings = runs_and_settings(args)
+    runs_and_settings(args)  # every flag checked before loading
     spec = model_spec_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     items, graded = _items(args)

@@ -319,9 +319,33 @@ def settings_from_args(namespace: argparse.Namespace, window: Optional[int] = No
         overrides.setdefault("logits_eos_inf", True)
         overrides.setdefault("confidence_eos_eot_inf", True)
     given = {name: overrides.get(name, getattr(namespace, name, None)) for name in LENGTH_FIELDS}
-    if any(v is None for v in given.values()):
+    defaulted = [name for name, value in given.items() if value is None]
+    if defaulted:
         overrides.update(default_lengths(window, **given))
-    return config_from_args(SamplerSettings, namespace, **overrides)
+    try:
+        return config_from_args(SamplerSettings, namespace, **overrides)
+    except ValueError as err:
+        defaulted = [name for name in defaulted if f"{name}=" in str(err)]
+        if not defaulted:
+            raise
+        chosen = ", ".join(f"{name} {overrides[name]}" for name in defaulted)
+        where = "an unlimited window" if window is None else f"the model's window of {window} tokens"
+        raise ValueError(f"{err} ({chosen} by default for {where}; pass "
+                         f"{' '.join('--' + n for n in defaulted)} too)") from None
+
+
+def check_sampler_args(namespace: argparse.Namespace, **overrides) -> None:
+    """Every sampler flag checked before a model is loaded. Once --gen_length is given the schedule does not depend
+    on the model (the other lengths default from it), so it is checked whole; without it, the explicit lengths are
+    checked alone and the schedule when the model's window is known (settings_from_args)."""
+    given = {name: overrides.get(name, getattr(namespace, name, None)) for name in LENGTH_FIELDS}
+    if given["gen_length"] is not None:
+        settings_from_args(namespace, **overrides)
+        return
+    for name, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"--{name} must be positive (an integer), got {value!r}")
+    settings_from_args(namespace, **{**overrides, "steps": 1, "gen_length": 1, "block_length": 1})
 
 
 # ---------------------------------------------------------------- lengths that fit the model's window

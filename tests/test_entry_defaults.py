@@ -12,7 +12,10 @@ import eval_gsm_math as E
 import generate
 import infer_compare
 from cli_helpers import run_cli
-from remedi_patches.sampling import PromptWindow, check_fits, default_lengths, prompt_texts, uses_chat
+from remedi_patches.cli import ArgumentParser
+from remedi_patches.sampling import (LENGTH_DEFAULTS, PromptWindow, SamplerSettings, add_sampler_args,
+                                     check_fits, check_sampler_args, default_lengths, prompt_texts,
+                                     settings_from_args, uses_chat)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on the 2 shared CI cores
 CROP = "prompts are longer than the"
@@ -36,6 +39,22 @@ def test_default_lengths_fit_the_window_and_keep_explicit_values():
     assert check_fits(32, 128) == 96 and check_fits(4096, None) is None
     with pytest.raises(ValueError, match="--gen_length 128 does not fit the model's window of 128 tokens"):
         check_fits(128, 128)
+
+
+def test_flags_are_checked_before_loading_and_defaults_come_after():
+    parser = ArgumentParser(prog="x")
+    add_sampler_args(parser, defaults=LENGTH_DEFAULTS)
+    args = lambda *flags: parser.parse_args(list(flags))  # noqa: E731
+    check_sampler_args(args("--steps", "7"))  # may fit once the window is known: not refused before loading
+    assert settings_from_args(args("--steps", "7"), 128) == SamplerSettings(7, 32, 32)
+    assert settings_from_args(args(), 4096) == SamplerSettings(128, 128, 32)
+    with pytest.raises(ValueError, match="must be positive"):
+        check_sampler_args(args("--steps", "0"))
+    with pytest.raises(ValueError, match="gen_length=30 is not a multiple of block_length=8"):
+        check_sampler_args(args("--gen_length", "30", "--block_length", "8"))  # no model needed to know
+    with pytest.raises(ValueError, match=r"gen_length 32 by default for the model's window of 128 tokens; pass "
+                                         r"--gen_length too"):
+        settings_from_args(args("--steps", "64"), 128)
 
 
 def test_long_prompts_are_left_cropped_with_one_warning(caplog):
