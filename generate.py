@@ -23,23 +23,11 @@ from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, T
                                      UPSTREAM_RULES, PromptWindow, SamplerSettings, add_sampler_args, decode_answers,
                                      check_sampler_args, encode_prompts, generate, sample,
                                      settings_from_args)
+from remedi_patches.trajectory_views import trajectory_text
 
 DEFAULT_PROMPT = ("Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. "
                   "How many shells does Mia have now?")
 CLI_DEFAULTS = LENGTH_DEFAULTS  # None = from the model's window (remedi_patches.sampling.default_lengths)
-
-
-def format_trajectory(trajectory: Trajectory, answer_start: int) -> str:
-    """One line per row and step; positions are counted from the start of the answer."""
-    lines = []
-    for row in range(trajectory.steps[0].mask_count.shape[0] if trajectory.steps else 0):
-        for rec in trajectory.steps:
-            offset = rec.start - answer_start
-            committed = (rec.committed[row].nonzero().flatten() + offset).tolist()
-            remasked = (rec.remasked[row].nonzero().flatten() + offset).tolist()
-            lines.append(f"row {row} block {rec.block} step {rec.step}: masks left {int(rec.mask_count[row])}, "
-                         f"committed {committed}, re-masked {remasked}")
-    return "\n".join(lines)
 
 
 def build_parser() -> ArgumentParser:
@@ -52,7 +40,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt_template", default=None, help=TEMPLATE_HELP)
     add_sampler_args(p, defaults=CLI_DEFAULTS)
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling")
-    p.add_argument("--show_trajectory", action="store_true", help="print committed / re-masked positions per step")
+    p.add_argument("--show_trajectory", action="store_true", help="print each step's committed (+pos:'tok') and re-masked (-pos:'tok') tokens")
     return p
 
 
@@ -69,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     fit = PromptWindow(window, settings.gen_length)  # one-line error when gen_length alone does not fit
     prompts = args.prompt or [DEFAULT_PROMPT]
     ids, attention_mask = fit.crop_batch(*encode_prompts(em.tokenizer, prompts, args.chat, args.prompt_template))
-    trajectory = Trajectory() if args.show_trajectory else None
+    trajectory = Trajectory(keep_tokens=True) if args.show_trajectory else None
     torch.manual_seed(args.seed)
     out = sample(em, ids, attention_mask, settings, trajectory)
     answers = decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids)
@@ -77,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     for prompt, answer in zip(prompts, answers):
         print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
     if trajectory is not None:
-        print(format_trajectory(trajectory, ids.shape[1]))
+        print(trajectory_text(trajectory, ids.shape[1], em.tokenizer, em.mask_id))
     return answers
 
 

@@ -60,16 +60,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def step_lines(trace: diag.RowTrace, text) -> list[str]:
-    lines = []
-    for c in diag.step_changes(trace):
-        added = " ".join(f"+{p}:{text(t)!r}" for p, t in c.committed) or "-"
-        removed = " ".join(f"-{p}:{text(t)!r}" for p, t in c.remasked) or "-"
-        lines.append(f"  step {c.index + 1:3d} (block {c.block} step {c.step + 1}): masks {c.block_masks} in block, "
-                     f"{c.answer_masks} in answer | committed {added} | re-masked {removed}")
-    return lines
-
-
 def _items(args) -> tuple[list[EvalItem], bool]:
     """(prompts to compare, whether they carry a graded / reference answer)."""
     if args.prompt:
@@ -122,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if not args.quiet_steps:
             for label in answers:
                 print(f"--- trajectory: {label}")
-                print("\n".join(step_lines(traces[label][i], text)))
+                print("\n".join(diag.step_lines(traces[label][i], text)))
         if args.png_dir:
             out = Path(args.png_dir)
             files.append(diag.plot_mask_counts({label: traces[label][i] for label in answers},
