@@ -181,7 +181,8 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert len(answers) == 2 and text.count("### answer") == 2
     assert all("<unk>" not in a and "</s>" not in a for a in answers)
-    assert "row 1 block 1 step 1: masks left 0" in text
+    assert "row 1:" in text  # per row and step: the tokens committed / re-masked and the masks left
+    assert "step   4 (block 1 step 2): masks 0 in block, 0 in answer | committed +" in text
     assert main(argv) == answers  # --seed makes it reproducible
     wrong = save_ups_head(tmp_path / "wide.safetensors", UPSHead(48), {})
     with pytest.raises(ValueError, match="hidden size 48.*hidden size 64"):
