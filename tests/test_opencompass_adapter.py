@@ -1,5 +1,7 @@
 """OpenCompass adapter (opencompass_patch): configs, the model classes on a tiny LLaDA, and `opencompass <config>`
-end to end offline on 5 GSM8K problems with a UPS-head variant whose predictions are checked against generate()."""
+end to end offline on the embedded task's problems (prepare_data --embedded): a tiny LLaDA and its UPS-head variant,
+whose predictions are checked against generate(), and the shipped embedded model, whose score and predictions are
+checked against eval_gsm_math.py's on the same problems."""
 import csv
 import inspect
 import json
@@ -17,7 +19,7 @@ pytest.importorskip("opencompass", reason="needs the [opencompass] extra: pip in
 from eval_fixtures import reference_answer, tiny_llada_dir, tiny_ups_head  # noqa: E402
 from generate import generate  # noqa: E402
 from opencompass_patch.models import LLaDABaseModel, LLaDAModel, chat_messages  # noqa: E402
-from opencompass_patch.prepare_data import main as prepare_data_main, prepare  # noqa: E402
+from opencompass_patch.prepare_data import embedded_records, main as prepare_data_main, prepare  # noqa: E402
 from remedi_patches.backbones import load_backbone  # noqa: E402
 from remedi_patches.modeling_wrappers import load_lora  # noqa: E402
 
@@ -70,14 +72,26 @@ def test_8b_eval_configs_pair_upstream_and_ups(name, dataset_path):
         assert set(model) - RUNNER_KEYS <= set(params), set(model) - RUNNER_KEYS - set(params)
 
 
-def test_base_model_configs():
+def test_base_model_configs(tmp_path, monkeypatch):
     base = load_config("models/llada_8b_base.py").models[0]
     ups = load_config("models/llada_8b_base_ups.py").models[0]
-    embedded = load_config("eval_embedded_gsm8k.py").models[0]
+    monkeypatch.setenv("COMPASS_DATA_CACHE", str(tmp_path))
+    prepare(tmp_path, embedded=2)
+    cfg = load_config("eval_embedded_gsm8k.py")
+    embedded = cfg.models[0]
     assert base["type"] is ups["type"] is embedded["type"] is LLaDABaseModel
     assert (base["path"], base["confidence_source"]) == ("GSAI-ML/LLaDA-8B-Base", None)
     assert ups["confidence_source"] == "ups" and ups["abbr"] != base["abbr"]
     assert embedded["path"] is None and embedded["run_cfg"] == {"num_gpus": 0}
+    # eval_gsm_math.py's settings on the embedded model: its default lengths, its prompt format
+    assert (embedded["gen_length"], embedded["gen_steps"], embedded["gen_blocksize"]) == (32, 32, 32)
+    (dataset,) = cfg.datasets
+    assert dataset["path"] == str(tmp_path / "data" / "embedded_gsm8k")  # absolute: OpenCompass never downloads
+    assert dataset["infer_cfg"]["prompt_template"]["template"]["round"][0]["prompt"] == "Question: {question}\nAnswer:"
+    assert cfg.work_dir == os.path.join("out", "opencompass")  # not OpenCompass's outputs/default
+    monkeypatch.setenv("COMPASS_DATA_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(Exception, match="prepare_data --embedded"):
+        load_config("eval_embedded_gsm8k.py")
 
 
 @pytest.mark.slow
@@ -187,8 +201,23 @@ def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):
         prepare_data_main(["--out", str(tmp_path), "--math500", str(bad)])
 
 
+def test_prepare_data_writes_the_embedded_problems(tmp_path):
+    """--embedded N: the first N test problems eval_gsm_math.py grades (--dataset embedded --max_samples N)."""
+    from remedi_patches.data import load_records
+
+    written = prepare_data_main(["--out", str(tmp_path), "--embedded", "3"])
+    assert [str(p.relative_to(tmp_path)) for p in written] == ["data/embedded_gsm8k/train.jsonl",
+                                                               "data/embedded_gsm8k/test.jsonl"]
+    test = [json.loads(line) for line in (tmp_path / "data" / "embedded_gsm8k" / "test.jsonl").open()]
+    assert test == [dict(r) for r in load_records("embedded", "test", limit=3)] == embedded_records("test", 3)
+    assert all(set(r) == {"question", "answer"} and "#### " in r["answer"] for r in test)
+    with pytest.raises(SystemExit):
+        prepare_data_main(["--out", str(tmp_path), "--embedded", "0"])
+
+
 # ---- end to end: `opencompass <config>` in a subprocess, offline, CPU ----------------------------------------
 
+N_PROBLEMS = 16  # embedded test problems of the run (one batch of the shipped embedded model)
 RUN_CONFIG = """from mmengine.config import read_base
 
 with read_base():
@@ -197,25 +226,27 @@ with read_base():
 base = dict(models[0], path={model_dir!r}, gen_length=8, gen_steps=4, gen_blocksize=4, batch_size=5, batch_size_=5,
             max_seq_len=4096)
 models = [
-    dict(base, abbr='tiny-tps', confidence_source='tps_prob'),
     dict(base, abbr='tiny-ups', confidence_source='ups', ups_head_path={ups_head!r}),
+    models[0],  # the shipped embedded model as it is
 ]
 """
 
 
 @pytest.fixture(scope="module")
-def opencompass_run(tiny_llada, data_dir, tmp_path_factory):
-    """One `opencompass` run: the shipped embedded GSM8K config on the tiny model, tps_prob and ups, 5 problems."""
+def opencompass_run(tiny_llada, tmp_path_factory):
+    """One `opencompass` run of the shipped embedded config (data from prepare_data --embedded N_PROBLEMS): the
+    embedded model as shipped, and the tiny LLaDA with a UPS head (two models: two tasks run side by side)."""
 
     model_dir, ups_head = tiny_llada
     work = tmp_path_factory.mktemp("oc_run")
-    prepare(work / "cache", gsm8k=data_dir / "gsm8k", limit=5)
+    prepare(work / "cache", embedded=N_PROBLEMS)
     config = work / "eval_tiny.py"
     config.write_text(RUN_CONFIG.format(model_dir=str(model_dir), ups_head=str(ups_head)))
     exe = shutil.which("opencompass", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                             os.environ.get("PATH", "")]))
     assert exe, "the opencompass command is not installed next to this python"
-    env = dict(os.environ, COMPASS_DATA_CACHE=str(work / "cache"), HF_DATASETS_OFFLINE="1")  # the install's imports
+    env = dict(os.environ, COMPASS_DATA_CACHE=str(work / "cache"), HF_DATASETS_OFFLINE="1",  # the install's imports
+               OMP_NUM_THREADS="1")  # parallel tasks on a few cores; the same threads as the eval_gsm_math side
     proc = subprocess.run([exe, str(config), "-w", str(work / "out"), "--max-num-workers", "2"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -223,31 +254,66 @@ def opencompass_run(tiny_llada, data_dir, tmp_path_factory):
     return run_dir
 
 
+def summary_row(run_dir: Path) -> dict:
+    (summary,) = (run_dir / "summary").glob("summary_*.csv")
+    (row,) = [r for r in csv.DictReader(summary.open()) if r["dataset"] == "embedded_gsm8k"]
+    return row
+
+
+def predictions(run_dir: Path, abbr: str) -> dict:
+    return json.loads((run_dir / "predictions" / abbr / "embedded_gsm8k.json").read_text())
+
+
 @pytest.mark.slow
 def test_opencompass_run_writes_gsm8k_summary(opencompass_run):
-    (summary,) = (opencompass_run / "summary").glob("summary_*.csv")
-    rows = list(csv.DictReader(summary.open()))
-    (row,) = [r for r in rows if r["dataset"] == "gsm8k"]
+    row = summary_row(opencompass_run)
     assert row["metric"] == "accuracy"
-    for abbr in ("tiny-tps", "tiny-ups"):
+    for abbr in ("tiny-ups", "remedi-embedded"):
         assert 0.0 <= float(row[abbr]) <= 100.0
-        predictions = json.loads((opencompass_run / "predictions" / abbr / "gsm8k.json").read_text())
-        assert len(predictions) == 5
+        assert len(predictions(opencompass_run, abbr)) == N_PROBLEMS
+
+
+@pytest.mark.slow
+def test_opencompass_embedded_scores_as_eval_gsm_math(opencompass_run):
+    """The shipped embedded config scores what `eval_gsm_math.py --confidence_sources upstream --max_samples N`
+    scores on the embedded model (its default lengths, prompt format and batch size), problem by problem."""
+    import eval_gsm_math as egm
+    from remedi_patches.backbones import max_length_of
+    from remedi_patches.data import load_records
+
+    args = egm.build_parser().parse_args(["--confidence_sources", "upstream", "--max_samples", str(N_PROBLEMS),
+                                          "--device", "cpu"])  # the shipped config samples on the CPU
+    em = egm.model_spec_from_args(args).load()
+    runs, settings = egm.runs_and_settings(args, max_length_of(em.model))
+    items = egm.make_items(load_records(args.dataset, args.split, limit=args.max_samples), args.format)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the OpenCompass task (OMP_NUM_THREADS=1): the same float sums, and fast on busy CPUs
+    try:
+        rows, summary = egm.evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs,
+                                     seed=args.seed, chat=args.chat, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = summary["results"]
+    score = float(summary_row(opencompass_run)["remedi-embedded"])
+    assert abs(score - 100 * result["accuracy"]) <= 1.0, (score, result)
+    preds = predictions(opencompass_run, "remedi-embedded")
+    assert [preds[str(r["index"])]["origin_prompt"] for r in rows] == [r["prompt"] for r in rows]
+    # OpenCompass cuts the answer at the config's stop word; eval_gsm_math.py grades the whole answer
+    assert [preds[str(r["index"])]["prediction"] for r in rows] == [r["output"].split("Question:")[0] for r in rows]
 
 
 @pytest.mark.slow
 def test_opencompass_ups_config_reaches_sampler_with_the_head(opencompass_run, tiny_llada):
     """The ups model's predictions are generate(..., confidence_source='ups', ups_head=head) exactly, and differ
-    from the tps_prob model's: the head from the config decided the decoding order."""
+    from what tps_prob gives: the head from the config decided the decoding order."""
     from transformers import AutoTokenizer
 
     model_dir, ups_head = tiny_llada
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    preds = {abbr: json.loads((opencompass_run / "predictions" / abbr / "gsm8k.json").read_text())
-             for abbr in ("tiny-tps", "tiny-ups")}
-    for abbr, source, head in (("tiny-tps", "tps_prob", None), ("tiny-ups", "ups", ups_head)):
-        for item in preds[abbr].values():
-            ids = tokenizer(item["origin_prompt"])["input_ids"]
-            expected = reference_answer(model_dir, ids, SAMPLER, source, head)
-            assert item["prediction"] == expected.split("Question:")[0]
-    assert any(preds["tiny-tps"][k]["prediction"] != preds["tiny-ups"][k]["prediction"] for k in preds["tiny-ups"])
+    differs = []
+    for item in predictions(opencompass_run, "tiny-ups").values():
+        ids = tokenizer(item["origin_prompt"])["input_ids"]
+        assert item["prediction"] == reference_answer(model_dir, ids, SAMPLER, "ups", ups_head).split("Question:")[0]
+        tps = reference_answer(model_dir, ids, SAMPLER, "tps_prob")
+        differs.append(item["prediction"] != tps.split("Question:")[0])
+    assert any(differs)
