@@ -33,8 +33,8 @@ from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.likelihood import mc_loglikelihood
 from remedi_patches.model_args import resolve_device
 from remedi_patches.modeling_wrappers import backbone_forward
-from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, optional_value,
-                                     sample)
+from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, harness_window,
+                                     optional_value, sample)
 
 
 def distributed_accelerator():
@@ -120,15 +120,9 @@ class LLaDAEvalHarness(LM):
 
     @property
     def window(self) -> PromptWindow:
-        """The cropping rule of every sampling entry point (remedi_patches.sampling.PromptWindow) for max_length
-        capped by the model's own window: made at the first generation, so a gen_length that leaves no room is
-        refused there (likelihood-only runs never need it), and warns once per model (made again if max_length
-        or the settings change)."""
-        window = max_length_of(self.em.model)
-        budget = self.max_length if window is None else min(self.max_length, window)
-        if self._window is None or (self._window.window, self._window.gen_length) != (budget,
-                                                                                     self.settings.gen_length):
-            self._window = PromptWindow(budget, self.settings.gen_length, flag="gen_length")
+        """The cropping rule of every sampling entry point for max_length (remedi_patches.sampling.harness_window)."""
+        self._window = harness_window(self._window, max_length_of(self.em.model), self.max_length,
+                                      self.settings.gen_length)
         return self._window
 
     @property

@@ -53,7 +53,7 @@ from opencompass.utils.prompt import PromptList
 from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.model_args import resolve_device
 from remedi_patches.sampling import (CHAT_CHOICES, PromptWindow, SamplerSettings, decode_answer, generate_answer_ids,
-                                     optional_value, uses_chat)
+                                     harness_window, optional_value, uses_chat)
 
 logger = get_logger()
 PromptType = Union[PromptList, str]
@@ -152,15 +152,9 @@ class LLaDAModel(BaseModel):
 
     @property
     def window(self) -> PromptWindow:
-        """The cropping rule of every sampling entry point (remedi_patches.sampling.PromptWindow) for max_seq_len
-        capped by the model's own window: made at the first generation, so a gen_length that leaves no room is
-        refused there (likelihood-only runs never need it), and warns once per model (made again if max_seq_len
-        or the settings change)."""
-        window = max_length_of(self.em.model)
-        budget = self.max_seq_len if window is None else min(self.max_seq_len, window)
-        if self._window is None or (self._window.window, self._window.gen_length) != (budget,
-                                                                                     self.settings.gen_length):
-            self._window = PromptWindow(budget, self.settings.gen_length, flag="gen_length")
+        """The cropping rule of every sampling entry point for max_seq_len (remedi_patches.sampling.harness_window)."""
+        self._window = harness_window(self._window, max_length_of(self.em.model), self.max_seq_len,
+                                      self.settings.gen_length)
         return self._window
 
     def _template_parser(self, meta_template: Optional[dict]):

@@ -436,6 +436,17 @@ class PromptWindow:
         return ids, attention_mask
 
 
+def harness_window(cached: Optional[PromptWindow], model_window: Optional[int], max_len: int,
+                   gen_length: int) -> PromptWindow:
+    """The PromptWindow of an evaluation-harness model: its own token budget `max_len` (OpenCompass max_seq_len,
+    lm-eval max_length) capped by the model's window; `cached` is kept while both are unchanged, so the crop
+    warning comes once per model. Made at the first generation: likelihood-only runs never need it."""
+    budget = max_len if model_window is None else min(max_len, model_window)
+    if cached is not None and (cached.window, cached.gen_length) == (budget, gen_length):
+        return cached
+    return PromptWindow(budget, gen_length, flag="gen_length")
+
+
 # ---------------------------------------------------------------- the model bundle
 
 
