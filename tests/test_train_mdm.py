@@ -397,9 +397,10 @@ def test_a_run_far_too_big_for_a_cpu_is_warned_about():
 
 
 @pytest.mark.slow
-def test_upstream_defaults_on_a_cpu_print_the_plan_and_a_warning_within_seconds(tmp_path):
+def test_upstream_defaults_on_a_cpu_print_the_plan_within_seconds(tmp_path):
     """The run of the issue (Diff_LLaMA_tiny, 256 x 2048 per step, on a CPU), output piped and NOT unbuffered:
-    the plan and the warning arrive before the first (minutes-long) step; the process is then stopped."""
+    the plan arrives before the first (minutes-long) step; the process is then stopped. (Whether the heavy-run
+    warning follows depends on the matmul speed measured here: test_a_run_far_too_big_for_a_cpu_is_warned_about)"""
     import selectors
     import time
 
@@ -413,14 +414,15 @@ def test_upstream_defaults_on_a_cpu_print_the_plan_and_a_warning_within_seconds(
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() - start < 60 and not any("heavy run for a CPU" in x for x in lines):
+        while time.monotonic() - start < 60 and not any("steps of 256 x 2048 tokens" in x for x in lines):
             if sel.select(timeout=1) and (line := proc.stdout.readline()):
                 lines.append(line)
             elif proc.poll() is not None:
                 break
+        seconds = time.monotonic() - start
     finally:
         proc.kill()
         proc.wait()
     text = "".join(lines)
     assert "Diff_LLaMA_tiny:" in text and "1000 steps of 256 x 2048 tokens" in text, text
-    assert "heavy run for a CPU" in text and "--global_batch_size" in text, text
+    assert seconds < 45, f"the plan came after {seconds:.0f} s"
