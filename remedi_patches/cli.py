@@ -63,11 +63,21 @@ def run_main(main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> 
         raise SystemExit(130) from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (a script's docstring keeps its layout); defaults shown, except a None whose help
+    already says what it resolves to."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's error format: one `error:` line (no usage block), exit 2; defaults in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:

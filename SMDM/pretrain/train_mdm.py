@@ -87,12 +87,7 @@ class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
 
 
 def build_parser() -> ArgumentParser:
-    import argparse
-
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    parser = ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser = ArgumentParser(description=__doc__)
     return add_config_args(parser, MDMConfig)
 
 

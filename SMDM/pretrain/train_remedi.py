@@ -15,24 +15,14 @@ and the loop lit_gpt.training.fit; this script is its command line, built from R
 """
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 from remedi_patches.cli import ArgumentParser, add_config_args, config_from_args, run_main
 from remedi_patches.remask_sft import RemaskConfig, run
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written; defaults shown, except a None whose help already says what it resolves to."""
-
-    def _get_help_string(self, action):
-        if action.default is None and "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> ArgumentParser:
-    return add_config_args(ArgumentParser(description=__doc__, formatter_class=HelpFormatter), RemaskConfig)
+    return add_config_args(ArgumentParser(description=__doc__), RemaskConfig)
 
 
 def parse_config(argv: Optional[list[str]] = None) -> RemaskConfig:

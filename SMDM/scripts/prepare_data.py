@@ -69,12 +69,7 @@ class PrepareConfig:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> PrepareConfig:
-    import argparse
-
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    parser = add_config_args(ArgumentParser(description=__doc__, formatter_class=Formatter), PrepareConfig)
+    parser = add_config_args(ArgumentParser(description=__doc__), PrepareConfig)
     return config_from_args(PrepareConfig, parser.parse_args(argv)).check()
 
 
