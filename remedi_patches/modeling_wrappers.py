@@ -4,7 +4,7 @@
         transformers-style models (forward takes `output_hidden_states`) -> hidden_states[-1];
         models returning a bare logits tensor (SMDM TransEncoder) -> forward hook on the final norm named by the
         backbone's registry entry (remedi_patches.backbones); PEFT / UPSModel wrappers are seen through.
-    UPSModel(backbone, head)   forward(ids, attention_mask) -> RemeDiOutput(logits, ups_logits)
+    UPSModel(backbone, head)   forward(ids, attention_mask) -> RemeDiOutput(logits, confidences)
     save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code,
                                     NaN / inf refused on both sides
     check_head_fits, hidden_size_of, load_lora
@@ -32,7 +32,7 @@ HEAD_FILE_NAME = "ups_head.safetensors"
 
 class RemeDiOutput(NamedTuple):
     logits: torch.Tensor      # (B, L, V) TPS logits
-    ups_logits: torch.Tensor  # (B, L) UPS logits h
+    confidences: torch.Tensor  # (B, L) UPS logits h (raw, no sigmoid): the name the dual-stream models use too
 
 
 def logits_of(output: Any) -> torch.Tensor:

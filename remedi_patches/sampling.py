@@ -135,7 +135,7 @@ def _block_scores(model: nn.Module, x: torch.Tensor, attention_mask: Optional[to
     else:
         output = model(x, attention_mask=attention_mask)
         block_logits = logits_of(output)[:, block]
-    ups_logits = getattr(output, "ups_logits", None)  # from the conditional half under CFG
+    ups_logits = getattr(output, "confidences", None)  # from the conditional half under CFG
     return block_logits, None if ups_logits is None else ups_logits[:b, block]
 
 
@@ -148,7 +148,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
     Args:
         model: mask predictor; model(x, attention_mask=am) returns logits (B, L, V), an object with
-            .logits, or a RemeDiOutput (.logits, .ups_logits).
+            .logits, or an output with .logits and .confidences (UPS logits: UPSModel, dual-stream RemeDi).
         prompt: (B, Lp) token ids, left-padded when B > 1; attention_mask: (B, Lp) of 1/0 or None.
         steps, gen_length, block_length: gen_length // block_length blocks, steps // num_blocks steps
             each; per step a block of B masks commits n_i tokens (even split, remainder early).
@@ -167,7 +167,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         confidence_source: None = upstream; else a name in remedi_patches.confidence.CONFIDENCE_SOURCES
             ('ups', 'tps_prob', 'random', 'margin', 'entropy'): per step keep the top-k_i positions
             of the block by that confidence (k_i = n_1 + ... + n_i) and re-mask the others.
-            'ups' with no head and a model giving no ups_logits logs a warning and uses 'tps_prob'.
+            'ups' with no head and a model giving no .confidences logs a warning and uses 'tps_prob'.
         ups_head: UPSHead module on the model's last hidden state (used by 'ups' only, on its device).
         remask: None (default) = re-mask with a dynamic source, never in upstream mode. False restricts
             the choice to masked positions (committed tokens stay), so 'tps_prob' equals upstream
@@ -210,7 +210,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                                                mask_id)  # (B, N, V), (B, N) | None
             if source_name == "ups" and ups_logits is None:
                 logger.warning("confidence_source='ups' but no UPS head was given and the model returns no "
-                               "ups_logits; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
+                               "UPS confidences; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
                 source_name, source = "tps_prob", get_confidence_source("tps_prob")
             if (logits_eos_inf or confidence_eos_eot_inf) and eos_id >= logits.shape[-1]:
                 raise ValueError(f"eos_id={eos_id} is outside the model's vocabulary of {logits.shape[-1]} "

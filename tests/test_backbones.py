@@ -145,7 +145,7 @@ def test_registry_round_trip_one_entry_is_enough(toy_kind, tmp_path):
     wrapped = UPSModel(bb.model, UPSHead(24, 4))
     assert kind_of(wrapped) is toy_kind
     out = wrapped(ids)
-    assert out.ups_logits.shape == (2, 7)
+    assert out.confidences.shape == (2, 7)
     torch.testing.assert_close(out.logits, bb.model(ids))
     peft = pytest.importorskip("peft")
     lora = peft.get_peft_model(bb.model, peft.LoraConfig(r=2, target_modules=kind_of(bb.model).lora_targets))

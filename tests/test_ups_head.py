@@ -136,8 +136,8 @@ def test_ups_model_one_forward(model_cls):
     assert backbone.calls == 1
     _, hidden, logits = backbone.run(IDS)
     assert torch.equal(out.logits, logits)
-    assert torch.equal(out.ups_logits, head(hidden))
-    assert out.ups_logits.shape == IDS.shape
+    assert torch.equal(out.confidences, head(hidden))
+    assert out.confidences.shape == IDS.shape
 
 
 def test_hook_path_equals_explicit_hidden_state():
@@ -171,7 +171,7 @@ def test_smdm_trans_encoder_hook():
     head = UPSHead(hidden_size_of(backbone), 8)
     ids = torch.randint(0, 64, (2, 10))
     out = UPSModel(backbone, head)(ids, attention_mask=torch.ones_like(ids))
-    assert backbone.calls == 1 and out.ups_logits.shape == (2, 10)
+    assert backbone.calls == 1 and out.confidences.shape == (2, 10)
     _, hidden = backbone_forward(backbone, ids, need_hidden=True)
     assert torch.allclose(backbone.lm_head(hidden), out.logits)  # the hook caught ln_f's output
 
@@ -195,6 +195,6 @@ def test_load_lora_round_trip_and_hook_through_peft(tmp_path):
     logits, hidden = backbone_forward(loaded, IDS, need_hidden=True)
     assert torch.equal(logits, expected) and hidden.shape == (1, IDS.shape[1], D)
     assert hidden_size_of(loaded) == D
-    assert UPSModel(loaded, seeded_head(0))(IDS).ups_logits.shape == IDS.shape
+    assert UPSModel(loaded, seeded_head(0))(IDS).confidences.shape == IDS.shape
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_lora(BareToyMDM(), tmp_path / "missing")
