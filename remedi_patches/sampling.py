@@ -447,6 +447,17 @@ def harness_window(cached: Optional[PromptWindow], model_window: Optional[int], 
     return PromptWindow(budget, gen_length, flag="gen_length")
 
 
+def harness_settings(fields: dict, window: Optional[int] = None, early: bool = False) -> Optional[SamplerSettings]:
+    """SamplerSettings of an evaluation-harness model config (`fields` named as SamplerSettings' fields), with the
+    rule of the sampling CLIs: lengths left None come from the model's window (`default_lengths`). With `early`
+    (before the model is loaded) every value is only checked, and None is returned."""
+    namespace = argparse.Namespace(**fields)
+    if early:
+        check_sampler_args(namespace)
+        return None
+    return settings_from_args(namespace, window)
+
+
 # ---------------------------------------------------------------- the model bundle
 
 
