@@ -33,8 +33,8 @@ from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.likelihood import mc_loglikelihood
 from remedi_patches.model_args import resolve_device
 from remedi_patches.modeling_wrappers import backbone_forward
-from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, harness_window,
-                                     optional_value, sample)
+from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, harness_settings,
+                                     harness_window, optional_value, sample)
 
 
 def distributed_accelerator():
@@ -62,7 +62,7 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 class LLaDAEvalHarness(LM):
     def __init__(self, model_path: Optional[str] = None, mask_id: Optional[int] = None, max_length: int = 4096,
                  batch_size: int = 32, mc_num: int = 128, is_check_greedy: bool = False, cfg: float = 0.0,
-                 steps: int = 1024, gen_length: int = 1024, block_length: int = 1024,
+                 steps: Optional[int] = None, gen_length: Optional[int] = None, block_length: Optional[int] = None,
                  remasking: str = "low_confidence", temperature: float = 0.0, logits_eos_inf: bool = False,
                  confidence_eos_eot_inf: bool = False, confidence_source: Optional[str] = None,
                  remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
@@ -80,7 +80,8 @@ class LLaDAEvalHarness(LM):
                 one token per step (slow; no metric of the LLaDA paper needs it, hence off).
             cfg: classifier-free guidance scale for both generation and likelihood.
             steps, gen_length, block_length, remasking, temperature, logits_eos_inf,
-                confidence_eos_eot_inf: the sampler's arguments (generate.py).
+                confidence_eos_eot_inf: the sampler's arguments (generate.py); lengths left None (the default)
+                come from the model's window as in generate.py (LLaDA-8B: 128 / 128 / 32).
             confidence_source, remask, ups_head_path, lora_path: RemeDi dynamic remasking (generate.py); remask
                 None = dynamic sources re-mask, upstream never does. ups_head: older name of ups_head_path.
             padding_id: left-padding id (None = the tokenizer's pad, else EOS). tokenizer: when the model has none.
@@ -101,10 +102,11 @@ class LLaDAEvalHarness(LM):
             raise ValueError(f"mc_num ({mc_num}) must be a positive multiple of batch_size ({self.batch_size}); "
                              "e.g. mc_num=128 with --batch_size 32")
         self.mc_num, self.max_length, self.is_check_greedy = mc_num, max_length, is_check_greedy
-        self.settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
-                                        temperature=temperature, cfg_scale=cfg, remasking=remasking,
-                                        logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-                                        confidence_source=optional_value(confidence_source), remask=remask)
+        sampler_fields = dict(steps=steps, gen_length=gen_length, block_length=block_length,
+                              temperature=temperature, cfg_scale=cfg, remasking=remasking,
+                              logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                              confidence_source=optional_value(confidence_source), remask=remask)
+        harness_settings(sampler_fields, early=True)  # every value checked before the model loads
         self.accelerator = distributed_accelerator()
         if self.accelerator is not None:  # lm-eval shards the requests by rank and gathers the results
             device = str(self.accelerator.device)
@@ -115,6 +117,7 @@ class LLaDAEvalHarness(LM):
                                   ups_head_path=optional_value(ups_head_path),
                                   mask_id=mask_id, pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
+        self.settings = harness_settings(sampler_fields, max_length_of(self.em.model), max_length)
         self.model_path = optional_value(model_path) or "embedded"
         self._window: Optional[PromptWindow] = None
 

@@ -14,7 +14,9 @@ max_out_len, batch_size, run_cfg):
     path                   model folder / hub name / SMDM export or checkpoint; None or 'embedded' = the embedded model
     tokenizer_path         tokenizer when the model folder has none
     smdm_size              architecture of an SMDM iter-*-ckpt.pth checkpoint, e.g. 'Diff_LLaMA_170M'
-    gen_steps, gen_length, gen_blocksize   sampler steps, answer canvas length, block length
+    gen_steps, gen_length, gen_blocksize   sampler steps, answer canvas length, block length; None (the default)
+                           = from the model's window as in generate.py (LLaDA-8B: 128 / 128 / 32, the embedded
+                           model: 32 / 32 / 32)
     temperature, cfg, remasking            as generate.py (cfg = cfg_scale)
     diff_logits_eos_inf, diff_confidence_eos_eot_inf   generate.py's logits_eos_inf / confidence_eos_eot_inf
     mask_id, padding_id    None = the backbone's mask id / the tokenizer's pad (else EOS) id
@@ -53,7 +55,7 @@ from opencompass.utils.prompt import PromptList
 from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.model_args import resolve_device
 from remedi_patches.sampling import (CHAT_CHOICES, PromptWindow, SamplerSettings, decode_answer, generate_answer_ids,
-                                     harness_window, optional_value, uses_chat)
+                                     harness_settings, harness_window, optional_value, uses_chat)
 
 logger = get_logger()
 PromptType = Union[PromptList, str]
@@ -100,8 +102,8 @@ class LLaDAModel(BaseModel):
     def __init__(self, path: Optional[str] = None, *, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
                  meta_template: Optional[dict] = None, stop_words: Sequence[str] = (), cfg: float = 0.0,
                  temperature: float = 0.0, remasking: str = "low_confidence", mask_id: Optional[int] = None,
-                 padding_id: Optional[int] = None, gen_steps: int = 512, gen_length: int = 512,
-                 gen_blocksize: int = 512, batch_size_: int = 1, diff_confidence_eos_eot_inf: bool = False,
+                 padding_id: Optional[int] = None, gen_steps: Optional[int] = None,
+                 gen_length: Optional[int] = None, gen_blocksize: Optional[int] = None, batch_size_: int = 1, diff_confidence_eos_eot_inf: bool = False,
                  diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None,
                  remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
                  smdm_size: Optional[str] = None, chat: Optional[str] = None,
@@ -120,15 +122,12 @@ class LLaDAModel(BaseModel):
             logger.warning("%s ignores the config key %s=%r", type(self).__name__, key, other[key])
         super().__init__(path=path or "embedded", max_seq_len=max_seq_len, meta_template=meta_template)
         self.template_parser = self._template_parser(meta_template)
-        try:
-            self.settings = SamplerSettings(steps=gen_steps, gen_length=gen_length, block_length=gen_blocksize,
-                                            temperature=temperature, cfg_scale=cfg, remasking=remasking,
-                                            logits_eos_inf=diff_logits_eos_inf,
-                                            confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
-                                            confidence_source=optional_value(confidence_source), remask=remask)
-        except ValueError as err:
-            raise ValueError(f"{err} (in the model config: steps = gen_steps, block_length = gen_blocksize, "
-                             "cfg_scale = cfg)") from None
+        self._sampler_fields = dict(steps=gen_steps, gen_length=gen_length, block_length=gen_blocksize,
+                                    temperature=temperature, cfg_scale=cfg, remasking=remasking,
+                                    logits_eos_inf=diff_logits_eos_inf,
+                                    confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
+                                    confidence_source=optional_value(confidence_source), remask=remask)
+        self._settings(None, early=True)  # every value checked before the model loads
         self.chat = optional_value(chat) or self.default_chat
         if self.chat not in CHAT_CHOICES:
             raise ValueError(f"chat={chat!r} in the model config; use one of {list(CHAT_CHOICES)} (None = "
@@ -138,17 +137,25 @@ class LLaDAModel(BaseModel):
         self.micro_batch = batch_size_
         self.stop_words = list(stop_words)
         ups_head_path, lora_path = optional_value(ups_head_path), optional_value(lora_path)
-        if ups_head_path and self.settings.confidence_source != "ups":
+        if ups_head_path and self._sampler_fields["confidence_source"] != "ups":
             logger.warning("ups_head_path=%s is loaded but only used with confidence_source='ups' (got %r)",
-                           ups_head_path, self.settings.confidence_source)
+                           ups_head_path, self._sampler_fields["confidence_source"])
         self.em = load_eval_model(optional_value(path), tokenizer=optional_value(tokenizer_path),
                                   device=resolve_device(optional_value(device)),
                                   dtype=dtype, lora_path=lora_path, ups_head_path=ups_head_path, mask_id=mask_id,
                                   pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
+        self.settings = self._settings(max_length_of(self.em.model))
         self._window: Optional[PromptWindow] = None
         logger.info("%s sampler: %s, mask_id=%s, padding_id=%s, ups_head_path=%s, lora_path=%s",
                     type(self).__name__, self.settings, self.em.mask_id, self.em.pad_id, ups_head_path, lora_path)
+
+    def _settings(self, model_window: Optional[int], early: bool = False) -> Optional[SamplerSettings]:
+        try:
+            return harness_settings(self._sampler_fields, model_window, self.max_seq_len, early)
+        except ValueError as err:
+            raise ValueError(f"{err} (in the model config: steps = gen_steps, block_length = gen_blocksize, "
+                             "cfg_scale = cfg)") from None
 
     @property
     def window(self) -> PromptWindow:

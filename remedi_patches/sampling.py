@@ -3,14 +3,16 @@
     generate(model, prompt, ...)                 the algorithm, upstream LLaDA's signature (DESIGN.md 3.1; also
                                                  importable as `from generate import generate`)
     settings = SamplerSettings(steps=32, gen_length=32, block_length=32, confidence_source="ups")
-    out = sample(bundle, input_ids, attention_mask, settings)      # bundle: backbones.EvalModel
+    out = sample(bundle, input_ids, attention_mask, settings)      # bundle: backbones.EvalModel; generate() or
+                                                 # block diffusion (block_decoding) by settings.decoding / the model
     add_sampler_args(parser, defaults={"block_length": 32})          # the sampler flags, from SamplerSettings
     settings = settings_from_args(parser.parse_args())
 
 `SamplerSettings` validates every value when it is built (no model needed), so a command line refuses
 `--steps 64 --gen_length 32` before it loads anything; `generate()` applies the same checks (`check_schedule`).
 Upstream sampling (confidence_source None) never re-masks a committed token: `remask=True` there is refused,
-`remask=None` (the default) means "re-mask with a dynamic source, never in upstream mode".
+`remask=None` (the default) means "re-mask with a dynamic source, never in upstream mode". One denoising step
+(candidates, confidence, keep / commit) is `StepRule.step`, shared with block diffusion (block_decoding.py).
 
 Also here, because every sampling entry point (generate.py, infer_compare.py, eval_gsm_math.py, the OpenCompass and
 lm-eval models) shares them:
@@ -35,14 +37,18 @@ from torch import nn
 from remedi_patches.cli import add_config_args, arg, config_from_args
 from remedi_patches.data import render_prompt
 from remedi_patches.confidence import CONFIDENCE_SOURCES, ConfidenceInputs, get_confidence_source
-from remedi_patches.modeling_wrappers import UPSModel, logits_of
-from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k, rank_last,
-                                     remask_block)
+from remedi_patches.backbones import unwrap
+from remedi_patches.modeling_wrappers import UPSModel, has_ups_stream, logits_of
+from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k,
+                                     plackett_luce_keys, rank_last, remask_block)
 
 logger = logging.getLogger(__name__)
 
 # upstream `remasking=` rule -> the confidence source that reproduces it on masked positions only
 UPSTREAM_RULES = {"low_confidence": "tps_prob", "random": "random"}
+DECODINGS = ("llada", "block")  # SamplerSettings.decoding: generate() | block_decoding.block_generate()
+BLOCK_CFG_ERROR = ("block decoding does not implement classifier-free guidance (cfg_scale > 0): use cfg_scale 0, or "
+                   "decoding 'llada'")
 
 
 # ---------------------------------------------------------------- validation (one place)
@@ -70,10 +76,11 @@ def check_schedule(steps: int, gen_length: int, block_length: int) -> int:
 
 
 def check_rules(temperature: float, cfg_scale: float, remasking: str, confidence_source: Optional[str],
-                remask: Optional[bool]) -> None:
-    """The non-schedule settings: ranges, names, and remask only where it means something."""
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be >= 0")
+                remask: Optional[bool], ups_temperature: float = 0.0) -> None:
+    """The non-schedule settings: ranges, names, and remask / ups_temperature only where they mean something."""
+    if temperature < 0 or cfg_scale < 0 or ups_temperature < 0:
+        raise ValueError(f"temperature ({temperature}), cfg_scale ({cfg_scale}) and ups_temperature "
+                         f"({ups_temperature}) must be >= 0")
     if remasking not in UPSTREAM_RULES:
         raise ValueError(f"unknown remasking {remasking!r}; use one of {sorted(UPSTREAM_RULES)}")
     if confidence_source is not None:
@@ -82,6 +89,10 @@ def check_rules(temperature: float, cfg_scale: float, remasking: str, confidence
         raise ValueError("remask=True needs a dynamic confidence_source (e.g. 'tps_prob' or 'ups'): upstream sampling "
                          "(confidence_source None) never re-masks a committed token; set a confidence_source, or "
                          "leave remask unset")
+    if ups_temperature > 0 and confidence_source != "ups":
+        raise ValueError(f"ups_temperature={ups_temperature} samples the ranking from the UPS confidences, but "
+                         f"confidence_source is {confidence_source!r}; use confidence_source 'ups', or "
+                         "ups_temperature 0")
 
 
 def _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id) -> None:
@@ -139,12 +150,86 @@ def _block_scores(model: nn.Module, x: torch.Tensor, attention_mask: Optional[to
     return block_logits, None if ups_logits is None else ups_logits[:b, block]
 
 
+@dataclass
+class StepRule:
+    """One denoising step of a block, the same in LLaDA-style decoding (generate) and block diffusion
+    (remedi_patches.block_decoding): candidates at masked positions, a confidence per position, then keep the
+    top-k_i (re-masking) or commit the top-n_i masked positions (no re-masking). Built by `step_rule`."""
+
+    source_name: str        # a confidence source (upstream rules mapped to theirs)
+    remask: bool
+    temperature: float      # token sampling (0 = argmax)
+    ups_temperature: float  # 'ups' ranking: 0 = greedy top-k, > 0 = Plackett-Luce draw
+    mask_id: int
+    logits_eos_inf: bool
+    confidence_eos_eot_inf: bool
+    eos_id: Optional[int]
+    eot_id: Optional[int]
+
+    def step(self, tokens: torch.Tensor, logits: torch.Tensor, ups_logits: Optional[torch.Tensor], n: int, k: int,
+             seq_len: int, block: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (B, N) of the block, its logits (B, N, V) (EOS gating writes into them) and UPS logits (B, N) or
+        None; n = n_i, k = k_i; seq_len and block place the block in the (B, seq_len) row whose shape the RNG
+        draws take (upstream's whole sequence in generate(); the block itself in block decoding).
+        Returns remasking.remask_block's (new_tokens, committed, remasked)."""
+        if self.source_name == "ups" and ups_logits is None:
+            logger.warning("confidence_source='ups' but no UPS head was given and the model returns no "
+                           "UPS confidences; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
+            self.source_name = "tps_prob"
+        if (self.logits_eos_inf or self.confidence_eos_eot_inf) and self.eos_id >= logits.shape[-1]:
+            raise ValueError(f"eos_id={self.eos_id} is outside the model's vocabulary of {logits.shape[-1]} "
+                             "logits; pass the tokenizer's EOS id")
+        if self.logits_eos_inf:
+            logits[..., self.eos_id] = -torch.inf
+        masked = tokens == self.mask_id
+        candidates = torch.where(masked, sample_candidates(logits, self.temperature, seq_len, block), tokens)
+        if self.source_name == "ups" and self.ups_temperature > 0:
+            confidence = plackett_luce_keys(ups_logits.float(), self.ups_temperature)  # (B, N)
+        else:
+            source = get_confidence_source(self.source_name)
+            confidence = source(ConfidenceInputs(logits, candidates, ups_logits, seq_len, block))  # (B, N)
+        if self.confidence_eos_eot_inf:
+            end = candidates == self.eos_id
+            if self.eot_id is not None:
+                end |= candidates == self.eot_id
+            confidence = rank_last(confidence, end)
+        if self.remask:
+            keep = keep_top_k(confidence, k)
+        else:
+            keep = ~masked | commit_top_n(confidence, masked, n, seq_len, block.start)
+        return remask_block(tokens, candidates, keep, self.mask_id)
+
+
+def step_rule(model: nn.Module, *, temperature: float, remasking: str, mask_id: int, logits_eos_inf: bool,
+              confidence_eos_eot_inf: bool, confidence_source: Optional[str], ups_head: Optional[nn.Module],
+              remask: Optional[bool], eos_id: Optional[int], eot_id: Optional[int],
+              ups_temperature: float) -> tuple[nn.Module, StepRule]:
+    """(the model to call, the StepRule) of a sampler's arguments: upstream rules mapped to their sources, the
+    UPS head wrapped around the model when the 'ups' source needs it (UPSModel: one forward gives both)."""
+    if ups_head is not None and has_ups_stream(model):
+        raise ValueError(f"{type(unwrap(model)).__name__} has its own UPS stream (a dual-stream RemeDi): it gives "
+                         "the UPS confidences itself, so a separate UPS head does not apply; drop ups_head "
+                         "(CLI: --ups_head)")
+    if confidence_source is None:
+        source_name, remask = UPSTREAM_RULES[remasking], False
+    else:
+        source_name, remask = confidence_source, remask is not False
+    if ups_head is not None and source_name == "ups":
+        if isinstance(model, UPSModel):
+            raise ValueError("model is already a UPSModel with its own head; do not also pass ups_head")
+        model = UPSModel(model, ups_head)
+    return model, StepRule(source_name, remask, temperature, ups_temperature, mask_id, logits_eos_inf,
+                           confidence_eos_eot_inf, eos_id, eot_id)
+
+
 @torch.no_grad()  # not inference_mode: callers may feed the tokens to a training forward
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.,
              cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
              confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
-             eos_id=126081, eot_id=126348, trajectory: Optional[Trajectory] = None) -> torch.Tensor:
-    """Fill gen_length masked positions after `prompt` by masked-diffusion denoising.
+             eos_id=126081, eot_id=126348, ups_temperature=0., trajectory: Optional[Trajectory] = None
+             ) -> torch.Tensor:
+    """Fill gen_length masked positions after `prompt` by masked-diffusion denoising (LLaDA-style: every step
+    runs the whole sequence; block diffusion with a KV cache is remedi_patches.block_decoding.block_generate).
 
     Args:
         model: mask predictor; model(x, attention_mask=am) returns logits (B, L, V), an object with
@@ -165,32 +250,32 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             (Upstream sets the EOS logit to -inf in the Gumbel-noised copy, which is the logits
             tensor itself only at temperature 0, so its EOS gating is lost at temperature > 0.)
         confidence_source: None = upstream; else a name in remedi_patches.confidence.CONFIDENCE_SOURCES
-            ('ups', 'tps_prob', 'random', 'margin', 'entropy'): per step keep the top-k_i positions
-            of the block by that confidence (k_i = n_1 + ... + n_i) and re-mask the others.
+            ('ups', 'tps_prob', 'tps_logit', 'random', 'margin', 'entropy'): per step keep the top-k_i
+            positions of the block by that confidence (k_i = n_1 + ... + n_i) and re-mask the others.
             'ups' with no head and a model giving no .confidences logs a warning and uses 'tps_prob'.
-        ups_head: UPSHead module on the model's last hidden state (used by 'ups' only, on its device).
+        ups_head: UPSHead module on the model's last hidden state (used by 'ups' only, on its device);
+            refused for a model with its own UPS stream (has_ups_stream).
         remask: None (default) = re-mask with a dynamic source, never in upstream mode. False restricts
             the choice to masked positions (committed tokens stay), so 'tps_prob' equals upstream
             'low_confidence'. True with confidence_source None is refused (ValueError): upstream
             sampling has no re-masking.
         eos_id, eot_id: ids gated by the two flags above (eot_id may be None).
-        trajectory: a remedi_patches.remasking.Trajectory to append one StepRecord per step to.
+        ups_temperature: with confidence_source 'ups': 0 ranks greedily; > 0 draws the kept positions
+            from softmax(UPS logits / ups_temperature) without replacement (Plackett-Luce, as RemeDi's RL
+            sampler; remasking.plackett_luce_keys), among the masked ones when remask=False.
+        trajectory: a remedi_patches.remasking.Trajectory to append one StepRecord per step to (and count
+            the forwards in).
     Returns:
         (B, Lp + gen_length) token ids; the prompt is returned unchanged and no mask is left.
     Same model, inputs and seed as upstream LLaDA give the same tokens (global torch RNG, same order).
     """
     _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
     steps_per_block = check_schedule(steps, gen_length, block_length)
-    check_rules(temperature, cfg_scale, remasking, confidence_source, remask)
-    if confidence_source is None:
-        source_name, remask = UPSTREAM_RULES[remasking], False
-    else:
-        source_name, remask = confidence_source, remask is not False
-    if ups_head is not None and source_name == "ups":
-        if isinstance(model, UPSModel):
-            raise ValueError("model is already a UPSModel with its own head; do not also pass ups_head")
-        model = UPSModel(model, ups_head)
-    source = get_confidence_source(source_name)
+    check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
+    model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
+                            logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                            confidence_source=confidence_source, ups_head=ups_head, remask=remask, eos_id=eos_id,
+                            eot_id=eot_id, ups_temperature=ups_temperature)
 
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=prompt.device)
@@ -208,29 +293,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         for i, (n, k) in enumerate(zip(n_per_step, k_per_step)):
             logits, ups_logits = _block_scores(model, x, attention_mask, block, cfg_scale, uncond_positions,
                                                mask_id)  # (B, N, V), (B, N) | None
-            if source_name == "ups" and ups_logits is None:
-                logger.warning("confidence_source='ups' but no UPS head was given and the model returns no "
-                               "UPS confidences; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
-                source_name, source = "tps_prob", get_confidence_source("tps_prob")
-            if (logits_eos_inf or confidence_eos_eot_inf) and eos_id >= logits.shape[-1]:
-                raise ValueError(f"eos_id={eos_id} is outside the model's vocabulary of {logits.shape[-1]} "
-                                 "logits; pass the tokenizer's EOS id")
-            if logits_eos_inf:
-                logits[..., eos_id] = -torch.inf
-            tokens = x[:, block]  # (B, N)
-            masked = tokens == mask_id
-            candidates = torch.where(masked, sample_candidates(logits, temperature, x.shape[1], block), tokens)
-            confidence = source(ConfidenceInputs(logits, candidates, ups_logits, x.shape[1], block))  # (B, N)
-            if confidence_eos_eot_inf:
-                end = candidates == eos_id
-                if eot_id is not None:
-                    end |= candidates == eot_id
-                confidence = rank_last(confidence, end)
-            if remask:
-                keep = keep_top_k(confidence, k)
-            else:
-                keep = ~masked | commit_top_n(confidence, masked, n, x.shape[1], block.start)
-            new_tokens, committed, remasked = remask_block(tokens, candidates, keep, mask_id)
+            if trajectory is not None:
+                trajectory.forwards += 1
+            new_tokens, committed, remasked = rule.step(x[:, block], logits, ups_logits, n, k, x.shape[1], block)
             x[:, block] = new_tokens
             if trajectory is not None:
                 trajectory.record(b, i, block.start, committed, remasked, (new_tokens == mask_id).sum(dim=-1), x)
@@ -266,6 +331,14 @@ class SamplerSettings:
     remask: Optional[bool] = arg(
         None, "never re-mask committed tokens (ranking only); without it dynamic sources re-mask and upstream "
         "sampling never does", flags=("--no_remask",))
+    ups_temperature: float = arg(
+        0.0, "with confidence source 'ups': 0 = keep the top-k_i positions by UPS confidence; > 0 = draw them from "
+        "softmax(confidences / ups_temperature) without replacement (Plackett-Luce; RemeDi's RL sampler uses 1.2)")
+    decoding: Optional[str] = arg(
+        None, "llada = every step runs the whole sequence (LLaDA's sampler); block = block diffusion: the prompt and "
+        "finished blocks in a KV cache, one block of masks at a time, stopping after the block where every row has "
+        "written EOS; None = by the model: block for a model with its own UPS stream (dual-stream RemeDi), else "
+        "llada", choices=DECODINGS)
 
     def __post_init__(self):
         self.check()
@@ -281,8 +354,15 @@ class SamplerSettings:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.remask is not None and not isinstance(self.remask, bool):
             raise ValueError(f"remask must be True, False or None, got {self.remask!r}")
+        if isinstance(self.ups_temperature, bool) or not isinstance(self.ups_temperature, (int, float)):
+            raise ValueError(f"ups_temperature must be a number, got {self.ups_temperature!r}")
+        if self.decoding not in (None, *DECODINGS):
+            raise ValueError(f"unknown decoding {self.decoding!r}; use one of {list(DECODINGS)} or None (by the model)")
         check_schedule(self.steps, self.gen_length, self.block_length)
-        check_rules(self.temperature, self.cfg_scale, self.remasking, self.confidence_source, self.remask)
+        check_rules(self.temperature, self.cfg_scale, self.remasking, self.confidence_source, self.remask,
+                    self.ups_temperature)
+        if self.decoding == "block" and self.cfg_scale > 0:
+            raise ValueError(BLOCK_CFG_ERROR)
 
     @property
     def remasks(self) -> bool:
@@ -294,8 +374,9 @@ class SamplerSettings:
         return dataclasses.replace(self, **changes)
 
     def generate_kwargs(self) -> dict:
-        """The settings as generate() keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The settings as keyword arguments of generate() and block_decoding.block_generate (all but decoding,
+        which chooses between them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "decoding"}
 
 
 def add_sampler_args(parser: argparse.ArgumentParser, defaults: Optional[dict] = None, exclude: Sequence[str] = (),
@@ -436,49 +517,71 @@ class PromptWindow:
         return ids, attention_mask
 
 
+def harness_budget(model_window: Optional[int], max_len: Optional[int]) -> Optional[int]:
+    """Tokens an evaluation-harness model may use: its own budget `max_len` (OpenCompass max_seq_len, lm-eval
+    max_length) capped by the model's window (either may be None = unlimited)."""
+    budgets = [n for n in (model_window, max_len) if n is not None]
+    return min(budgets) if budgets else None
+
+
 def harness_window(cached: Optional[PromptWindow], model_window: Optional[int], max_len: int,
                    gen_length: int) -> PromptWindow:
-    """The PromptWindow of an evaluation-harness model: its own token budget `max_len` (OpenCompass max_seq_len,
-    lm-eval max_length) capped by the model's window; `cached` is kept while both are unchanged, so the crop
-    warning comes once per model. Made at the first generation: likelihood-only runs never need it."""
-    budget = max_len if model_window is None else min(max_len, model_window)
+    """The PromptWindow of an evaluation-harness model for its budget (`harness_budget`); `cached` is kept while
+    the budget and gen_length are unchanged, so the crop warning comes once per model. Made at the first
+    generation: likelihood-only runs never need it."""
+    budget = harness_budget(model_window, max_len)
     if cached is not None and (cached.window, cached.gen_length) == (budget, gen_length):
         return cached
     return PromptWindow(budget, gen_length, flag="gen_length")
 
 
-def harness_settings(fields: dict, window: Optional[int] = None, early: bool = False) -> Optional[SamplerSettings]:
+def harness_settings(fields: dict, model_window: Optional[int] = None, max_len: Optional[int] = None,
+                     early: bool = False) -> Optional[SamplerSettings]:
     """SamplerSettings of an evaluation-harness model config (`fields` named as SamplerSettings' fields), with the
-    rule of the sampling CLIs: lengths left None come from the model's window (`default_lengths`). With `early`
-    (before the model is loaded) every value is only checked, and None is returned."""
+    rule of the sampling CLIs: lengths left None come from the harness budget (`harness_budget`) as
+    `default_lengths` says. With `early` (before the model is loaded) every value is only checked (None returned)."""
     namespace = argparse.Namespace(**fields)
     if early:
         check_sampler_args(namespace)
         return None
-    return settings_from_args(namespace, window)
+    return settings_from_args(namespace, harness_budget(model_window, max_len))
 
 
 # ---------------------------------------------------------------- the model bundle
 
 
+def decoding_of(model: nn.Module, decoding: Optional[str] = None) -> str:
+    """The decoding a sampler call uses: `decoding` when given, else 'block' for a model with its own UPS stream
+    (the regime the dual-stream RemeDi is trained in) and 'llada' for every other model."""
+    if decoding is not None:
+        return decoding
+    return "block" if has_ups_stream(model) else "llada"
+
+
 def sample(bundle, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], settings: SamplerSettings,
            trajectory: Optional[Trajectory] = None) -> torch.Tensor:
-    """generate() with `settings` on a loaded model bundle -> (B, Lp + gen_length) token ids on the bundle's device.
+    """One sampler call with `settings` on a loaded model bundle -> (B, Lp + gen_length) token ids on the bundle's
+    device: generate() (decoding 'llada') or block_decoding.block_generate() (decoding 'block'), chosen by
+    `decoding_of(bundle.model, settings.decoding)`.
 
     bundle: a remedi_patches.backbones.EvalModel (model, ups_head, mask_id, eos_id, eot_id, device).
     input_ids (B, Lp), left-padded; attention_mask (B, Lp) of 1/0, or None when no row is padded.
     """
+    from remedi_patches.block_decoding import block_generate  # it builds on this module
+
     if not isinstance(settings, SamplerSettings):
         raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
     input_ids = input_ids.to(bundle.device)
     attention_mask = None if attention_mask is None else attention_mask.to(bundle.device)
-    return generate(bundle.model, input_ids, attention_mask, mask_id=bundle.mask_id, ups_head=bundle.ups_head,
-                    eos_id=bundle.eos_id, eot_id=bundle.eot_id, trajectory=trajectory, **settings.generate_kwargs())
+    decode = block_generate if decoding_of(bundle.model, settings.decoding) == "block" else generate
+    return decode(bundle.model, input_ids, attention_mask, mask_id=bundle.mask_id, ups_head=bundle.ups_head,
+                  eos_id=bundle.eos_id, eot_id=bundle.eot_id, trajectory=trajectory, **settings.generate_kwargs())
 
 
 def needs_ups_head(bundle, settings: SamplerSettings) -> bool:
-    """True when `settings` ask for the UPS but the bundle has none (generate() would fall back to tps_prob)."""
-    return settings.confidence_source == "ups" and bundle.ups_head is None and not isinstance(bundle.model, UPSModel)
+    """True when `settings` ask for the UPS but the bundle has none (the sampler would fall back to tps_prob)."""
+    return (settings.confidence_source == "ups" and bundle.ups_head is None and not isinstance(bundle.model, UPSModel)
+            and not has_ups_stream(bundle.model))
 
 
 # ---------------------------------------------------------------- prompts in, answers out (CLIs and harnesses)
