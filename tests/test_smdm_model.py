@@ -1,4 +1,4 @@
-"""SMDM TransEncoder: upstream shapes, an independent reference forward, padding, loading."""
+"""SMDM TransEncoder: upstream shapes, an independent reference forward, padding, loading, the KV cache."""
 import math
 
 import pytest
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from lit_gpt.config import Config, name_to_config, num_non_embedding_params
 from lit_gpt.model import TransEncoder, load_smdm_folder, load_weights, save_smdm_folder
+from remedi_patches.kv_cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +69,8 @@ def test_unknown_size_is_a_clear_error():
 
 
 def reference_forward(model: TransEncoder, idx, positions, keep):
-    """Independent re-derivation: per-head loops, explicit softmax, rotation of (i, i + hs/2) pairs."""
+    """Independent re-derivation: per-head loops, explicit softmax, rotation of (i, i + hs/2) pairs.
+    keep: (T,) keys to attend to, or (T, T) per query."""
     cfg = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
     hs, nh, ng = cfg.head_size, cfg.n_head, cfg.n_query_groups
@@ -97,7 +99,7 @@ def reference_forward(model: TransEncoder, idx, positions, keep):
             g, j = divmod(head, r)
             q, k, v = h @ W[g, j].T, h @ W[g, r].T, h @ W[g, r + 1].T
             scores = rope(q) @ rope(k).T / math.sqrt(hs)
-            scores = scores.masked_fill(~keep[None, :], float("-inf"))
+            scores = scores.masked_fill(~(keep if keep.dim() == 2 else keep[None, :]), float("-inf"))
             heads.append(torch.softmax(scores, -1) @ v)
         x = x + torch.cat(heads, -1) @ sd[p + "attn.proj.weight"].T
         h = rms(x, sd[p + "norm_2.weight"])
@@ -228,3 +230,101 @@ def test_first_nonfinite_is_exact_even_when_the_fast_sum_overflows():
     late[-1] = float("nan")
     assert first_nonfinite({"late": late}) == "late"
     assert first_nonfinite({"meta": torch.empty(3, device="meta")}) is None
+
+
+# ---------------------------------------------------------------- block diffusion: KV cache, positions, 4-D mask
+
+
+def block_causal(real, block: int, n_blocks: int):
+    """Mask (B, 1, T, T) and positions (B, T) of [prompt | n_blocks blocks]: the prompt (left-padded, `real` (B, P))
+    attends to its real tokens, block j to the prompt and blocks <= j; positions count real tokens."""
+    B, P = real.shape
+    group = torch.cat([torch.zeros(P, dtype=torch.long), 1 + torch.arange(n_blocks).repeat_interleave(block)])
+    keys = torch.cat([real.bool(), torch.ones(B, n_blocks * block, dtype=torch.bool)], 1)
+    mask = (group[None, :] <= group[:, None])[None] & keys[:, None, :]
+    mask |= torch.eye(len(group), dtype=torch.bool)  # a pad query sees itself (no all-masked row: NaN-free)
+    positions = torch.cat([(real.cumsum(-1) - 1).clamp(min=0),
+                           real.sum(-1, keepdim=True) + torch.arange(n_blocks * block)], 1)
+    return mask[:, None], positions
+
+
+def outputs(out, cols=slice(None)) -> list:
+    """The tensors a forward returns (the logits; and the confidences of a dual-stream model), columns `cols`."""
+    return [t[:, cols] for t in ((out,) if torch.is_tensor(out) else (out.logits, out.confidences))]
+
+
+def max_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def tiny_single():
+    return TransEncoder(Config.from_name("Diff_LLaMA_tiny_gqa", vocab_size=100, block_size=32)).eval()
+
+
+MODELS = {"single": tiny_single}
+
+
+def test_block_causal_full_forward_equals_reference():
+    torch.manual_seed(4)
+    model = tiny_single()
+    real = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    mask, positions = block_causal(real, 3, 2)
+    idx = torch.randint(0, 101, (2, 11))
+    logits = model(idx, attention_mask=mask, position_ids=positions)
+    for b in range(2):
+        ref = reference_forward(model, idx[b], positions[b], mask[b, 0])
+        assert (logits[b].double() - ref)[2 * (1 - b):].abs().max() < 1e-5  # real positions
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@torch.no_grad()
+def test_cached_blocks_equal_block_causal_full_forward(kind):
+    """Prompt written to the cache, then each block read from it (and appended) == one forward over
+    [prompt | blocks] with the block-causal 4-D mask, for a left-padded batch and for its padded row alone."""
+    torch.manual_seed(5)
+    model = MODELS[kind]()
+    P, block, n = 6, 4, 2
+    real = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    prompt, blocks = torch.randint(0, 101, (2, P)), torch.randint(0, 101, (2, n * block))
+    mask, positions = block_causal(real, block, n)
+    full = model(torch.cat([prompt, blocks], 1), attention_mask=mask, position_ids=positions)
+
+    def decode(prompt, pad_mask, rows):
+        """Outputs of the prompt forward, then of each block read from the cache."""
+        cache = KVCache()
+        steps = [outputs(model(prompt, attention_mask=pad_mask, past_key_values=cache, use_cache=True))]
+        for j in range(n):
+            assert len(cache) == prompt.shape[1] + j * block
+            ids, cols = blocks[rows, j * block:(j + 1) * block], slice(P + j * block, P + (j + 1) * block)
+            steps.append(outputs(model(ids, past_key_values=cache)))
+            written = model(ids, position_ids=positions[rows, cols], past_key_values=cache, use_cache=True)
+            assert max_diff(outputs(written), steps[-1]) == 0  # explicit positions == the default count
+        return steps
+
+    first, *reads = decode(prompt, real, slice(None))
+    assert max(float((x - y)[real.bool()].abs().max()) for x, y in zip(first, outputs(full, slice(0, P)))) < 1e-5
+    for j, read in enumerate(reads):
+        assert max_diff(read, outputs(full, slice(P + j * block, P + (j + 1) * block))) < 1e-5
+    _, *alone = decode(prompt[:1, 3:], None, slice(0, 1))  # the padded row without its pads
+    for j, read in enumerate(reads):
+        assert max_diff(alone[j], [t[:1] for t in read]) < 1e-5
+
+
+def test_cache_errors_are_clear():
+    model = tiny_single()
+    idx = torch.randint(0, 101, (2, 5))
+    with pytest.raises(ValueError, match="use_cache=True needs past_key_values=KVCache()"):
+        model(idx, use_cache=True)
+    cache = KVCache()
+    model(idx, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="filled for batch size 2 but this forward has 1 rows"):
+        model(idx[:1], past_key_values=cache)
+    with pytest.raises(ValueError, match=r"use_cache=True needs a \(batch, length\) key mask"):
+        model(idx, attention_mask=torch.ones(2, 1, 5, 10, dtype=torch.bool), past_key_values=cache, use_cache=True)
+    assert len(cache) == 5  # nothing written by the refused forward
+    with pytest.raises(ValueError, match=r"4-D attention mask must have shape .* \(2, 1, 5, 10\)"):
+        model(idx, attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool), past_key_values=cache)
+    with pytest.raises(ValueError, match=r"position_ids has shape \(5,\), expected \(batch, length\) = \(2, 5\)"):
+        model(idx, position_ids=torch.arange(5), past_key_values=cache)
+    with pytest.raises(ValueError, match="Sequence length 28 \\+ 5 cached exceeds block_size 32"):
+        model(torch.zeros(2, 28, dtype=torch.long), past_key_values=cache)

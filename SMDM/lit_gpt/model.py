@@ -16,7 +16,9 @@ load with `load_state_dict(strict=True)`:
 The fused qkv rows are grouped per query group: [q_0 .. q_{r-1}, k, v] for each of the
 `n_query_groups` groups (r = n_head / n_query_groups), query head h using group h // r.
 Attention is non-causal `F.scaled_dot_product_attention` (which picks flash / memory-efficient
-kernels by itself on GPU when no padding mask is given). RoPE (rotate-half, base 10000) and
+kernels by itself on GPU when no padding mask is given). Block-diffusion decoding (DESIGN.md 10) uses the
+forward's `position_ids`, `past_key_values` (a `remedi_patches.kv_cache.KVCache`) and `use_cache`: the cache
+holds each layer's keys / values after RoPE, layer ids 0..n_layer-1. RoPE (rotate-half, base 10000) and
 RMSNorm are computed in float32. Upstream's fused rotary kernel reads a cos/sin cache stored in
 bfloat16 whatever the model dtype, so logits differ from upstream's by that rounding (about 1e-3
 absolute on logits of magnitude 3 for a random 4-layer model at 512 positions).
@@ -26,8 +28,10 @@ import math
 import os
 import pickle
 import uuid
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -36,10 +40,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lit_gpt.config import Config
+from remedi_patches.kv_cache import KVCache, attention_keep, current_key_mask
 
 CONFIG_FILE = "smdm_config.json"
 WEIGHTS_FILE = "model.safetensors"
 _CHUNK = 1 << 26  # elements per isfinite() call, so a huge tensor needs no tensor-sized boolean copy at once
+
+# (k, v) of this forward's tokens (B, groups, T, hs) -> the keys / values to attend to (cached ones first)
+KeysValues = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def first_nonfinite(tensors) -> Optional[str]:
@@ -98,7 +106,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keep: Optional[torch.Tensor]) -> torch.Tensor:
+                keep: Optional[torch.Tensor], kv: Optional[KeysValues] = None) -> torch.Tensor:
         B, T, C = x.shape
         cfg = self.config
         q_per_kv = cfg.n_head // cfg.n_query_groups
@@ -109,6 +117,8 @@ class SelfAttention(nn.Module):
         v = v.reshape(B, T, cfg.n_query_groups, cfg.head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
+        if kv is not None:
+            k, v = kv(k, v)  # (B, groups, Lc + T, hs): the cached keys first
         if q_per_kv > 1:
             k = k.repeat_interleave(q_per_kv, dim=1)
             v = v.repeat_interleave(q_per_kv, dim=1)
@@ -154,9 +164,40 @@ class Block(nn.Module):
         self.mlp = LLaMAMLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keep: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, keep)
+                keep: Optional[torch.Tensor], kv: Optional[KeysValues] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, keep, kv)
         return x + self.mlp(self.norm_2(x))
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward shares: RoPE angles, the keys to attend to, the KV cache."""
+    cos: torch.Tensor             # (B, T, hs/2)
+    sin: torch.Tensor             # (B, T, hs/2)
+    keep: Optional[torch.Tensor]  # (B, 1, 1|T, Lc + T) bool, True = attend; None = every key
+    cache: Optional[KVCache]
+    written: Optional[torch.Tensor]  # (B, T) bool: real tokens appended to the cache by finish(); None = read only
+
+    def args(self, layer_id: int) -> tuple:
+        """The arguments after x of `Block.forward` for attention layer `layer_id`."""
+        kv = None if self.cache is None else partial(self.cache.keys_values, layer_id, write=self.written is not None)
+        return self.cos, self.sin, self.keep, kv
+
+    def finish(self) -> None:
+        """After the last layer: record which of the positions just written to the cache are real tokens."""
+        if self.written is not None:
+            self.cache.extend(self.written)
+
+
+def default_positions(attention_mask: Optional[torch.Tensor], cache: Optional[KVCache], batch: int, length: int,
+                      device: torch.device) -> torch.Tensor:
+    """(B, T) RoPE positions counting real tokens only: the cached real tokens, then those of the (B, T) key mask
+    (cumsum - 1, clamped at 0; every current token when the mask is absent or 4-D)."""
+    real = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    positions = (current_key_mask(real, batch, length, device).long().cumsum(-1) - 1).clamp(min=0)
+    if cache is not None and len(cache):
+        positions = positions + cache.key_mask.sum(-1, keepdim=True)
+    return positions
 
 
 class TransEncoder(nn.Module):
@@ -165,6 +206,7 @@ class TransEncoder(nn.Module):
     `attention_mask` (B, T) of 1/0: keys with 0 are ignored and positions count only real tokens
     (cumsum - 1, clamped at 0), so a left-padded row gives the same logits at its real positions
     as the row alone. The last hidden state is the output of `transformer.ln_f` (hook it).
+    Block-diffusion decoding: see `forward`.
     """
 
     def __init__(self, config: Config) -> None:
@@ -183,35 +225,61 @@ class TransEncoder(nn.Module):
         return cls(Config.from_name(name, **overrides))
 
     def reset_parameters(self) -> None:
-        """SMDM's initialisation: N(0, 2/(5d)) for embeddings and linears, residual outputs
-        (attn.proj, swiglu.w3) N(0, (1/(sqrt(d) * n_layer))^2), norms 1."""
-        d, n_layer = self.config.n_embd, self.config.n_layer
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                residual_out = name.endswith(("attn.proj", "swiglu.w3"))
-                std = 1.0 / math.sqrt(d) / n_layer if residual_out else math.sqrt(2.0 / 5 / d)
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        smdm_init_(self, self.config)
 
-    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def attention_inputs(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                         position_ids: Optional[torch.Tensor], past_key_values: Optional[KVCache],
+                         use_cache: bool) -> AttentionInputs:
+        """Check the forward's inputs against each other and the context; RoPE angles, key mask and cache use."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"Sequence length {T} exceeds block_size {self.config.block_size}; "
-                             "crop the input or build the config with a larger block_size.")
-        if attention_mask is None:
-            positions = torch.arange(T, device=idx.device).expand(B, T)
-            keep = None
-        else:
-            real = attention_mask.to(device=idx.device, dtype=torch.bool)  # (B, T)
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-            keep = real[:, None, None, :]  # (B, 1, 1, T) keys to attend to
-        cos, sin = rope_angles(positions, self.config.head_size, self.config.rope_base)  # (B, T, hs/2)
+        cached = 0 if past_key_values is None else len(past_key_values)
+        if cached + T > self.config.block_size:
+            raise ValueError(f"Sequence length {T}{f' + {cached} cached' if cached else ''} exceeds block_size "
+                             f"{self.config.block_size}; crop the input or build the config with a larger block_size.")
+        if use_cache and past_key_values is None:
+            raise ValueError("use_cache=True needs past_key_values=KVCache() to write the keys / values into")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(idx.device)
+        keep = attention_keep(attention_mask, past_key_values, B, T)
+        written = current_key_mask(attention_mask, B, T, idx.device) if use_cache else None  # refuses a 4-D mask
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, past_key_values, B, T, idx.device)
+        elif tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (batch, length) = "
+                             f"{(B, T)}")
+        cos, sin = rope_angles(position_ids.to(idx.device), self.config.head_size, self.config.rope_base)
+        return AttentionInputs(cos, sin, keep, past_key_values, written)
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False) -> torch.Tensor:
+        """Logits (B, T, padded_vocab) of token ids `idx` (B, T).
+
+        attention_mask: None; (B, T) 1/0 (0 = padding, never attended); or (B, 1, T, Lc + T) bool, True = attend,
+        over [cached | current] (e.g. a block-causal mask). position_ids (B, T): explicit RoPE positions (default:
+        real tokens counted, the cached ones first). past_key_values: the tokens also attend to the cached keys
+        of real tokens; use_cache=True appends this forward's keys / values (after RoPE) to it.
+        """
+        step = self.attention_inputs(idx, attention_mask, position_ids, past_key_values, use_cache)
         x = self.transformer.wte(idx)  # (B, T, d)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, keep)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, *step.args(i))
+        step.finish()
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, padded_vocab)
+
+
+def smdm_init_(model: nn.Module, config: Config) -> None:
+    """SMDM's initialisation of every submodule of `model`: N(0, 2/(5d)) for embeddings and linears, residual
+    outputs (attn.proj, swiglu.w3) N(0, (1/(sqrt(d) * n_layer))^2), norms 1."""
+    d, n_layer = config.n_embd, config.n_layer
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual_out = name.endswith(("attn.proj", "swiglu.w3"))
+            std = 1.0 / math.sqrt(d) / n_layer if residual_out else math.sqrt(2.0 / 5 / d)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            module.reset_parameters()
 
 
 def load_weights(model: TransEncoder, path: Union[str, Path]) -> None:
