@@ -8,9 +8,12 @@ current block; higher means "keep this token". Registering a new source is one f
         return ...  # (B, N)
 
 Built in (DESIGN.md 3.2 and the plan's TPS heuristics):
-    ups       sigmoid(h), the UPS head's verdict on the token at the position
+    ups       sigmoid(h), the UPS's verdict on the token at the position (h: the model's .confidences, from a
+              UPS head or the dual-stream model's own UPS stream); the sampler may instead draw the ranking from
+              softmax(h / ups_temperature) (remasking.plackett_luce_keys)
     tps_prob  TPS probability of the candidate (for unmasked positions: of the token there);
               restricted to masked positions this is upstream LLaDA's `low_confidence`
+    tps_logit raw TPS logit of the candidate: the official RemeDi inference's ranking (for reproducing it)
     random    uniform noise; drawn as upstream's (B, L) `torch.rand` so the RNG stream matches
     margin    p(candidate) - max over other tokens p; top-1 minus top-2 when the candidate is the argmax
     entropy   negative entropy of the TPS distribution (low entropy = confident)
@@ -73,6 +76,11 @@ def ups(inp: ConfidenceInputs) -> torch.Tensor:
 @register("tps_prob")
 def tps_prob(inp: ConfidenceInputs) -> torch.Tensor:
     return inp.candidate_probs
+
+
+@register("tps_logit")
+def tps_logit(inp: ConfidenceInputs) -> torch.Tensor:
+    return inp.logits.gather(-1, inp.candidates.unsqueeze(-1)).squeeze(-1)
 
 
 @register("random")

@@ -4,7 +4,10 @@
         transformers-style models (forward takes `output_hidden_states`) -> hidden_states[-1];
         models returning a bare logits tensor (SMDM TransEncoder) -> forward hook on the final norm named by the
         backbone's registry entry (remedi_patches.backbones); PEFT / UPSModel wrappers are seen through.
-    UPSModel(backbone, head)   forward(ids, attention_mask) -> RemeDiOutput(logits, confidences)
+    UPSModel(backbone, head)   forward(ids, attention_mask, *, position_ids, past_key_values, use_cache)
+                               -> RemeDiOutput(logits, confidences); the cache arguments (remedi_patches.kv_cache)
+                               go to the backbone, so a backbone + head decodes by blocks too
+    has_ups_stream(model)      the model gives its own UPS confidences (dual-stream RemeDi: no head applies)
     save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code,
                                     NaN / inf refused on both sides
     check_head_fits, hidden_size_of, load_lora
@@ -79,13 +82,24 @@ def final_norm(model: nn.Module) -> nn.Module:
     )
 
 
+def has_ups_stream(model: nn.Module) -> bool:
+    """Whether the model (seen through wrappers) computes UPS confidences itself: the class attribute
+    `has_ups_stream` of the dual-stream RemeDi models. Such a model decodes by blocks by default and takes no
+    UPS head."""
+    return bool(getattr(base_model(model), "has_ups_stream", False))
+
+
 def backbone_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                     need_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One forward -> (logits (B, L, V), last hidden state after the final norm (B, L, d) or None)."""
+                     need_hidden: bool = False, **cache_args: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward -> (logits (B, L, V), last hidden state after the final norm (B, L, d) or None).
+
+    cache_args: position_ids / past_key_values / use_cache of block decoding (remedi_patches.kv_cache), passed to
+    the model only when given (None / False values are dropped, so models without the cache keep working)."""
+    cache_args = {name: value for name, value in cache_args.items() if value is not None and value is not False}
     if not need_hidden:
-        return logits_of(model(input_ids, attention_mask=attention_mask)), None
+        return logits_of(model(input_ids, attention_mask=attention_mask, **cache_args)), None
     if _takes_output_hidden_states(model):
-        output = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        output = model(input_ids, attention_mask=attention_mask, output_hidden_states=True, **cache_args)
         hidden_states = getattr(output, "hidden_states", None)
         if not hidden_states:
             raise RuntimeError(f"{type(base_model(model)).__name__} returned no hidden_states although "
@@ -94,7 +108,7 @@ def backbone_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     captured: list[torch.Tensor] = []
     handle = final_norm(model).register_forward_hook(lambda module, args, out: captured.append(out))
     try:
-        logits = logits_of(model(input_ids, attention_mask=attention_mask))
+        logits = logits_of(model(input_ids, attention_mask=attention_mask, **cache_args))
     finally:
         handle.remove()
     if not captured:
@@ -136,10 +150,13 @@ def check_head_fits(head: UPSHead | dict, backbone: nn.Module) -> None:
 
 
 class UPSModel(nn.Module):
-    """Backbone + UPS head: forward(input_ids, attention_mask) -> RemeDiOutput from ONE backbone forward."""
+    """Backbone + UPS head: forward(input_ids, attention_mask, ...) -> RemeDiOutput from ONE backbone forward."""
 
     def __init__(self, backbone: nn.Module, head: UPSHead) -> None:
         super().__init__()
+        if has_ups_stream(backbone):
+            raise ValueError(f"{type(base_model(backbone)).__name__} has its own UPS stream (a dual-stream RemeDi); "
+                             "a UPS head does not apply to it: use the model alone (drop --ups_head)")
         if _known_hidden_size(backbone) is not None:
             check_head_fits(head, backbone)
         self.backbone = backbone
@@ -149,8 +166,13 @@ class UPSModel(nn.Module):
     def config(self):
         return getattr(self.backbone, "config", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> RemeDiOutput:
-        logits, hidden = backbone_forward(self.backbone, input_ids, attention_mask, need_hidden=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                position_ids: Optional[torch.Tensor] = None, past_key_values=None,
+                use_cache: bool = False) -> RemeDiOutput:
+        """past_key_values: a remedi_patches.kv_cache.KVCache; the three cache arguments go to the backbone."""
+        logits, hidden = backbone_forward(self.backbone, input_ids, attention_mask, need_hidden=True,
+                                          position_ids=position_ids, past_key_values=past_key_values,
+                                          use_cache=use_cache)
         if hidden.shape[-1] != self.head.hidden_size:
             raise ValueError(f"UPS head expects hidden size {self.head.hidden_size} but the backbone's last "
                              f"hidden state has size {hidden.shape[-1]}; use a head trained on this backbone")

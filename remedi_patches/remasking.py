@@ -7,6 +7,9 @@ positions; RemeDi keeps the top k_i = n_1 + ... + n_i positions of the whole blo
 every other block position back to [MASK]. Either way the block holds exactly B - k_i masks
 after step i (DESIGN.md 3.2).
 
+Ranking by the UPS may also be sampled (`plackett_luce_keys`): the RL sampler of RemeDi draws the k_i kept
+positions from softmax(confidences / tau) without replacement, in Plackett-Luce order.
+
 All functions here are pure tensor functions; `Trajectory` is the optional per-step record.
 """
 from __future__ import annotations
@@ -58,6 +61,22 @@ def keep_top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(confidence, dtype=torch.bool).scatter_(-1, index, True)
 
 
+def plackett_luce_keys(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Random keys whose descending order is a Plackett-Luce sample from softmax(scores / temperature).
+
+    scores: (B, N) float (-inf = never drawn); temperature > 0. Returns (B, N) float64 keys
+    scores / temperature + Gumbel noise (the Gumbel-top-k trick): the top-k of the keys is distributed as
+    torch.multinomial(softmax(scores / temperature), k, replacement=False), in the same order, and the top-k of
+    any subset of positions as the same draw restricted to that subset. Unlike multinomial it never fails when
+    probabilities underflow to 0. One (B, N) float64 torch.rand draw from the global RNG.
+    """
+    if temperature <= 0:
+        raise ValueError(f"a Plackett-Luce temperature must be > 0, got {temperature}; use greedy top-k for 0")
+    u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device)
+    gumbel = -(-u.clamp_min(torch.finfo(torch.float64).tiny).log()).log()
+    return scores.double() / temperature + gumbel
+
+
 def commit_top_n(confidence: torch.Tensor, masked: torch.Tensor, n: int, seq_len: int, start: int) -> torch.Tensor:
     """Upstream rule: (B, N) bool, True at the n most confident masked positions of the block.
 
@@ -104,6 +123,7 @@ class Trajectory:
 
     keep_tokens: bool = False
     steps: list[StepRecord] = field(default_factory=list)
+    forwards: int = 0  # model forwards run (NFE), counted by the samplers
 
     def record(self, block: int, step: int, start: int, committed: torch.Tensor, remasked: torch.Tensor,
                mask_count: torch.Tensor, tokens: torch.Tensor) -> None:

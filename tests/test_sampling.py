@@ -12,6 +12,7 @@ import torch
 from eval_gsm_math import read_predictions
 from generate import generate as generate_from_script
 from remedi_patches.backbones import EvalModel
+from remedi_patches.block_decoding import block_generate
 from remedi_patches.cli import ArgumentParser
 from remedi_patches.model_args import ModelSpec, add_model_args, model_spec_from_args, resolve_device
 from remedi_patches.remasking import Trajectory
@@ -34,9 +35,12 @@ def bundle():
 
 def test_defaults_are_generates_and_the_script_reexports_the_sampler():
     params = inspect.signature(generate).parameters
+    block_params = inspect.signature(block_generate).parameters
     settings = SamplerSettings()
-    for f in dataclasses.fields(SamplerSettings):
-        assert getattr(settings, f.name) == params[f.name].default, f.name
+    assert settings.decoding is None  # by the model (sampling.decoding_of); every other field is a keyword of both
+    for name, value in settings.generate_kwargs().items():
+        assert value == params[name].default and name in block_params, name
+    assert set(settings.generate_kwargs()) == {f.name for f in dataclasses.fields(SamplerSettings)} - {"decoding"}
     assert generate_from_script is generate
     assert SamplerSettings(4, 8, 8) == SamplerSettings(steps=4, gen_length=8, block_length=8)
 

@@ -134,3 +134,56 @@ def padded_batch():
     am = torch.ones(2, 5, dtype=torch.long)
     am[1, :2] = 0
     return ids, am
+
+
+class CacheToyMDM(nn.Module):
+    """A toy honouring the block-decoding forward contract of remedi_patches.kv_cache: token + position embedding,
+    two attention layers reading / writing a KVCache (layer ids 0, 1), a final norm, a vocabulary head and a
+    per-position confidence (the UPS logits, `.confidences`). Positions: position_ids, else counting real tokens.
+    `has_ups_stream` is left False here (DualCacheToyMDM sets it)."""
+
+    def __init__(self, seed: int = 0, d: int = D, max_len: int = 64) -> None:
+        super().__init__()
+        self.config = ToyConfig(hidden_size=d)
+        self.wte = nn.Embedding(V + 1, d)
+        self.wpe = nn.Embedding(max_len, d)
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, V)
+        self.confidence = nn.Linear(d, 1)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, idx, attention_mask=None, *, position_ids=None, past_key_values=None, use_cache=False,
+                output_hidden_states=False):
+        from remedi_patches.kv_cache import attention_keep, current_key_mask
+
+        b, n = idx.shape
+        if position_ids is None:
+            real = torch.ones_like(idx) if attention_mask is None or attention_mask.dim() != 2 else attention_mask
+            position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+        keep = attention_keep(attention_mask, past_key_values, b, n)  # (B, 1, 1|L, Lc + L) or None
+        h = self.wte(idx) + self.wpe(position_ids)
+        for layer, (qkv, proj) in enumerate(zip(self.qkv, self.proj)):
+            q, k, v = qkv(h).chunk(3, dim=-1)
+            if past_key_values is not None:
+                k, v = past_key_values.keys_values(layer, k[:, None], v[:, None], write=use_cache)
+                k, v = k[:, 0], v[:, 0]
+            scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (B, L, Lc + L)
+            if keep is not None:
+                scores = scores.masked_fill(~keep[:, 0], -torch.inf)
+            h = h + proj(scores.softmax(dim=-1) @ v)
+        if use_cache:
+            past_key_values.extend(current_key_mask(attention_mask, b, n, idx.device))
+        h = self.norm(h)
+        return SimpleNamespace(logits=self.head(h), confidences=self.confidence(h).squeeze(-1),
+                               hidden_states=(h,) if output_hidden_states else None)
+
+
+class DualCacheToyMDM(CacheToyMDM):
+    """The same toy declaring its own UPS stream (as the dual-stream RemeDi models do)."""
+
+    has_ups_stream = True

@@ -1,0 +1,199 @@
+"""Block-diffusion decoding (DESIGN.md 10): the regime the paper's RemeDi is trained in, with a KV cache.
+
+    out = block_generate(model, prompt, attention_mask, steps=32, gen_length=128, block_length=32,
+                         confidence_source="ups", mask_id=..., eos_id=...)        # (B, Lp + gen_length)
+    out = block_generate(..., cache=False)     # the reference: no cache, the same tokens (tests compare them)
+    sample(bundle, ids, am, SamplerSettings(..., decoding="block"))      # the same through remedi_patches.sampling
+
+The prompt is encoded once into a `KVCache` (remedi_patches.kv_cache). Then, block after block, `block_length`
+masks are denoised in steps / (gen_length / block_length) steps: each step one forward of the block alone, which
+attends to the cache (prompt + finished blocks) and to itself, then one `StepRule.step` (the k_i schedule of
+remasking.commit_schedule, remainder early as LLaDA; candidates by argmax or temperature sampling; ranking by the
+confidence source, `ups_temperature` > 0 = Plackett-Luce draws from the UPS). A finished block is appended to the
+cache by one more forward with use_cache=True. A model decoding by blocks implements the forward contract of
+kv_cache (position_ids, past_key_values, use_cache, 2-D or 4-D attention_mask).
+
+`cache=False` recomputes the prompt, the finished blocks and the current block at every step, with the
+block-causal mask the model is trained with (prompt -> prompt; block j -> prompt + blocks <= j; padding never
+attended). Every cached key is what that forward computes at its position, so both paths give the same tokens
+(up to float rounding), drawing the RNG in the same order.
+
+Left-padded batches: pads are never attended; positions count from each row's first real token (a row's
+block b starts at position real_len + b * block_length). Generation stops after the first block in which every
+row has written EOS: rows that ended earlier get EOS after their EOS block, and the blocks never decoded are EOS,
+so the output keeps its shape (B, Lp + gen_length). NFE (forwards) is counted in the Trajectory.
+
+Differences from the official RemeDi inference (reference/remedi_official.md C, F): the UPS ranks by default
+when asked ('ups'; the official code ranks by the TPS logit, offered as 'tps_logit'); the k_i remainder goes to
+the earliest steps (no precedence bug); EOS stops decoding; pads are never attended; one cache class.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from remedi_patches.backbones import unwrap
+from remedi_patches.kv_cache import KVCache
+from remedi_patches.modeling_wrappers import UPSModel, logits_of
+from remedi_patches.remasking import Trajectory, commit_counts, commit_schedule
+from remedi_patches.sampling import BLOCK_CFG_ERROR, _check_inputs, check_rules, check_schedule, step_rule
+
+CACHE_ARGS = ("position_ids", "past_key_values", "use_cache")
+
+
+def takes_cache(model: nn.Module) -> bool:
+    """Whether model(...) accepts the block-decoding arguments (position_ids, past_key_values, use_cache)."""
+    inner = model.backbone if isinstance(model, UPSModel) else unwrap(model)
+    parameters = inspect.signature(type(inner).forward).parameters
+    return all(name in parameters for name in CACHE_ARGS)
+
+
+def prompt_positions(attention_mask: Optional[torch.Tensor], batch: int, length: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (B, Lp) counting each row's real tokens from 0 (pads 0), real_len (B,))."""
+    if attention_mask is None:
+        return torch.arange(length, device=device).expand(batch, length), torch.full((batch,), length, device=device)
+    real = attention_mask.long()
+    return (real.cumsum(dim=-1) - 1).clamp(min=0), real.sum(dim=-1)
+
+
+def block_causal_mask(key_real: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool, True = attend: a query of group g sees the real keys of groups <= g.
+
+    key_real (B, L) bool: not padding; group (L,) long: 0 for the prompt, j + 1 for block j."""
+    return (key_real[:, None, :] & (group[None, :] <= group[:, None]))[:, None]  # (B, 1, L, L)
+
+
+class BlockContext:
+    """What the block being denoised attends to: the prompt and the finished blocks.
+
+    cache=True: kept as keys/values in a KVCache (the prompt is written by the constructor's forward).
+    cache=False: kept as tokens and recomputed at every forward with block_causal_mask (the reference).
+    `forwards` counts the model calls (NFE)."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 cache: bool) -> None:
+        batch, length = prompt.shape
+        self.model, self.forwards = model, 0
+        positions, self.real_len = prompt_positions(attention_mask, batch, length, prompt.device)
+        self.cache = KVCache() if cache else None
+        if self.cache is not None:
+            self._forward(prompt, attention_mask=attention_mask, position_ids=positions,
+                          past_key_values=self.cache, use_cache=True)
+            return
+        real = torch.ones_like(prompt, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        self.ids, self.positions, self.real = prompt, positions, real  # (B, Lc) each
+        self.group = torch.zeros(length, dtype=torch.long, device=prompt.device)  # (Lc,)
+
+    def _forward(self, ids: torch.Tensor, **kwargs):
+        self.forwards += 1
+        return self.model(ids, **kwargs)
+
+    def block_positions(self, index: int, block_length: int) -> torch.Tensor:
+        """(B, N) positions of block `index`: right after each row's real prompt tokens."""
+        offsets = torch.arange(block_length, device=self.real_len.device) + index * block_length
+        return self.real_len[:, None] + offsets[None, :]
+
+    def read(self, block: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One forward of the block (B, N) -> (TPS logits (B, N, V), UPS logits (B, N) or None)."""
+        if self.cache is not None:
+            output = self._forward(block, position_ids=positions, past_key_values=self.cache)
+            logits, ups = logits_of(output), getattr(output, "confidences", None)
+        else:
+            n = block.shape[1]
+            group = torch.cat([self.group, self.group.new_full((n,), int(self.group[-1]) + 1)])
+            real = torch.cat([self.real, torch.ones_like(block, dtype=torch.bool)], dim=1)
+            output = self._forward(torch.cat([self.ids, block], dim=1),
+                                   attention_mask=block_causal_mask(real, group),
+                                   position_ids=torch.cat([self.positions, positions], dim=1))
+            logits, ups = logits_of(output)[:, -n:], getattr(output, "confidences", None)
+            ups = None if ups is None else ups[:, -n:]
+        return logits, ups
+
+    def append(self, block: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add a finished block (B, N): one cache-writing forward, or kept for the recomputing forwards."""
+        if self.cache is not None:
+            self._forward(block, position_ids=positions, past_key_values=self.cache, use_cache=True)
+            return
+        self.group = torch.cat([self.group, self.group.new_full((block.shape[1],), int(self.group[-1]) + 1)])
+        self.ids = torch.cat([self.ids, block], dim=1)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        self.real = torch.cat([self.real, torch.ones_like(block, dtype=torch.bool)], dim=1)
+
+
+def fill_after_end(x: torch.Tensor, end_block: torch.Tensor, prompt_len: int, block_length: int,
+                   eos_id: int) -> torch.Tensor:
+    """x with EOS in every answer block after each row's EOS block (end_block (B,), -1 = none: row kept)."""
+    blocks = (torch.arange(x.shape[1] - prompt_len, device=x.device) // block_length)[None, :]  # (1, G)
+    after = (end_block[:, None] >= 0) & (blocks > end_block[:, None])  # (B, G)
+    x[:, prompt_len:] = x[:, prompt_len:].masked_fill(after, eos_id)
+    return x
+
+
+@torch.no_grad()
+def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=32, temperature=0.,
+                   cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
+                   confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
+                   eos_id=126081, eot_id=126348, ups_temperature=0., trajectory: Optional[Trajectory] = None,
+                   cache: bool = True) -> torch.Tensor:
+    """Fill gen_length masked positions after `prompt` by block diffusion (module docstring).
+
+    The arguments mean what they mean in remedi_patches.sampling.generate (same names, same checks; one
+    SamplerSettings serves both), except:
+        model: implements the cache contract of remedi_patches.kv_cache (a dual-stream RemeDi, native LLaDA, the
+            SMDM TransEncoder, or any of them under a UPS head via ups_head=).
+        cfg_scale: must be 0 (classifier-free guidance is not implemented for block decoding).
+        eos_id: stops decoding after the first block in which every row has written it (None: no stop).
+        cache: False = recompute prompt + finished blocks every step with the block-causal mask (reference).
+        trajectory: one StepRecord per step (`start` = the block's first position in the output) and the
+            forwards run (trajectory.forwards), as generate() records them.
+    Returns (B, Lp + gen_length) token ids: the prompt unchanged, no mask left.
+    """
+    _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
+    steps_per_block = check_schedule(steps, gen_length, block_length)
+    check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
+    if cfg_scale > 0:
+        raise ValueError(BLOCK_CFG_ERROR)
+    model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
+                            logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                            confidence_source=confidence_source, ups_head=ups_head, remask=remask, eos_id=eos_id,
+                            eot_id=eot_id, ups_temperature=ups_temperature)
+    if not takes_cache(model):
+        raise ValueError(f"block decoding needs a model whose forward takes {', '.join(CACHE_ARGS)} "
+                         f"(remedi_patches.kv_cache); {type(model).__name__} does not: use decoding 'llada' "
+                         "(CLI: --decoding llada)")
+
+    batch, prompt_len = prompt.shape
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :prompt_len] = prompt
+    n_per_step = commit_counts(block_length, steps_per_block)  # n_1..n_S
+    k_per_step = commit_schedule(block_length, steps_per_block)  # k_1..k_S, k_i = n_1 + ... + n_i
+    context = BlockContext(model, prompt, attention_mask, cache)
+    end_block = torch.full((batch,), -1, dtype=torch.long, device=prompt.device)  # first block with EOS, per row
+    num_blocks = gen_length // block_length
+    whole = slice(0, block_length)  # the RNG draws and ranking rows take the block's own shape (B, N)
+
+    for b in range(num_blocks):
+        start = prompt_len + b * block_length
+        positions = context.block_positions(b, block_length)  # (B, N)
+        tokens = x[:, start:start + block_length]  # (B, N) all masks
+        for i, (n, k) in enumerate(zip(n_per_step, k_per_step)):
+            logits, ups_logits = context.read(tokens, positions)  # (B, N, V), (B, N) | None
+            tokens, committed, remasked = rule.step(tokens, logits, ups_logits, n, k, block_length, whole)
+            x[:, start:start + block_length] = tokens
+            if trajectory is not None:
+                trajectory.record(b, i, start, committed, remasked, (tokens == mask_id).sum(dim=-1), x)
+        if eos_id is not None:
+            end_block = torch.where((end_block < 0) & (tokens == eos_id).any(dim=-1), b, end_block)
+            if bool((end_block >= 0).all()):
+                break
+        if b + 1 < num_blocks:
+            context.append(tokens, positions)
+    if trajectory is not None:
+        trajectory.forwards += context.forwards
+    if eos_id is None:
+        return x
+    return fill_after_end(x, end_block, prompt_len, block_length, eos_id)
