@@ -74,7 +74,9 @@ class BackboneKind:
     hub_names: Callable[[str], bool] = field(default=lambda name: False)  # loads this hub name (org/name)?
     max_length: Callable[[object], Optional[int]] = field(default=lambda config: None)  # config -> context
     sources: str = ""                                 # what a user passes, for error messages
-    decoding: str = "llada"                           # sampling regime it needs: "llada" (DESIGN 3.1) | "block" (10)
+    # the model from its config alone on the meta device (no weights read) and its tokenizer when one is at hand
+    # (else None): load_backbone(..., device="meta"); None: the kind cannot
+    build_meta: Optional[Callable[[Source, LoadOptions], tuple[nn.Module, object]]] = None
 
 
 _KINDS: dict[str, BackboneKind] = {}
@@ -228,7 +230,11 @@ def load_backbone(
     smdm_size: Optional[str] = None,
     tokenizer: str | Path | None = None,
 ) -> Backbone:
-    """Load a backbone and its tokenizer; see the module docstring for the accepted sources."""
+    """Load a backbone and its tokenizer; see the module docstring for the accepted sources.
+
+    device="meta" builds the model from its config alone (no weights read, no memory; kinds with `build_meta`:
+    LLaDA and the dual-stream RemeDi). Backbone.tokenizer is then the tokenizer when one is at hand (--tokenizer, or
+    tokenizer files in the local folder), else None; eos_id then comes from the model's config."""
     options = LoadOptions(dtype=_dtype(dtype), tokenizer=tokenizer, smdm_size=smdm_size)
     if name_or_path is None or str(name_or_path) == "embedded":
         if not (EMBEDDED_DIR / SMDM_CONFIG).is_file():
@@ -239,8 +245,15 @@ def load_backbone(
         name_or_path = EMBEDDED_DIR
     source = resolve_source(name_or_path, "model")
     kind = detect_kind(source)
-    model, tok = kind.load(source, options)
-    eos_id, eot_id = _special_ids(tok)
+    if torch.device(device).type == "meta":
+        if kind.build_meta is None:
+            able = [k.name for k in backbone_kinds() if k.build_meta is not None]
+            raise ValueError(f"device='meta' builds a model from its config alone for the kinds {able}; {source} is "
+                             f"a {kind.name!r} backbone, which cannot: load it on cpu instead")
+        model, tok = kind.build_meta(source, options)
+    else:
+        model, tok = kind.load(source, options)
+    eos_id, eot_id = _special_ids(tok) if tok is not None else (getattr(model.config, "eos_token_id", None), None)
     mask_id = kind.mask_id(model, tok)
     model.to(device).eval()
     return Backbone(model=model, tokenizer=tok, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id,
@@ -330,33 +343,63 @@ def _llada_weight_file(folder: Path, tensor: str) -> str:
     return str(single) if single.is_file() else str(folder)
 
 
-def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object]:
-    from transformers import AutoModel
+def _llada_hub(source: str, load: Callable[..., nn.Module]) -> nn.Module:
+    """load(local_files_only=...) for a hub name; a hub that cannot deliver is one FileNotFoundError saying so."""
+    try:
+        return load(local_files_only=not hub_reachable())
+    except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
+        if not isinstance(err, (OSError, ValueError)) and type(err).__module__.split(".")[0] not in (
+                "huggingface_hub", "requests", "httpx", "urllib3"):
+            raise
+        raise FileNotFoundError(hub_unreachable_message(source, err)) from err
 
+
+def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object]:
+    """A LLaDA-family folder or hub name: the dual-stream RemeDi class for RemeDi checkpoints (remedi_patches.llada
+    .loading), else the transformers Auto classes."""
     from lit_gpt.model import first_nonfinite
-    from remedi_patches import llada  # noqa: F401  (registers model_type "llada" with the Auto classes)
+    from remedi_patches import llada  # registers model_types "llada" and "RemeDi" with the Auto classes
 
     tokenizer = (load_tokenizer(options.tokenizer) if options.tokenizer is not None  # first: a missing tokenizer
                  else load_tokenizer(source, "model"))                                # must not cost an 8B load
+
+    def load(**hub) -> nn.Module:
+        return llada.model_class(source, **hub).from_pretrained(str(source), dtype=options.dtype, **hub)
+
     if isinstance(source, str):  # a hub name
-        try:
-            model = AutoModel.from_pretrained(source, dtype=options.dtype, local_files_only=not hub_reachable())
-        except Exception as err:  # noqa: BLE001  (hub client errors are of several libraries' types)
-            if not isinstance(err, (OSError, ValueError)) and type(err).__module__.split(".")[0] not in (
-                    "huggingface_hub", "requests", "httpx", "urllib3"):
-                raise
-            raise FileNotFoundError(hub_unreachable_message(source, err)) from err
-    else:
-        try:
-            model = AutoModel.from_pretrained(str(source), dtype=options.dtype)
-        except OSError as err:
-            raise FileNotFoundError(f"could not load the transformers model folder {source} ({err}); check that it "
-                                    "holds config.json and its weight files, or re-download it") from err
-        bad = first_nonfinite(model.state_dict())
-        if bad is not None:
-            raise ValueError(f"{_llada_weight_file(source, bad)}: tensor {bad!r} holds NaN or inf values; "
-                             "re-download or re-save the model (the run that wrote it diverged)")
+        return _llada_hub(source, load), tokenizer
+    try:
+        model = load()
+    except OSError as err:
+        raise FileNotFoundError(f"could not load the transformers model folder {source} ({err}); check that it "
+                                "holds config.json and its weight files, or re-download it") from err
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise ValueError(f"{_llada_weight_file(source, bad)}: tensor {bad!r} holds NaN or inf values; "
+                         "re-download or re-save the model (the run that wrote it diverged)")
     return model, tokenizer
+
+
+def _build_llada_meta(source: Source, options: LoadOptions) -> tuple[nn.Module, object]:
+    """The LLaDA / RemeDi model of a folder's (or hub repo's) config.json on the meta device; no weights read."""
+    from remedi_patches import llada
+
+    tokenizer = None
+    if options.tokenizer is not None:
+        tokenizer = load_tokenizer(options.tokenizer)
+    elif isinstance(source, Path) and any((source / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(source, "model")
+
+    def build(**hub) -> nn.Module:
+        return llada.build_on_meta(source, options.dtype, **hub)
+
+    if isinstance(source, str):
+        return _llada_hub(source, build), tokenizer
+    try:
+        return build(), tokenizer
+    except OSError as err:
+        raise FileNotFoundError(f"could not read the model config of {source} ({err}); check that it holds a "
+                                "config.json") from err
 
 
 def _llada_mask_id(model: nn.Module, tokenizer) -> int:
@@ -369,9 +412,11 @@ def _llada_blocks() -> tuple[type, ...]:
     return (LLaDABlock,)
 
 
+# LoRA targets: the attention and MLP projections of the main blocks and, in a dual-stream RemeDi, of the UPS
+# blocks (blocks_upm) too; the feedback linears and the confidence linear are not adapted (train them fully)
 register_backbone(BackboneKind(
     name="llada",
-    lora_targets=r".*blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
+    lora_targets=r".*blocks(_upm)?\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)",
     block_classes=_llada_blocks,
     final_norm="model.transformer.ln_f",
     hidden_size=lambda config: int(config.d_model),
@@ -381,7 +426,8 @@ register_backbone(BackboneKind(
     mask_id=_llada_mask_id,
     hub_names=lambda name: True,  # any org/name: the transformers Auto classes resolve it
     max_length=lambda config: getattr(config, "max_sequence_length", None),
-    sources="a transformers folder (config.json, model_type llada) or a hub name org/name",
+    sources="a transformers folder (config.json, model_type llada or RemeDi) or a hub name org/name",
+    build_meta=_build_llada_meta,
 ))
 
 

@@ -52,47 +52,74 @@ def expected_names(n_layers: int, head: bool = True) -> list[str]:
     return names
 
 
-def reference_forward(state: dict, cfg: LLaDAConfig, ids: torch.Tensor, mask: torch.Tensor | None = None):
-    """LLaDA's forward in plain float64 torch from the raw state dict.
+def reference_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
-    Returns (logits, [input of each block, ..., output of ln_f])."""
-    sd = {k.removeprefix("model.transformer."): v.double() for k, v in state.items()}
-    B, L = ids.shape
-    d, nh, nkv = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+
+def reference_rope(positions: torch.Tensor, cfg: LLaDAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 cos, sin (B, 1, L, head_dim / 2) of the rotation angles positions * theta^(-2i / head_dim)."""
+    hd = cfg.d_model // cfg.n_heads
+    freq = cfg.rope_theta ** (-2.0 * torch.arange(hd // 2, dtype=torch.float64) / hd)
+    angle = positions.double()[:, None, :, None] * freq
+    return angle.cos(), angle.sin()
+
+
+def reference_block(w: dict, x, cos, sin, keep: torch.Tensor, cfg: LLaDAConfig) -> torch.Tensor:
+    """One LLaDA block in plain torch; w: its weights by short name, keep (B, 1, 1|L, L) bool (True = attend)."""
+    B, L, d = x.shape
+    nh, nkv = cfg.n_heads, cfg.n_kv_heads
     hd = d // nh
     half = hd // 2
-    mask = torch.ones(B, L, dtype=torch.long) if mask is None else mask
-    pos = (mask.cumsum(-1) - 1).clamp(min=0).double()  # (B, L)
-    freq = cfg.rope_theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / hd)
-    angle = pos[:, None, :, None] * freq  # (B, 1, L, half)
-    cos, sin = angle.cos(), angle.sin()
-
-    def rms(x, w):
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
 
     def rope(t):  # pairs (i, i + half) rotated by pos * freq_i
         a, b = t[..., :half], t[..., half:]
         return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
-    x = sd["wte.weight"][ids]
+    h = reference_rms(x, w["attn_norm.weight"], cfg.rms_norm_eps)
+    q = rope((h @ w["q_proj.weight"].T).view(B, L, nh, hd).transpose(1, 2))
+    k = rope((h @ w["k_proj.weight"].T).view(B, L, nkv, hd).transpose(1, 2)).repeat_interleave(nh // nkv, 1)
+    v = (h @ w["v_proj.weight"].T).view(B, L, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, 1)
+    scores = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~keep, float("-inf"))
+    att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
+    x = x + att @ w["attn_out.weight"].T
+    h = reference_rms(x, w["ff_norm.weight"], cfg.rms_norm_eps)
+    return x + (F.silu(h @ w["ff_proj.weight"].T) * (h @ w["up_proj.weight"].T)) @ w["ff_out.weight"].T
+
+
+def block_weights(sd: dict, prefix: str) -> dict:
+    """The float64 weights under `prefix` (e.g. "model.transformer.blocks.0."), by short name."""
+    return {k.removeprefix(prefix): v.double() for k, v in sd.items() if k.startswith(prefix)}
+
+
+def reference_inputs(ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cfg):
+    """(cos, sin, keep) of the reference: a (B, L) 1/0 key mask (positions then count real tokens) or a
+    (B, 1, L, L) bool mask; explicit positions win."""
+    B, L = ids.shape
+    if mask is None or mask.dim() == 2:
+        mask2 = torch.ones(B, L, dtype=torch.long) if mask is None else mask
+        keep = mask2[:, None, None, :].bool()
+        default = (mask2.cumsum(-1) - 1).clamp(min=0)
+    else:
+        keep, default = mask.bool(), torch.arange(L).expand(B, L)
+    cos, sin = reference_rope(default if positions is None else positions, cfg)
+    return cos, sin, keep
+
+
+def reference_forward(state: dict, cfg: LLaDAConfig, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None):
+    """LLaDA's forward in plain float64 torch from the raw state dict (mask: see reference_inputs).
+
+    Returns (logits, [input of each block, ..., output of ln_f])."""
+    cos, sin, keep = reference_inputs(ids, mask, positions, cfg)
+    x = state["model.transformer.wte.weight"].double()[ids]
     hidden = []
     for i in range(cfg.n_layers):
-        w = {k.removeprefix(f"blocks.{i}."): v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
         hidden.append(x)
-        h = rms(x, w["attn_norm.weight"])
-        q = rope((h @ w["q_proj.weight"].T).view(B, L, nh, hd).transpose(1, 2))
-        k = rope((h @ w["k_proj.weight"].T).view(B, L, nkv, hd).transpose(1, 2)).repeat_interleave(nh // nkv, 1)
-        v = (h @ w["v_proj.weight"].T).view(B, L, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, 1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        scores = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-        att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
-        x = x + att @ w["attn_out.weight"].T
-        h = rms(x, w["ff_norm.weight"])
-        x = x + (F.silu(h @ w["ff_proj.weight"].T) * (h @ w["up_proj.weight"].T)) @ w["ff_out.weight"].T
-    x = rms(x, sd["ln_f.weight"])
+        x = reference_block(block_weights(state, f"model.transformer.blocks.{i}."), x, cos, sin, keep, cfg)
+    x = reference_rms(x, state["model.transformer.ln_f.weight"].double(), cfg.rms_norm_eps)
     hidden.append(x)
-    head = sd["wte.weight"] if cfg.weight_tying else sd["ff_out.weight"]
-    return x @ head.T, hidden
+    head = state["model.transformer.wte.weight" if cfg.weight_tying else "model.transformer.ff_out.weight"]
+    return x @ head.double().T, hidden
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -228,10 +255,26 @@ def test_left_padded_batch_equals_each_row_alone():
     assert max_diff(model(ids2, attention_mask=mask).logits[2, -2:], out.logits[2, -2:]) == 0
 
 
+def test_four_d_mask_and_explicit_positions_equal_reference():
+    model = tiny_model(n_kv_heads=2)
+    ids = torch.randint(0, 100, (2, 9))
+    keep = torch.rand(2, 1, 9, 9) < 0.6
+    keep |= torch.eye(9, dtype=torch.bool)  # every query sees at least itself
+    positions = torch.randint(0, 40, (2, 9))
+    out = model(ids, attention_mask=keep, position_ids=positions).logits
+    ref, _ = reference_forward(model.state_dict(), model.config, ids, keep, positions)
+    assert max_diff(out, ref) < 1e-5
+    assert max_diff(out, model(ids, position_ids=positions).logits) > 1e-2  # the mask does hide keys
+
+
 def test_default_positions_count_real_tokens_only():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert modeling_llada.default_position_ids(mask, 2, 5, "cpu").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert modeling_llada.default_position_ids(None, 2, 3, "cpu").tolist() == [[0, 1, 2], [0, 1, 2]]
+    start = torch.tensor([3, 5])  # real tokens already in a KV cache
+    assert modeling_llada.default_position_ids(mask, 2, 5, "cpu", start).tolist() == [[3, 3, 3, 4, 5], [5, 6, 7, 8, 9]]
+    four_d = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    assert modeling_llada.default_position_ids(four_d, 2, 3, "cpu", start).tolist() == [[3, 4, 5], [5, 6, 7]]
 
 
 def test_all_padding_row_stays_finite():
@@ -405,12 +448,14 @@ def test_unsupported_configs_are_refused(overrides, match):
         LLaDAModelLM(LLaDAConfig(**{**TINY, **overrides}))
 
 
-def test_forward_refuses_labels_cache_and_ambiguous_inputs():
+def test_forward_refuses_labels_attentions_foreign_caches_and_ambiguous_inputs():
     model = tiny_model()
     ids = torch.randint(0, 100, (1, 4))
     with pytest.raises(ValueError, match="computes no loss"):
         model(ids, labels=ids)
-    with pytest.raises(ValueError, match="no KV cache"):
-        model(ids, use_cache=True)
+    with pytest.raises(ValueError, match="does not return attention weights"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="must be a remedi_patches.kv_cache.KVCache, got tuple"):
+        model(ids, past_key_values=((ids, ids),))
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()

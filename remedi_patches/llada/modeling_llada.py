@@ -10,20 +10,27 @@ Architecture (the upstream "llama" block of LLaDA, non-causal):
 RMSNorm normalises in float32; RoPE (rotate-half form, theta = rope_theta) is computed and applied in
 float32 whatever the model dtype. Weight names are those of the upstream checkpoint
 (`model.transformer.blocks.{i}.q_proj.weight`, ...), so `from_pretrained` reads them unchanged.
+
+Block-diffusion decoding (DESIGN.md 10) runs the same model with a `remedi_patches.kv_cache.KVCache`: explicit
+`position_ids`, a (B, 1, L, Lc + L) bool attention mask, `past_key_values` (read) and `use_cache` (append); see
+`LLaDAModelLM.forward`.
 """
 
-import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
+from remedi_patches.kv_cache import KVCache, attention_keep, current_key_mask
+
+from .checkpoint_files import checkpoint_shapes
 from .configuration_llada import LLaDAConfig
 
 # upstream config values this implementation runs; anything else is refused when the model is built
@@ -87,11 +94,16 @@ class LLaDARMSNorm(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def default_position_ids(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """(B, L) positions counting real tokens only (a left-padded row gets its positions from alone), else arange."""
-    if attention_mask is None:
-        return torch.arange(length, device=device).expand(batch, length)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def default_position_ids(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, L) positions counting real tokens only (a left-padded row gets its positions from alone), else arange;
+    shifted by `start` (B,), the real tokens already in a KV cache. A 4-D mask says nothing about padding: arange."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        positions = torch.arange(length, device=device).expand(batch, length)
+    else:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions if start is None else positions + start[:, None]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +125,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_preci
 
 
 def padding_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias (B, 1, 1, L): 0 for real keys, the dtype's min (finite, so no NaN) for padding."""
+    """Additive attention bias of the bool keep mask's shape ((B, 1, 1|Lq, Lk)): 0 where True, the dtype's min
+    (finite, so a query seeing no key gives no NaN) where False."""
     return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(
         ~key_mask, torch.finfo(dtype).min
     )
@@ -122,9 +135,10 @@ def padding_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class LLaDABlock(GradientCheckpointingLayer):
     """The upstream "llama" block: pre-norm non-causal attention with RoPE, then a SwiGLU MLP."""
 
-    def __init__(self, config: LLaDAConfig):
+    def __init__(self, config: LLaDAConfig, layer_id: int):
         super().__init__()
         self.config = config
+        self.layer_id = layer_id  # its KV-cache slot and its depth in the mitchell init
         d, hd, hidden = config.d_model, config.head_dim, config.ffn_hidden_size
         n_kv = config.effective_n_kv_heads
         bias, qkv_bias = config.include_bias, config.include_bias or bool(config.include_qkv_bias)
@@ -140,8 +154,16 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.ff_out = nn.Linear(hidden, d, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keep: torch.Tensor | None,
+        cache: KVCache | None = None,
+        write: bool = False,
     ) -> torch.Tensor:
+        """x (B, L, d); keep (B, 1, 1|L, Lc + L) bool over [cached | current] keys or None (attend to all);
+        with a cache the queries also see its keys, and `write` stores this block's keys/values in it."""
         cfg = self.config
         B, L, d = x.shape
         n_kv = cfg.effective_n_kv_heads
@@ -151,11 +173,13 @@ class LLaDABlock(GradientCheckpointingLayer):
         v = self.v_proj(h).view(B, L, n_kv, cfg.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, cfg.rope_full_precision)
         k = apply_rope(k, cos, sin, cfg.rope_full_precision)
+        if cache is not None:
+            k, v = cache.keys_values(self.layer_id, k, v, write)  # (B, Hkv, Lc + L, hd)
         att = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=None if key_mask is None else padding_bias(key_mask, q.dtype),
+            attn_mask=None if keep is None else padding_bias(keep, q.dtype),
             dropout_p=cfg.attention_dropout if self.training else 0.0,
             is_causal=False,
             enable_gqa=n_kv != cfg.n_heads,
@@ -167,6 +191,12 @@ class LLaDABlock(GradientCheckpointingLayer):
         return x + F.dropout(mlp, cfg.residual_dropout, self.training)
 
 
+class StreamOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L, V)
+    hidden_states: tuple[torch.Tensor, ...] | None  # input of every main block, then the output of ln_f
+    confidences: torch.Tensor | None  # (B, L) raw UPS logits of a dual-stream model; None for LLaDA
+
+
 class LLaDAModel(nn.Module):
     """The body under `model.`: `transformer.{wte, blocks, ln_f, ff_out}` exactly as in the upstream checkpoint."""
 
@@ -176,7 +206,7 @@ class LLaDAModel(nn.Module):
         norm_bias = config.include_bias if config.bias_for_layer_norm is None else config.bias_for_layer_norm
         modules = {
             "wte": nn.Embedding(config.num_embeddings, config.d_model),
-            "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+            "blocks": nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers)),
             "ln_f": LLaDARMSNorm(config.d_model, config.rms_norm_eps, norm_bias),
         }
         if not config.weight_tying:
@@ -190,30 +220,42 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> StreamOutput:
         cfg = self.config
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, d)
         x = F.dropout(x, cfg.embedding_dropout, self.training)
         B, L = x.shape[:2]
+        # checked before any layer writes to the cache: mask shapes, the cache's batch, no 4-D mask when writing
+        keep = attention_keep(attention_mask, cache, B, L)  # (B, 1, 1|L, Lc + L) bool, None: attend to all
+        written = current_key_mask(attention_mask, B, L, x.device) if use_cache else None  # (B, L)
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, B, L, x.device)
+            start = cache.key_mask.sum(-1) if cache is not None and len(cache) else None  # (B,) real cached tokens
+            position_ids = default_position_ids(attention_mask, B, L, x.device, start)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
-        # all-ones masks are dropped so SDPA may take its mask-free fast kernels
-        key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-        hidden = []
-        for block in self.transformer.blocks:
-            if output_hidden_states:
-                hidden.append(x)
-            x = block(x, cos, sin, key_mask)
+        hidden = [] if output_hidden_states else None
+        x, confidences = self.streams(x, (cos, sin, keep, cache, use_cache), hidden)
         x = self.transformer.ln_f(x)
-        if output_hidden_states:
+        if hidden is not None:
             hidden.append(x)
         head = self.transformer.wte.weight if cfg.weight_tying else self.transformer.ff_out.weight
         bias = None if cfg.weight_tying else self.transformer.ff_out.bias
         logits = F.linear(x, head, bias)  # (B, L, embedding_size)
-        return logits, tuple(hidden) if output_hidden_states else None
+        if use_cache:
+            cache.extend(written)
+        return StreamOutput(logits, None if hidden is None else tuple(hidden), confidences)
+
+    def streams(
+        self, x: torch.Tensor, attention: tuple, hidden: list | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The main blocks on x (B, L, d) -> (output of the last block, None: LLaDA has no UPS stream).
+        `attention` = the blocks' arguments after x; the input of every block is appended to `hidden`."""
+        for block in self.transformer.blocks:
+            if hidden is not None:
+                hidden.append(x)
+            x = block(x, *attention)
+        return x, None
 
 
 class LLaDAModelLM(PreTrainedModel):
@@ -224,11 +266,13 @@ class LLaDAModelLM(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LLaDABlock"]
     _supports_sdpa = True
+    has_ups_stream = False  # True for the dual-stream RemeDi (its own confidences; block decoding by default)
+    body_class = LLaDAModel  # the module under `model.`
 
     def __init__(self, config: LLaDAConfig):
         check_supported(config)
         super().__init__(config)
-        self.model = LLaDAModel(config)
+        self.model = self.body_class(config)
         self.post_init()
 
     @torch.no_grad()
@@ -265,12 +309,19 @@ class LLaDAModelLM(PreTrainedModel):
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        *,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """logits (B, L, V); with output_hidden_states the input of every block, then the output of ln_f.
 
-        attention_mask (B, L) of 1/0: keys at 0 are ignored. Without position_ids, positions count real
-        tokens only, so a left-padded row gives the same logits as the row alone.
+        attention_mask: None; (B, L) of 1/0, keys at 0 are never attended; or (B, 1, L, Lc + L) bool over
+        [cached | current] keys, True = attend (e.g. a block-causal mask). Without position_ids, positions count
+        real tokens only (after the real tokens of the cache), so a left-padded row gives the row's own logits.
+        past_key_values: a `KVCache` whose keys the queries also attend to (where its key_mask is True);
+        use_cache=True appends this forward's keys/values to it (a new KVCache when none is given). The output's
+        `.cache` is the KVCache used (transformers 5's name; `.past_key_values` is its deprecated alias). `config.use_cache` is not consulted: caching happens only when asked for.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LLaDAModelLM.forward needs exactly one of input_ids or inputs_embeds.")
@@ -279,18 +330,34 @@ class LLaDAModelLM(PreTrainedModel):
                 "LLaDAModelLM computes no loss: a masked-diffusion loss depends on the noise, so compute it from "
                 ".logits (e.g. remedi_patches.losses.tps_loss) and do not pass labels."
             )
-        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache") or kwargs.get("output_attentions"):
+        if kwargs.get("output_attentions"):
+            raise ValueError("LLaDA does not return attention weights (it runs SDPA): drop output_attentions.")
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
             raise ValueError(
-                "LLaDA is a bidirectional diffusion LM: it has no KV cache and does not return attentions; "
-                "drop past_key_values / use_cache / output_attentions."
+                f"past_key_values must be a remedi_patches.kv_cache.KVCache, got {type(past_key_values).__name__}; "
+                "start one with KVCache() and pass it with use_cache=True to fill it"
+            )
+        if use_cache and self.is_activation_checkpointing and self.training and torch.is_grad_enabled():
+            raise ValueError(
+                "use_cache=True with gradient checkpointing in training would write the KV cache again when the "
+                "blocks are recomputed: fill the cache under torch.no_grad() or in eval mode"
             )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        logits, hidden_states = self.model(input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states)
-        out = CausalLMOutputWithPast(logits=logits, hidden_states=hidden_states)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        streams = self.model(
+            input_ids, inputs_embeds, attention_mask, position_ids, output_hidden_states, past_key_values,
+            bool(use_cache),
+        )
+        out = self.output(streams, past_key_values)
         return out if return_dict else out.to_tuple()
+
+    def output(self, streams: StreamOutput, cache: KVCache | None) -> ModelOutput:
+        """The model's output object (LLaDA: logits, the cache, hidden states)."""
+        return CausalLMOutputWithPast(logits=streams.logits, cache=cache, hidden_states=streams.hidden_states)
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """transformers' save, refused (one ValueError naming the tensor) when a weight holds NaN or inf."""
@@ -311,62 +378,33 @@ class LLaDAModelLM(PreTrainedModel):
             folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
             if folder.is_dir():
                 config = kwargs.get("config")
-                if not isinstance(config, LLaDAConfig):
-                    config = LLaDAConfig.from_pretrained(folder)
-                verify_checkpoint(folder, config, shapes=not kwargs.get("ignore_mismatched_sizes", False))
+                if not isinstance(config, cls.config_class):
+                    config = cls.config_class.from_pretrained(folder)
+                verify_checkpoint(folder, config, shapes=not kwargs.get("ignore_mismatched_sizes", False),
+                                  model_class=cls)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
-def expected_shapes(config: LLaDAConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: LLaDAConfig, model_class: type[LLaDAModelLM] = LLaDAModelLM) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the model this config describes (built on the meta device, no memory used)."""
     with torch.device("meta"):
-        model = LLaDAModelLM(config)
+        model = model_class(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The safetensors files of a saved model (one file, or the shards named by the index); [] if none."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise ValueError(
-                f"{index} is not a valid safetensors index ({err!r}): re-download it or re-save the model."
-            ) from err
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for path in files:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is listed in {index.name} but missing: re-download the checkpoint.")
-        return files
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
-
-
-def verify_checkpoint(folder: str | Path, config: LLaDAConfig, shapes: bool = True) -> None:
+def verify_checkpoint(
+    folder: str | Path, config: LLaDAConfig, shapes: bool = True, model_class: type[LLaDAModelLM] = LLaDAModelLM
+) -> None:
     """Check that the safetensors weights in `folder` are readable and (with `shapes`) are exactly the tensors
-    `config` describes.
+    `config` describes for `model_class`.
 
     Raises ValueError naming the truncated/corrupt file, the first tensor whose shape differs, or the missing /
     unexpected tensor names. Folders without safetensors files (e.g. pytorch_model.bin) are left to transformers.
     """
-    files = _safetensors_files(Path(folder))
-    if not files:
+    found = checkpoint_shapes(Path(folder))
+    if not found or not shapes:
         return
-    found: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    found[name] = (tuple(f.get_slice(name).get_shape()), path.name)
-        except SafetensorError as err:
-            raise ValueError(
-                f"{path} is truncated or corrupt ({err}). Re-download it, or re-save the model with "
-                "save_pretrained."
-            ) from err
-    if not shapes:
-        return
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, model_class)
     for name, shape in expected.items():
         if name in found and found[name][0] != shape:
             sizes = (
@@ -383,41 +421,20 @@ def verify_checkpoint(folder: str | Path, config: LLaDAConfig, shapes: bool = Tr
     unexpected = sorted(found.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(
-            f"The checkpoint in {folder} does not match its LLaDA config: missing tensors {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}. Re-download the checkpoint, or use the config.json saved "
-            "with it."
+            f"The checkpoint in {folder} does not match its config for {model_class.__name__}: missing tensors "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}. {_mismatch_fix(model_class, config, missing, unexpected)}"
         )
 
 
-def load_llada(path: str | Path, **kwargs) -> LLaDAModelLM:
-    """Load a LLaDA checkpoint (local folder or hub name) strictly; `kwargs` go to `from_pretrained` (dtype, ...).
-
-    Local folders are verified before loading (see `verify_checkpoint`); for downloaded or non-safetensors
-    checkpoints the loading report is checked afterwards. Every problem is one ValueError naming it.
-    `ignore_mismatched_sizes=True` keeps transformers' meaning: tensors whose shapes differ are re-initialised.
-    """
-    try:
-        model, info = LLaDAModelLM.from_pretrained(path, output_loading_info=True, **kwargs)
-    except SafetensorError as err:
-        raise ValueError(
-            f"A weights file of {path} is truncated or corrupt ({err}): delete it and download it again."
-        ) from err
-    except RuntimeError as err:
-        if "mismatch" not in str(err):
-            raise
-        raise ValueError(
-            f"The weights of {path} do not have the shapes its config.json describes (see the load report "
-            "above for the tensor names): use the config.json saved with these weights."
-        ) from err
-    strict = ["missing_keys", "unexpected_keys"]
-    if not kwargs.get("ignore_mismatched_sizes"):
-        strict.append("mismatched_keys")
-    problems = {key: sorted(map(str, info[key])) for key in strict}
-    problems = {key: names for key, names in problems.items() if names}
-    if problems:
-        raise ValueError(
-            f"Loading {path} is not exact: {problems}. Re-download the checkpoint, or use the config.json saved "
-            "with it."
-        )
-    return model
+def _mismatch_fix(model_class: type[LLaDAModelLM], config, missing: list[str], unexpected: list[str]) -> str:
+    """What to do about missing / unexpected tensors: a dual-stream checkpoint read as LLaDA, UPS blocks the
+    config places but the weights lack, or (anything else) a checkpoint that does not go with its config."""
+    if not model_class.has_ups_stream and any(name.startswith("model.blocks_upm.") for name in unexpected):
+        return ("These weights hold a dual-stream RemeDi (model.blocks_upm.*): load them with "
+                "remedi_patches.llada.load_llada or load_backbone, which build RemeDiUPMModelLM.")
+    if model_class.has_ups_stream and any(not name.startswith("model.transformer.") for name in missing):
+        return (f"The config places UPS blocks after main layers {config.ups_positions}, which these weights do not "
+                "hold: fix ups_positions in config.json (or delete it: it is then derived from the weights), or "
+                "load a plain LLaDA checkpoint as LLaDA.")
+    return "Re-download the checkpoint, or use the config.json saved with it."
