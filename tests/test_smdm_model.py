@@ -261,7 +261,19 @@ def tiny_single():
     return TransEncoder(Config.from_name("Diff_LLaMA_tiny_gqa", vocab_size=100, block_size=32)).eval()
 
 
-MODELS = {"single": tiny_single}
+def tiny_dual():
+    """A dual-stream RemeDi whose feedback is live (non-zero), UPS blocks after main layers 0 and 2 of 3."""
+    from lit_gpt.dual_stream import RemeDiTransEncoder
+
+    model = RemeDiTransEncoder(Config.from_name("Diff_LLaMA_tiny_gqa", vocab_size=100, block_size=32, n_layer=3,
+                                                ups_positions=[0, 2]))
+    with torch.no_grad():
+        for p in model.ups.feedback.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+MODELS = {"single": tiny_single, "dual": tiny_dual}
 
 
 def test_block_causal_full_forward_equals_reference():

@@ -4,7 +4,9 @@ All upstream sizes share the LLaMA recipe: pre-norm RMSNorm blocks, SwiGLU MLP, 
 embeddings (base 10000), no biases, TinyLlama vocabulary (32000 tokens, padded to a multiple
 of 64), context 2048. The mask token is `vocab_size` (32000 upstream); the embedding has
 `padded_vocab_size + 1` rows so the mask id always has a row, the head `padded_vocab_size`
-outputs.
+outputs. `ups_positions` (main-layer indices) makes the model the dual-stream RemeDi of
+`lit_gpt.dual_stream`: one UPS block after each of those layers; None (the default, and every
+`smdm_config.json` written before it existed) is the single-stream TransEncoder.
 """
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
@@ -29,6 +31,7 @@ class Config:
     intermediate_size: int = 256
     norm_eps: float = 1e-5
     rope_base: int = 10000
+    ups_positions: Optional[list[int]] = None  # dual-stream RemeDi: UPS block j after main layer ups_positions[j]
 
     def __post_init__(self) -> None:
         if self.n_query_groups is None:
@@ -49,6 +52,14 @@ class Config:
             problems.append(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
         if self.padded_vocab_size < self.vocab_size:
             problems.append(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
+        if self.ups_positions is not None:
+            if isinstance(self.ups_positions, tuple):  # a tuple and its JSON round trip compare equal
+                self.ups_positions = list(self.ups_positions)
+            layers = self.ups_positions
+            if not (isinstance(layers, list) and layers and all(isinstance(b, int) and 0 <= b < self.n_layer for b in layers)
+                    and all(a < b for a, b in zip(layers, layers[1:]))):
+                problems.append(f"ups_positions={layers} must be a non-empty, strictly increasing list of main-layer "
+                                f"indices in [0, n_layer={self.n_layer}) (or None for a single-stream model)")
         if problems:
             raise ValueError(f"Invalid SMDM config {self.name!r}: " + "; ".join(problems) + ". Fix these fields.")
 

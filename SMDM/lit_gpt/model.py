@@ -18,7 +18,8 @@ The fused qkv rows are grouped per query group: [q_0 .. q_{r-1}, k, v] for each 
 Attention is non-causal `F.scaled_dot_product_attention` (which picks flash / memory-efficient
 kernels by itself on GPU when no padding mask is given). Block-diffusion decoding (DESIGN.md 10) uses the
 forward's `position_ids`, `past_key_values` (a `remedi_patches.kv_cache.KVCache`) and `use_cache`: the cache
-holds each layer's keys / values after RoPE, layer ids 0..n_layer-1. RoPE (rotate-half, base 10000) and
+holds each layer's keys / values after RoPE, layer ids 0..n_layer-1 (the dual-stream model's UPS blocks
+n_layer + j, `lit_gpt.dual_stream`). RoPE (rotate-half, base 10000) and
 RMSNorm are computed in float32. Upstream's fused rotary kernel reads a cos/sin cache stored in
 bfloat16 whatever the model dtype, so logits differ from upstream's by that rounding (about 1e-3
 absolute on logits of magnitude 3 for a random 4-layer model at 512 positions).
@@ -208,9 +209,13 @@ class TransEncoder(nn.Module):
     as the row alone. The last hidden state is the output of `transformer.ln_f` (hook it).
     Block-diffusion decoding: see `forward`.
     """
+    has_ups_stream = False  # the dual-stream RemeDiTransEncoder (lit_gpt.dual_stream) has its own UPS
 
     def __init__(self, config: Config) -> None:
         super().__init__()
+        if config.ups_positions is not None and not self.has_ups_stream:
+            raise ValueError(f"SMDM config {config.name!r} has ups_positions={config.ups_positions} (a dual-stream "
+                             "RemeDi): build it with lit_gpt.model.build_model(config), or drop ups_positions")
         self.config = config
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer = nn.ModuleDict(dict(
@@ -282,6 +287,16 @@ def smdm_init_(model: nn.Module, config: Config) -> None:
             module.reset_parameters()
 
 
+def build_model(config: Config) -> TransEncoder:
+    """The model `config` describes: `TransEncoder`, or the dual-stream `RemeDiTransEncoder` when it has
+    ups_positions."""
+    if config.ups_positions is None:
+        return TransEncoder(config)
+    from lit_gpt.dual_stream import RemeDiTransEncoder  # it imports this module
+
+    return RemeDiTransEncoder(config)
+
+
 def load_weights(model: TransEncoder, path: Union[str, Path]) -> None:
     """Load SMDM weights into `model` strictly, from any of the forms SMDM users hold:
     an `smdm` folder (`model.safetensors`), a `.safetensors` file, or a torch checkpoint
@@ -319,12 +334,23 @@ def load_weights(model: TransEncoder, path: Union[str, Path]) -> None:
         raise ValueError(
             f"Weights in {path} do not fit SMDM config {model.config.name!r}: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"shape mismatches {shape_errors[:5]}. Build the model with the config the weights were trained with.")
+            f"shape mismatches {shape_errors[:5]}. {_streams_hint(missing, unexpected)}")
     bad = first_nonfinite(state)
     if bad is not None:
         raise ValueError(f"SMDM weights file {path}: tensor {bad!r} holds NaN or inf values (the run that wrote it "
                          "diverged); use an earlier checkpoint, or retrain with a lower learning rate.")
     model.load_state_dict(state, strict=True)
+
+
+def _streams_hint(missing: list[str], unexpected: list[str]) -> str:
+    """The fix for weights that do not fit: a single- vs dual-stream mix-up is named as such."""
+    if missing and all(k.startswith("ups.") for k in missing) and not unexpected:
+        return ("The file holds a single-stream TransEncoder and the model is a dual-stream RemeDi: load it into a "
+                "TransEncoder and add the UPS with lit_gpt.dual_stream.remedi_from_backbone.")
+    if unexpected and all(k.startswith("ups.") for k in unexpected) and not missing:
+        return ("The file holds a dual-stream RemeDi (ups.* tensors): build the model with the config's "
+                "ups_positions (lit_gpt.model.build_model), or load its folder, whose smdm_config.json records them.")
+    return "Build the model with the config the weights were trained with."
 
 
 def save_smdm_folder(model: TransEncoder, path: Union[str, Path]) -> Path:
@@ -372,10 +398,11 @@ def load_smdm_config(path: Union[str, Path]) -> Config:
 
 def load_smdm_folder(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                      dtype: Optional[torch.dtype] = None) -> TransEncoder:
-    """Rebuild a `TransEncoder` from a folder written by `save_smdm_folder` (strict load)."""
+    """Rebuild the model (`build_model`: single or dual stream, as its config says) from a folder written by
+    `save_smdm_folder` (strict load)."""
     config = load_smdm_config(path)
     with torch.device("meta"):
-        model = TransEncoder(config)
+        model = build_model(config)
     model = model.to_empty(device="cpu")
     load_weights(model, path)
     return model.to(device=device, dtype=dtype)
