@@ -168,3 +168,21 @@ def test_eval_on_shared_problems_crops_with_one_warning(dataset, fmt, data_dir, 
     assert len(crops) == 1 and "1 of 1 prompts" in crops[0] and "window of 128" in crops[0], crops
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["prompt"].startswith("Question: ") and summary["results"][0]["n"] == 1
+
+
+def test_harness_models_take_their_lengths_from_the_window(caplog):
+    """The OpenCompass and lm-eval models with no length keys: 32 / 32 / 32 on the embedded model (window 128), and
+    a GSM8K-length prompt is cropped with the one warning; an explicit length that cannot fit is refused at load."""
+    from eval_llada import LLaDAEvalHarness
+    from opencompass_patch.models import LLaDABaseModel
+
+    lm = LLaDAEvalHarness(device="cpu", batch_size=1, mc_num=1)
+    assert (lm.settings.steps, lm.settings.gen_length, lm.settings.block_length) == (32, 32, 32)
+    oc = LLaDABaseModel(device="cpu", max_seq_len=100)  # its own budget caps the window: gen_length 100 // 4 -> 25
+    assert (oc.settings.steps, oc.settings.gen_length, oc.settings.block_length) == (25, 25, 25)
+    with caplog.at_level(logging.WARNING, logger="remedi_patches.sampling"):
+        (answer,) = lm.generate_until([type("Req", (), {"args": (MIA * 8, {"until": ["\n"]})})()])
+    assert isinstance(answer, str)
+    assert sum(CROP in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="gen_length 128 does not fit the model's window of 128"):
+        LLaDAEvalHarness(device="cpu", batch_size=1, mc_num=1, gen_length=128, steps=128, block_length=32).window
