@@ -363,8 +363,8 @@ def _load_llada(source: Source, options: LoadOptions) -> tuple[nn.Module, object
     tokenizer = (load_tokenizer(options.tokenizer) if options.tokenizer is not None  # first: a missing tokenizer
                  else load_tokenizer(source, "model"))                                # must not cost an 8B load
 
-    def load(**hub) -> nn.Module:
-        return llada.model_class(source, **hub).from_pretrained(str(source), dtype=options.dtype, **hub)
+    def load(**hub) -> nn.Module:  # strict: missing / unexpected tensors are one ValueError naming them
+        return llada.load_llada(str(source), dtype=options.dtype, **hub)
 
     if isinstance(source, str):  # a hub name
         return _llada_hub(source, load), tokenizer
