@@ -180,8 +180,8 @@ def test_remedi_9b_and_llada_8b_configs_build_on_the_meta_device(tmp_path):
     for bb in (remedi, llada):
         assert next(bb.model.parameters()).device.type == "meta"
         assert bb.tokenizer is None and (bb.mask_id, bb.eos_id, bb.eot_id) == (126336, 126081, None)
-    as_remedi = load_backbone(write_config(tmp_path / "typed", model_type="RemeDi"), device="meta")
-    assert type(as_remedi.model) is RemeDiUPMModelLM
+    for name, changes in {"typed": {"model_type": "RemeDi"}, "maple": {"architectures": ["RemeDiUPMModelLM"]}}.items():
+        assert type(load_backbone(write_config(tmp_path / name, **changes), device="meta").model) is RemeDiUPMModelLM
 
 
 # ---------------------------------------------------------------- KV cache == block-causal full forward
@@ -304,6 +304,15 @@ def test_missing_ups_tensors_are_named(tmp_path):
     del state["model.blocks_upm.1.up_proj.weight"]
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing tensors \['model\.blocks_upm\.1\.up_proj\.weight'\]"):
+        load_backbone(folder)
+
+
+def test_non_finite_ups_weights_are_refused_naming_file_and_tensor(tmp_path):
+    folder = official_folder(tiny_remedi(), tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["model.linear_confidence.weight"][0, 3] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.linear_confidence\.weight' holds NaN"):
         load_backbone(folder)
 
 
