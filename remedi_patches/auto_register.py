@@ -1,8 +1,9 @@
-"""Make `import remedi_patches` enough for `AutoModel.from_pretrained(<LLaDA folder>)`, without importing transformers.
+"""Make `import remedi_patches` enough for `AutoModel.from_pretrained(<LLaDA or RemeDi folder>)`, without importing
+transformers.
 
 Importing transformers (and the native LLaDA model) costs seconds, and most entry points must reject a bad flag
-before paying that. So instead of registering model_type "llada" eagerly, `install()` registers it once transformers'
-Auto modules are imported: right away when they already are, otherwise through a finder on `sys.meta_path` that
+before paying that. So instead of registering model_types "llada" and "RemeDi" eagerly, `install()` registers them
+once transformers' Auto modules are imported: right away when they already are, otherwise through a finder on `sys.meta_path` that
 watches the `transformers.*` imports and registers when the outermost one has finished (registering in the middle
 of transformers' own import chain would import half-initialised modules). The finder removes itself once both
 registrations are done. `import remedi_patches.llada` registers eagerly, as before.
@@ -24,16 +25,21 @@ MODELING_AUTO = "transformers.models.auto.modeling_auto"
 
 def _register_config(module: ModuleType) -> None:
     from remedi_patches.llada.configuration_llada import LLaDAConfig
+    from remedi_patches.llada.configuration_remedi import RemeDiConfig
 
-    module.AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
+    for config in (LLaDAConfig, RemeDiConfig):
+        module.AutoConfig.register(config.model_type, config, exist_ok=True)
 
 
 def _register_models(module: ModuleType) -> None:
     from remedi_patches.llada.configuration_llada import LLaDAConfig
+    from remedi_patches.llada.configuration_remedi import RemeDiConfig
     from remedi_patches.llada.modeling_llada import LLaDAModelLM
+    from remedi_patches.llada.modeling_remedi import RemeDiUPMModelLM
 
-    module.AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-    module.AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+    for config, model in ((LLaDAConfig, LLaDAModelLM), (RemeDiConfig, RemeDiUPMModelLM)):
+        module.AutoModel.register(config, model, exist_ok=True)
+        module.AutoModelForCausalLM.register(config, model, exist_ok=True)
 
 
 PENDING: dict[str, Callable[[ModuleType], None]] = {CONFIG_AUTO: _register_config, MODELING_AUTO: _register_models}
