@@ -10,6 +10,9 @@
 A source is a confidence-source name of remedi_patches.confidence (ups, tps_prob, random, margin, entropy),
 `NAME:noremask` (the same ranking, but committed tokens are never re-masked), or `upstream` (LLaDA's own sampler
 with --remasking). Every source runs with the same sampler settings and starts from torch.manual_seed(--seed).
+'ups' needs a UPS: --ups_head, or a model with its own UPS stream (a dual-stream RemeDi, e.g.
+`--model maple-research-lab/RemeDi-Instruct`, which decodes by blocks with a KV cache unless --decoding llada);
+--ups_temperature > 0 draws the 'ups' ranking (Plackett-Luce), the other sources rank greedily.
 Prompts are sorted by length before batching (--infer_bs) to waste little on left padding.
 
 Writes to --out_dir: predictions.jsonl (one row per problem and source: index, source, format, prompt, output,
@@ -48,6 +51,7 @@ from remedi_patches.confidence import get_confidence_source
 from remedi_patches.data import column_names, json_records, load_records, render_prompt, resolve_fields
 from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math
 from remedi_patches.model_args import add_model_args, model_spec_from_args
+from remedi_patches.modeling_wrappers import has_ups_stream
 from remedi_patches.run_lock import RunLock
 from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, PromptWindow,
                                      SamplerSettings, add_sampler_args, decode_answers, encode_texts, needs_ups_head,
@@ -68,10 +72,12 @@ DEFAULT_SOURCES = ("ups", "tps_prob", "random")  # without --ups_head: the same 
 
 @dataclass(frozen=True)
 class Run:
-    """How to sample: a confidence source (None = upstream LLaDA) and whether committed tokens may be re-masked."""
+    """How to sample: a confidence source (None = upstream LLaDA), whether committed tokens may be re-masked, and
+    for 'ups' the Plackett-Luce ranking temperature (0 = greedy; --ups_temperature)."""
 
     source: Optional[str]
     remask: bool = True
+    ups_temperature: float = 0.0
 
     @property
     def label(self) -> str:
@@ -80,12 +86,13 @@ class Run:
         return self.source if self.remask else self.source + NOREMASK
 
     def settings(self, base: SamplerSettings) -> SamplerSettings:
-        """`base` with this run's confidence source and re-masking."""
-        return base.replace(confidence_source=self.source, remask=self.remask)
+        """`base` with this run's confidence source, re-masking and UPS ranking temperature."""
+        return base.replace(confidence_source=self.source, remask=self.remask, ups_temperature=self.ups_temperature)
 
 
-def parse_run(text: str, no_remask: bool = False) -> Run:
-    """'ups' | 'ups:noremask' | 'upstream' -> Run; no_remask turns re-masking off for every source."""
+def parse_run(text: str, no_remask: bool = False, ups_temperature: float = 0.0) -> Run:
+    """'ups' | 'ups:noremask' | 'upstream' -> Run; no_remask turns re-masking off for every source;
+    ups_temperature applies to the 'ups' runs (the others rank by their own confidence)."""
     if text == UPSTREAM:
         return Run(None, remask=False)
     name, remask = (text[: -len(NOREMASK)], False) if text.endswith(NOREMASK) else (text, not no_remask)
@@ -93,14 +100,17 @@ def parse_run(text: str, no_remask: bool = False) -> Run:
         get_confidence_source(name)
     except ValueError as err:
         raise ValueError(f"{err}; a source may also be NAME{NOREMASK} or {UPSTREAM!r}") from None
-    return Run(name, remask)
+    return Run(name, remask, ups_temperature if name == "ups" else 0.0)
 
 
-def parse_runs(texts: Sequence[str], no_remask: bool = False) -> list[Run]:
-    runs = [parse_run(t, no_remask) for t in texts]
+def parse_runs(texts: Sequence[str], no_remask: bool = False, ups_temperature: float = 0.0) -> list[Run]:
+    runs = [parse_run(t, no_remask, ups_temperature) for t in texts]
     labels = [r.label for r in runs]
     if not runs or len(set(labels)) != len(labels):
         raise ValueError(f"--confidence_sources must name at least one source, each once; got {list(texts)}")
+    if ups_temperature and not any(r.source == "ups" for r in runs):
+        raise ValueError(f"--ups_temperature {ups_temperature} applies to the 'ups' source, which is not among "
+                         f"{labels}; add ups to --confidence_sources or drop --ups_temperature")
     return runs
 
 
@@ -334,7 +344,8 @@ def add_eval_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = D
     group = p.add_argument_group("sampler")
     group.add_argument("--confidence_sources", nargs="+", default=None,
                        help=f"sources compared under the same settings: NAME, NAME{NOREMASK} or {UPSTREAM}; None = "
-                            f"{' '.join(sources)} (without --ups_head: the same without 'ups')")
+                            f"{' '.join(sources)} (without a UPS, i.e. no --ups_head and no UPS stream of its own: "
+                            "the same without 'ups')")
     add_sampler_args(p, defaults={**EVAL_DEFAULTS, **(defaults or {})},
                      exclude=("confidence_source", *exclude))
     group.add_argument("--eos_gating", action="store_true", help="= --logits_eos_inf --confidence_eos_eot_inf")
@@ -345,24 +356,33 @@ def add_eval_sampler_args(p: argparse.ArgumentParser, sources: Sequence[str] = D
 BEFORE_LOAD = "before load"
 
 
+def has_ups(em: EvalModel) -> bool:
+    """Whether the loaded bundle gives UPS confidences: a UPS head (--ups_head) or the model's own UPS stream."""
+    return em.ups_head is not None or has_ups_stream(em.model)
+
+
 def runs_and_settings(args: argparse.Namespace, window: Optional[int] | str = BEFORE_LOAD,
-                      **overrides) -> tuple[list[Run], Optional[SamplerSettings]]:
-    """The parsed --confidence_sources (None: the defaults, 'ups' only with --ups_head) and the common
-    SamplerSettings, lengths left None from `window` (the loaded model's, None = unlimited), checked (ValueError
-    names the flag). Before the model is loaded (window BEFORE_LOAD) the flags are checked and settings is None."""
+                      ups: Optional[bool] = None, **overrides) -> tuple[list[Run], Optional[SamplerSettings]]:
+    """The parsed --confidence_sources (None: the defaults, 'ups' only when the model has a UPS) and the common
+    SamplerSettings (ups_temperature lives in the 'ups' runs), lengths left None from `window` (the loaded model's,
+    None = unlimited), checked (ValueError names the flag). Before the model is loaded (window BEFORE_LOAD) the
+    flags are checked and settings is None. ups: whether the loaded model has a UPS (`has_ups`); None = not known
+    yet (before loading: --ups_head decides the defaults, and 'ups' without it is checked after loading, since the
+    model may carry its own UPS stream)."""
+    known = args.ups_head_path is not None if ups is None else ups
     sources = args.confidence_sources
     if sources is None:
-        sources = [s for s in getattr(args, "default_sources", DEFAULT_SOURCES)
-                   if s != "ups" or args.ups_head_path is not None]
-    runs = parse_runs(sources, no_remask=args.remask is False)
+        sources = [s for s in getattr(args, "default_sources", DEFAULT_SOURCES) if s != "ups" or known]
+    runs = parse_runs(sources, no_remask=args.remask is False, ups_temperature=args.ups_temperature)
+    overrides = {"remask": None, "ups_temperature": 0.0, **overrides}
     if window == BEFORE_LOAD:
-        check_sampler_args(args, remask=None, **overrides)
+        check_sampler_args(args, **overrides)
         settings = None
     else:
-        settings = settings_from_args(args, window, remask=None, **overrides)
-    if any(r.source == "ups" for r in runs) and args.ups_head_path is None:
-        raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), or "
-                         "drop 'ups' from --confidence_sources")
+        settings = settings_from_args(args, window, **overrides)
+    if any(r.source == "ups" for r in runs) and ups is False:
+        raise ValueError("source 'ups' needs a UPS: pass --ups_head (a head written by train_remedi.py), use a model "
+                         "with its own UPS stream (a dual-stream RemeDi), or drop 'ups' from --confidence_sources")
     return runs, settings
 
 
@@ -427,7 +447,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         records = load_records(args.dataset, args.split, args.subset, limit=args.max_samples or None)
         items = make_items(records, args.format, args.prompt_template, args.prompt_field, args.answer_field)
         em = spec.load()
-        runs, settings = runs_and_settings(args, max_length_of(em.model))  # lengths left None: from the window
+        runs, settings = runs_and_settings(args, max_length_of(em.model), has_ups(em))  # lengths from the window
         rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs,
                                  seed=args.seed, chat=args.chat, progress=not args.no_progress)
         write_jsonl(out_dir / "predictions.jsonl", rows)

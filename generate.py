@@ -4,9 +4,14 @@
     generate(..., confidence_source="ups",    RemeDi: keep the top-k_i block positions by UPS confidence,
              ups_head=head)                   re-mask the others (DESIGN.md 3.2)
     python generate.py --help                 the command line
+    python generate.py --model maple-research-lab/RemeDi-Instruct --confidence_source ups --gen_length 256 \
+        --block_length 32 --steps 256         the paper's dual-stream RemeDi: block diffusion with a KV cache (its
+                                              default; --decoding llada for LLaDA-style), ranked by its own UPS
+                                              (--ups_temperature 1.2: Plackett-Luce draws as its RL sampler)
 
-The sampler and its settings live in remedi_patches.sampling (generate, SamplerSettings, sample); this file keeps
-upstream's import path (`from generate import generate`) and the command line.
+The sampler and its settings live in remedi_patches.sampling (generate, SamplerSettings, sample; block diffusion in
+remedi_patches.block_decoding); this file keeps upstream's import path (`from generate import generate`) and the
+command line.
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.backbones import max_length_of
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.remasking import Trajectory
-from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP,  # noqa: F401
-                                     UPSTREAM_RULES, PromptWindow, SamplerSettings, add_sampler_args, decode_answers,
-                                     check_sampler_args, encode_prompts, generate, sample,
+from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, UPSTREAM_RULES,
+                                     PromptWindow, SamplerSettings, add_sampler_args, check_sampler_args,
+                                     decode_answers, decoding_of, encode_prompts, generate, sample,
                                      settings_from_args)
 from remedi_patches.trajectory_views import trajectory_text
+
+__all__ = ["generate", "SamplerSettings", "UPSTREAM_RULES", "build_parser", "main"]  # upstream's import path kept
 
 DEFAULT_PROMPT = ("Mia has 14 shells. She finds 7 more. She gives away 9. She doubles them. "
                   "How many shells does Mia have now?")
@@ -61,7 +68,8 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     torch.manual_seed(args.seed)
     out = sample(em, ids, attention_mask, settings, trajectory)
     answers = decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids)
-    print(f"(steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length})\n")
+    print(f"(steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length}) "
+          f"decoding: {decoding_of(em.model, settings.decoding)}\n")
     for prompt, answer in zip(prompts, answers):
         print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
     if trajectory is not None:

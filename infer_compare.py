@@ -6,6 +6,9 @@
     python infer_compare.py --model_name GSAI-ML/LLaDA-8B-Base --ups_head checkpoints/ups_head.safetensors \\
         --lora_path checkpoints/lora_math --prompt "Give a brief plan for learning calculus." \\
         --steps 128 --gen_length 128 --block_length 16 --eos_gating
+    python infer_compare.py --model maple-research-lab/RemeDi-Instruct --prompt "What is 17 * 23?" \
+        --confidence_sources ups tps_logit --gen_length 256 --block_length 32 --steps 256
+                              # the dual-stream RemeDi (block decoding, its own UPS) vs the official ranking
 
 Prompts come from --prompt (repeatable) or, without one, from --dataset (answers graded); both become model input
 by the one prompt rule of generate.py and eval_gsm_math.py (--chat, --prompt_template; remedi_patches.sampling.
@@ -26,15 +29,15 @@ from typing import Optional
 
 import torch
 
-from eval_gsm_math import (FORMATS, EvalItem, add_eval_sampler_args, grade, item_texts, make_items, question_item,
-                           runs_and_settings, sample_texts, write_text)
+from eval_gsm_math import (FORMATS, EvalItem, add_eval_sampler_args, grade, has_ups, item_texts, make_items,
+                           question_item, runs_and_settings, sample_texts, write_text)
 from remedi_patches import trajectory_views as diag
 from remedi_patches.backbones import max_length_of
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.data import load_records
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.remasking import Trajectory
-from remedi_patches.sampling import TEMPLATE_HELP, PromptWindow
+from remedi_patches.sampling import TEMPLATE_HELP, PromptWindow, decoding_of
 
 
 def build_parser() -> ArgumentParser:
@@ -80,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     items, graded = _items(args)
     em = spec.load()
     window = max_length_of(em.model)
-    runs, settings = runs_and_settings(args, window)  # lengths left None: from the model's window
+    runs, settings = runs_and_settings(args, window, has_ups(em))  # lengths left None: from the model's window
     fit = PromptWindow(window, settings.gen_length)  # one-line error when gen_length alone does not fit
     texts, chat_applied = item_texts(em.tokenizer, items, args.chat)
     text = diag.token_texts(em.tokenizer, em.mask_id)
@@ -123,7 +126,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print()
     if args.html:
         intro = (f"steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length}, "
-                 f"temperature {settings.temperature}, seed {args.seed}")
+                 f"temperature {settings.temperature}, ups_temperature {args.ups_temperature}, decoding "
+                 f"{decoding_of(em.model, settings.decoding)}, seed {args.seed}")
         files.append(write_text(args.html, diag.trajectory_html(views, intro=intro)))
     if files:
         print("wrote " + ", ".join(str(f) for f in files))

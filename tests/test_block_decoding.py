@@ -13,7 +13,7 @@ from remedi_patches.backbones import EvalModel
 from remedi_patches.block_decoding import block_causal_mask, block_generate, prompt_positions
 from remedi_patches.confidence import CONFIDENCE_SOURCES
 from remedi_patches.kv_cache import KVCache
-from remedi_patches.modeling_wrappers import UPSModel
+from remedi_patches.modeling_wrappers import UPSModel, hidden_size_of
 from remedi_patches.remasking import Trajectory, commit_schedule, plackett_luce_keys
 from remedi_patches.sampling import SamplerSettings, decoding_of, generate, needs_ups_head, sample
 from remedi_patches.ups_head import UPSHead
@@ -363,3 +363,151 @@ def test_block_generate_refuses_what_it_cannot_do(toy):
         decode(toy, PROMPT, None, (10, 4, 5))
     with pytest.raises(ValueError, match="prompt contains the mask id"):
         decode(toy, torch.tensor([[3, MASK]]), None, (8, 4, 4))
+
+
+# ---------------------------------------------------------------- the project's models
+
+
+def smdm_encoder():
+    from lit_gpt.config import Config
+    from lit_gpt.model import TransEncoder
+
+    torch.manual_seed(0)
+    config = Config.from_name("Diff_LLaMA_tiny", vocab_size=V_SMDM, padding_multiple=1, n_embd=32, n_head=2,
+                              intermediate_size=64, n_layer=2, block_size=64)
+    return TransEncoder(config).eval(), config.mask_id
+
+
+def llada():
+    from test_llada_model import TINY, tiny_model
+
+    return tiny_model(), TINY["mask_token_id"]
+
+
+def remedi_llada():
+    from test_remedi_llada import TINY_REMEDI, tiny_remedi
+
+    return tiny_remedi(), TINY_REMEDI["mask_token_id"]  # non-zero feedback: the UPS stream moves the logits
+
+
+V_SMDM = 48
+REAL_MODELS = {"smdm": smdm_encoder, "llada": llada, "remedi_llada": remedi_llada}
+
+
+def real_prompts(mask_id):
+    torch.manual_seed(1)
+    ids = torch.randint(0, mask_id, (2, 6))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    return ids, am
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+@pytest.mark.parametrize("kw", [dict(confidence_source="tps_logit"), dict(confidence_source="ups", ups_temperature=1.2,
+                                                                          temperature=0.9)],
+                         ids=["tps_logit", "ups-sampled"])
+def test_cached_equals_uncached_on_the_project_models(name, kw):
+    model, mask_id = REAL_MODELS[name]()
+    head = None
+    if kw["confidence_source"] == "ups" and not getattr(model, "has_ups_stream", False):
+        head = UPSHead(hidden_size_of(model), width=8).eval()
+    for prompt, am in (real_prompts(mask_id)[0][:1], None), real_prompts(mask_id):
+        outs = []
+        for cache in (True, False):
+            torch.manual_seed(7)
+            outs.append(block_generate(model, prompt, am, steps=8, gen_length=16, block_length=8, mask_id=mask_id,
+                                       eos_id=None, ups_head=head, cache=cache, **kw))
+        assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_padded_batch_equals_rows_alone_on_the_project_models(name):
+    model, mask_id = REAL_MODELS[name]()
+    ids, am = real_prompts(mask_id)
+    kw = dict(steps=8, gen_length=16, block_length=8, mask_id=mask_id, eos_id=None, confidence_source="tps_prob")
+    if getattr(model, "has_ups_stream", False):
+        kw["confidence_source"] = "ups"
+    out = block_generate(model, ids, am, **kw)
+    assert torch.equal(out[0], block_generate(model, ids[:1], None, **kw)[0])
+    assert torch.equal(out[1, 3:], block_generate(model, ids[1:, 3:], None, **kw)[0])
+
+
+# ---------------------------------------------------------------- the command lines
+
+
+def model_flags(tiny):
+    return ["--model", str(tiny), "--ups_head", str(tiny / "ups_head.safetensors"), "--device", "cpu"]
+
+
+SMALL = ["--steps", "8", "--gen_length", "16", "--block_length", "8"]
+
+
+def test_generate_cli_decodes_by_blocks_with_the_new_flags(tiny, capsys):
+    import generate as cli
+    from remedi_patches.backbones import load_backbone
+    from remedi_patches.modeling_wrappers import load_ups_head
+    from remedi_patches.sampling import decode_answers, encode_prompts
+
+    answers = cli.main(model_flags(tiny) + SMALL + ["--decoding", "block", "--confidence_source", "ups",
+                                                    "--ups_temperature", "1.5", "--temperature", "0.5",
+                                                    "--prompt", "Tom has 3 pens."])
+    assert "decoding: block" in capsys.readouterr().out
+    bb = load_backbone(str(tiny))
+    ids, am = encode_prompts(bb.tokenizer, ["Tom has 3 pens."])
+    head = load_ups_head(tiny)[0]  # (building a head draws from the RNG: before the seed)
+    torch.manual_seed(0)
+    out = block_generate(bb.model, ids, am, steps=8, gen_length=16, block_length=8, temperature=0.5,
+                         mask_id=bb.mask_id, confidence_source="ups", ups_head=head,
+                         ups_temperature=1.5, eos_id=bb.eos_id, eot_id=bb.eot_id)
+    assert answers == decode_answers(bb.tokenizer, out, ids.shape[1], [bb.eos_id, bb.eot_id])
+    cli.main(model_flags(tiny) + SMALL + ["--prompt", "Tom has 3 pens."])
+    assert "decoding: llada" in capsys.readouterr().out  # a single-stream model keeps LLaDA-style decoding
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--decoding", "block", "--cfg_scale", "1"], "block decoding does not implement classifier-free guidance"),
+    (["--ups_temperature", "1"], "samples the ranking from the UPS confidences"),
+])
+def test_generate_cli_refuses_bad_new_flags_before_loading(flags, message, tmp_path):
+    import generate as cli
+
+    with pytest.raises(ValueError, match=message):
+        cli.main(["--model", str(tmp_path / "never_loaded")] + flags)
+
+
+def test_generate_cli_offers_the_two_decodings(capsys):
+    import generate as cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--decoding", "fast"])
+    err = capsys.readouterr().err
+    assert "--decoding: invalid choice: 'fast'" in err and "llada" in err and "block" in err
+
+
+def test_eval_cli_ups_temperature_applies_to_the_ups_runs(tiny, tmp_path):
+    import eval_gsm_math as E
+
+    args = E.build_parser().parse_args(model_flags(tiny) + SMALL + ["--confidence_sources", "ups", "tps_prob",
+                                                                   "--ups_temperature", "1.2", "--decoding", "block"])
+    runs, _ = E.runs_and_settings(args)
+    assert [(r.label, r.ups_temperature) for r in runs] == [("ups", 1.2), ("tps_prob", 0.0)]
+    args = E.build_parser().parse_args(model_flags(tiny) + ["--confidence_sources", "tps_prob",
+                                                            "--ups_temperature", "1.2"])
+    with pytest.raises(ValueError, match="--ups_temperature 1.2 applies to the 'ups' source"):
+        E.runs_and_settings(args)
+    summary = E.main(model_flags(tiny) + SMALL + ["--confidence_sources", "ups", "tps_logit", "--ups_temperature",
+                                                  "1.2", "--decoding", "block", "--max_samples", "2",
+                                                  "--out_dir", str(tmp_path), "--no_progress"])
+    assert [r["source"] for r in summary["results"]] == ["ups", "tps_logit"]
+
+
+def test_eval_cli_defaults_and_checks_follow_the_loaded_models_ups(tiny):
+    import eval_gsm_math as E
+
+    args = E.build_parser().parse_args(["--model", str(tiny), "--device", "cpu"] + SMALL)
+    assert [r.label for r in E.runs_and_settings(args, 128, ups=True)[0]] == ["ups", "tps_prob", "random"]
+    assert [r.label for r in E.runs_and_settings(args, 128, ups=False)[0]] == ["tps_prob", "random"]
+    args.confidence_sources = ["ups"]
+    E.runs_and_settings(args)  # before loading: the model may have its own UPS stream
+    with pytest.raises(ValueError, match="needs a UPS: pass --ups_head.*its own UPS stream"):
+        E.runs_and_settings(args, 128, ups=False)
