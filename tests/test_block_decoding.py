@@ -390,8 +390,19 @@ def remedi_llada():
     return tiny_remedi(), TINY_REMEDI["mask_token_id"]  # non-zero feedback: the UPS stream moves the logits
 
 
+def remedi_smdm():
+    from lit_gpt.dual_stream import remedi_from_backbone
+
+    backbone, mask_id = smdm_encoder()
+    model = remedi_from_backbone(backbone, ups_positions=[0, 1], ups_init="smdm").eval()
+    with torch.no_grad():
+        for linear in model.ups.feedback:  # non-zero feedback: the UPS stream moves the logits
+            linear.weight.normal_(std=0.1)
+    return model, mask_id
+
+
 V_SMDM = 48
-REAL_MODELS = {"smdm": smdm_encoder, "llada": llada, "remedi_llada": remedi_llada}
+REAL_MODELS = {"smdm": smdm_encoder, "llada": llada, "remedi_llada": remedi_llada, "remedi_smdm": remedi_smdm}
 
 
 def real_prompts(mask_id):
@@ -425,8 +436,9 @@ def test_padded_batch_equals_rows_alone_on_the_project_models(name):
     model, mask_id = REAL_MODELS[name]()
     ids, am = real_prompts(mask_id)
     kw = dict(steps=8, gen_length=16, block_length=8, mask_id=mask_id, eos_id=None, confidence_source="tps_prob")
-    if getattr(model, "has_ups_stream", False):
-        kw["confidence_source"] = "ups"
+    assert decoding_of(model) == ("block" if name.startswith("remedi") else "llada")  # dual-stream: block diffusion
+    if name.startswith("remedi"):
+        kw["confidence_source"] = "ups"  # its own UPS stream
     out = block_generate(model, ids, am, **kw)
     assert torch.equal(out[0], block_generate(model, ids[:1], None, **kw)[0])
     assert torch.equal(out[1, 3:], block_generate(model, ids[1:, 3:], None, **kw)[0])
