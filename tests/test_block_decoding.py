@@ -523,3 +523,16 @@ def test_eval_cli_defaults_and_checks_follow_the_loaded_models_ups(tiny):
     E.runs_and_settings(args)  # before loading: the model may have its own UPS stream
     with pytest.raises(ValueError, match="needs a UPS: pass --ups_head.*its own UPS stream"):
         E.runs_and_settings(args, 128, ups=False)
+
+
+def test_bench_prints_the_side_by_side_table(capsys):
+    import bench_block_decoding as bench
+
+    rows = bench.main(["--n_layer", "2", "--n_embd", "32", "--ups_blocks", "1", "--vocab", "64", "--prompt_len", "8",
+                       "--gen_length", "16", "--block_length", "8", "--steps", "8", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("command: python bench/bench_block_decoding.py --n_layer 2")
+    assert [(r["model"], r["run"], r["nfe"]) for r in rows] == [
+        (model, run, nfe) for model in ("remedi_llada", "embedded")
+        for run, nfe in (("block+cache", 1 + 8 + 1), ("block", 8), ("llada", 8))]  # 2 blocks of 4 steps
+    assert out.count("| remedi_llada (") == 3 and out.count("| embedded (") == 3
