@@ -86,7 +86,8 @@ class BlockContext:
             return
         real = torch.ones_like(prompt, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         self.ids, self.positions, self.real = prompt, positions, real  # (B, Lc) each
-        self.group = torch.zeros(length, dtype=torch.long, device=prompt.device)  # (Lc,)
+        self.group = torch.zeros(length, dtype=torch.long, device=prompt.device)  # (Lc,) 0 = prompt, j + 1 = block j
+        self.next_group = 1
 
     def _forward(self, ids: torch.Tensor, **kwargs):
         self.forwards += 1
@@ -97,31 +98,30 @@ class BlockContext:
         offsets = torch.arange(block_length, device=self.real_len.device) + index * block_length
         return self.real_len[:, None] + offsets[None, :]
 
+    def _joined(self, block: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, real, group) of the kept tokens followed by `block` as the next group (no cache)."""
+        group = self.group.new_full((block.shape[1],), self.next_group)
+        return (torch.cat([self.ids, block], dim=1), torch.cat([self.positions, positions], dim=1),
+                torch.cat([self.real, torch.ones_like(block, dtype=torch.bool)], dim=1), torch.cat([self.group, group]))
+
     def read(self, block: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One forward of the block (B, N) -> (TPS logits (B, N, V), UPS logits (B, N) or None)."""
         if self.cache is not None:
             output = self._forward(block, position_ids=positions, past_key_values=self.cache)
-            logits, ups = logits_of(output), getattr(output, "confidences", None)
-        else:
-            n = block.shape[1]
-            group = torch.cat([self.group, self.group.new_full((n,), int(self.group[-1]) + 1)])
-            real = torch.cat([self.real, torch.ones_like(block, dtype=torch.bool)], dim=1)
-            output = self._forward(torch.cat([self.ids, block], dim=1),
-                                   attention_mask=block_causal_mask(real, group),
-                                   position_ids=torch.cat([self.positions, positions], dim=1))
-            logits, ups = logits_of(output)[:, -n:], getattr(output, "confidences", None)
-            ups = None if ups is None else ups[:, -n:]
-        return logits, ups
+            return logits_of(output), getattr(output, "confidences", None)
+        ids, positions, real, group = self._joined(block, positions)
+        output = self._forward(ids, attention_mask=block_causal_mask(real, group), position_ids=positions)
+        n = block.shape[1]
+        ups = getattr(output, "confidences", None)
+        return logits_of(output)[:, -n:], None if ups is None else ups[:, -n:]
 
     def append(self, block: torch.Tensor, positions: torch.Tensor) -> None:
         """Add a finished block (B, N): one cache-writing forward, or kept for the recomputing forwards."""
         if self.cache is not None:
             self._forward(block, position_ids=positions, past_key_values=self.cache, use_cache=True)
             return
-        self.group = torch.cat([self.group, self.group.new_full((block.shape[1],), int(self.group[-1]) + 1)])
-        self.ids = torch.cat([self.ids, block], dim=1)
-        self.positions = torch.cat([self.positions, positions], dim=1)
-        self.real = torch.cat([self.real, torch.ones_like(block, dtype=torch.bool)], dim=1)
+        self.ids, self.positions, self.real, self.group = self._joined(block, positions)
+        self.next_group += 1
 
 
 def fill_after_end(x: torch.Tensor, end_block: torch.Tensor, prompt_len: int, block_length: int,
