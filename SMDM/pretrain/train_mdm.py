@@ -1,9 +1,14 @@
 r"""Masked-diffusion pretraining of SMDM's TransEncoder on packed token files (Lightning Fabric).
 
+    python SMDM/pretrain/train_mdm.py       # the embedded recipe: Diff_LLaMA_embedded on the embedded task, 300 steps
+                                            # of 64 x 128 tokens (~6 min on a CPU) -> out/train_mdm/final
     python SMDM/pretrain/train_mdm.py --model 170 --flops 10. --devices 8 --strategy fsdp \
         --train_data_dir data/slimpajama/train --val_data_dir data/slimpajama/val
-    python SMDM/pretrain/train_mdm.py --model_name Diff_LLaMA_embedded --train_data_dir out/packed/train \
-        --seq_len 128 --global_batch_size 64 --micro_batch_size 64 --max_steps 300     # minutes on a CPU
+
+With no --train_data_dir, settings left out take the embedded recipe (remedi_patches.embedded.build's
+PRETRAIN_RECIPE: the shipped backbone's pretraining), and the data is the embedded task (50000 training / 500
+validation problems) packed once by prepare_data.py with the shipped tokenizer into <out_dir>/embedded_data. With
+--train_data_dir they take upstream SMDM's defaults (GENERAL_DEFAULTS). Every flag given explicitly wins.
 
 Packed data comes from SMDM/scripts/prepare_data.py, which records its tokenizer: the model's vocabulary
 defaults to that tokenizer's size (a mismatch with --vocab_size, or a token id beyond the vocabulary, is an
@@ -36,42 +41,93 @@ from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, mdm_loss, 
 from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
 from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
-                              TrainGroup, UserError, check_data_vocab, claim_outputs, cpu_gflops, csv_logger,
-                              default_micro_batch_size, export_smdm, fit, grad_accum_steps, heavy_cpu_warning,
-                              hparams_of, micro_batch_rows, num_parameters, read_packed_meta, require_path,
-                              resume_path, setup_fabric, setup_model_and_optimizer, smdm_config,
+                              TrainGroup, UserError, check_data_vocab, check_writable_dir, claim_outputs, cpu_gflops,
+                              csv_logger, default_micro_batch_size, export_smdm, fit, grad_accum_steps,
+                              heavy_cpu_warning, hparams_of, micro_batch_rows, num_parameters, read_packed_meta,
+                              require_path, resume_path, setup_fabric, setup_model_and_optimizer, smdm_config,
                               tokenizer_vocab_error, warmup_for)
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
+from remedi_patches.data import EMBEDDED_SEED
+from remedi_patches.embedded import TOKENIZER_DIR
+from remedi_patches.embedded.build import PRETRAIN_RECIPE as EMBEDDED_RECIPE, TASK_SIZES, task_data
 
 STREAM_TRAIN, STREAM_VAL = 0, 1
+# defaults resolved by MDMConfig.check(): EMBEDDED_RECIPE with no --train_data_dir, else upstream SMDM's
+GENERAL_DEFAULTS = {"model_name": None, "seq_len": 2048, "max_steps": None,
+                    "global_batch_size": OptimConfig.global_batch_size, "micro_batch_size": None, "lr": OptimConfig.lr,
+                    "min_lr": OptimConfig.min_lr, "warmup_steps": None, "seed": ExportConfig.seed,
+                    "eval_interval": 0, "eval_iters": 100, "eval_mc": 128, "save_interval": ExportConfig.save_interval}
+
+
+def _by_data(name: str, what: str, general: object = None) -> str:
+    """Help text of a default that depends on --train_data_dir (`general`: what the upstream default means)."""
+    general = GENERAL_DEFAULTS[name] if general is None else general
+    return f"{what}; default {EMBEDDED_RECIPE[name]} with no --train_data_dir (the embedded recipe), else {general}"
 
 
 @dataclass
 class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelConfig):
-    train_data_dir: Optional[Path] = arg(None, "folder of packed *.bin files (prepare_data.py); required",
-                                         group="data")
-    val_data_dir: Optional[Path] = arg(None, "folder of packed *.bin validation files", group="data")
-    seq_len: int = arg(2048, "tokens per training sequence", group="data")
-    max_steps: Optional[int] = arg(None, "optimizer steps (or give --flops)", group="schedule")
+    train_data_dir: Optional[Path] = arg(None, "folder of packed *.bin files (prepare_data.py); default: the "
+                                         "embedded task, packed into <out_dir>/embedded_data", group="data")
+    val_data_dir: Optional[Path] = arg(None, "folder of packed *.bin validation files; default: the embedded task's "
+                                       "with no --train_data_dir, else none", group="data")
+    seq_len: Optional[int] = arg(None, _by_data("seq_len", "tokens per training sequence"), group="data")
+    max_steps: Optional[int] = arg(None, _by_data("max_steps", "optimizer steps", "--flops decides"),
+                                   group="schedule")
     flops: Optional[float] = arg(None, "compute budget in 1e18 FLOPs: max_steps = flops / (6 N global_batch "
-                                 "seq_len), N = non-embedding parameters (upstream's rule)", group="schedule")
-    eval_interval: int = arg(0, "validate every N steps (0: only after the last)", group="schedule")
-    eval_iters: int = arg(100, "validation micro-batches per device", group="schedule")
-    eval_mc: int = arg(128, "Monte-Carlo noise draws per validation batch", group="schedule")
+                                 "seq_len), N = non-embedding parameters (upstream's rule); default none: "
+                                 "--max_steps sets the schedule", group="schedule")
+    eval_interval: Optional[int] = arg(None, _by_data("eval_interval", "validate every N steps (0: only after the "
+                                                      "last)"), group="schedule")
+    eval_iters: Optional[int] = arg(None, _by_data("eval_iters", "validation micro-batches per device"),
+                                    group="schedule")
+    eval_mc: Optional[int] = arg(None, _by_data("eval_mc", "Monte-Carlo noise draws per validation batch"),
+                                 group="schedule")
+    # the model and optimisation defaults of the shared configs, made data-dependent
+    model_name: Optional[str] = arg(None, _by_data("model_name", "config name, e.g. Diff_LLaMA_170M or "
+                                                   "Diff_LLaMA_tiny", "none: pass it or --model"), group="model")
+    lr: Optional[float] = arg(None, _by_data("lr", "peak learning rate"), group="optimisation")
+    min_lr: Optional[float] = arg(None, _by_data("min_lr", "final learning rate of the cosine decay"),
+                                  group="optimisation")
+    warmup_steps: Optional[int] = arg(None, _by_data("warmup_steps", "linear warmup steps, capped at max_steps",
+                                                     "max(1%% of max_steps, 100)"), group="optimisation")
+    micro_batch_size: Optional[int] = arg(None, _by_data("micro_batch_size", "sequences per device per forward",
+                                                         "by model size as upstream (32/16/8/4)"),
+                                          group="optimisation")
+    global_batch_size: Optional[int] = arg(None, _by_data("global_batch_size", "sequences per optimizer step over "
+                                                          "all devices (gradient accumulation fills the gap)"),
+                                           group="optimisation")
+    save_interval: Optional[int] = arg(None, _by_data("save_interval", "save a checkpoint every N optimizer steps "
+                                                      "(and always after the last one)"), group="run")
+    seed: Optional[int] = arg(None, _by_data("seed", "seeds model init, data order and noise"), group="run")
     eps: float = arg(1e-3, "p_mask = (1 - eps) t + eps", group="diffusion")
     random_length_prob: float = arg(0.01, "share of steps trained on a random length in [1, seq_len]",
                                     group="diffusion")
     tokenizer: Optional[str] = arg(None, "tokenizer folder to ship with the export (and to check against the "
                                    "model's vocabulary); default: the one prepare_data.py recorded for "
                                    "--train_data_dir", group="model")
-    out_dir: Path = arg(Path("workdir/mdm"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
+    out_dir: Path = arg(Path("out/train_mdm"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
                         "the final export", group="run")
 
+    @property
+    def embedded_data(self) -> bool:
+        return self.train_data_dir is None
+
+    def resolve_defaults(self) -> "MDMConfig":
+        """Fill the data-dependent defaults left None: EMBEDDED_RECIPE with no --train_data_dir, GENERAL_DEFAULTS
+        otherwise (a given --model keeps the recipe's model_name out, --flops its max_steps). Idempotent."""
+        recipe = EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS
+        given = {"model_name": self.model is not None, "max_steps": self.flops is not None}
+        for name, value in recipe.items():
+            if getattr(self, name) is None and not given.get(name):
+                setattr(self, name, value)
+        return self
+
     def check(self) -> "MDMConfig":
-        """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded."""
+        """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded. Resolves the
+        data-dependent defaults first (resolve_defaults)."""
+        self.resolve_defaults()
         self.check_fabric(), self.check_run(), self.check_optim()
-        if self.train_data_dir is None:
-            raise UserError("--train_data_dir is required: a folder of packed *.bin files made by prepare_data.py")
         require_path(self.train_data_dir, "--train_data_dir")
         require_path(self.val_data_dir, "--val_data_dir")
         require_path(self.tokenizer, "--tokenizer", kind="model")
@@ -114,6 +170,19 @@ def resolve_max_steps(cfg: MDMConfig, config: Config) -> int:
     return steps
 
 
+def use_embedded_data(cfg: MDMConfig) -> None:
+    """With no --train_data_dir: the embedded task packed into <out_dir>/embedded_data (made once, then reused) as
+    the training data, and as the validation data unless --val_data_dir is given."""
+    folder = check_writable_dir(cfg.out_dir, "--out_dir") / "embedded_data"
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"No --train_data_dir: the embedded recipe ({cfg.model_name or f'--model {cfg.model}'}, {cfg.max_steps} "
+              f"steps of {cfg.global_batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}) on the embedded task "
+              f"({TASK_SIZES['train']} / {TASK_SIZES['val']} problems, tokenizer {TOKENIZER_DIR}) packed into "
+              f"{folder}", flush=True)
+    cfg.train_data_dir = task_data(folder, "train", TOKENIZER_DIR, EMBEDDED_SEED)
+    cfg.val_data_dir = cfg.val_data_dir or task_data(folder, "val", TOKENIZER_DIR, EMBEDDED_SEED)
+
+
 def data_vocab(cfg: MDMConfig) -> Optional[dict]:
     """The prepare_data.py record of --train_data_dir; fills --vocab_size from it when not given (printed)."""
     meta = read_packed_meta(cfg.train_data_dir)
@@ -150,6 +219,8 @@ def check_vocab(tokens: torch.Tensor, vocab_size: int, data_dir: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> list[float]:
     """Train; returns the per-step losses of this run (on every rank)."""
     cfg = parse_args(argv)
+    if cfg.embedded_data:
+        use_embedded_data(cfg)
     vocab_given = cfg.vocab_size is not None
     meta = data_vocab(cfg)
     config = model_config(cfg)

@@ -1,7 +1,17 @@
 """Diffusion SFT of an SMDM TransEncoder: the prompt stays clean, the answer is masked (Fabric).
 
-    python SMDM/sft/train_sft.py --pretrained_path workdir/mdm/final --tokenizer path/to/tokenizer \
+    python SMDM/sft/train_sft.py          # the embedded recipe: the shipped backbone on the embedded task, 2000 steps
+                                          # of 64 x 72 tokens (~30 min on a CPU) -> out/train_sft/final
+    python SMDM/sft/train_sft.py --pretrained_path out/train_mdm/final     # the build's SFT stage on your model
+    python SMDM/sft/train_sft.py --pretrained_path path/to/smdm_folder --tokenizer path/to/tokenizer \
         --dataset data/sft.jsonl --seq_len 1024 --epochs 3
+
+Defaults: with no --pretrained_path / --model / --model_name the model is the shipped embedded backbone
+(remedi_patches/embedded/assets/backbone); --tokenizer defaults to the tokenizer an SMDM --pretrained_path folder
+ships; --dataset to 'embedded' (the project's task). On the embedded task, settings left out take the embedded
+recipe (remedi_patches.embedded.build's SFT_RECIPE: the shipped backbone's SFT); on other data upstream SMDM SFT's
+defaults (GENERAL_DEFAULTS), with rows as long as the model's window (at most 2048). Every flag given explicitly
+wins.
 
 Each row is [prompt][answer][EOS padding] (the padding counts as answer, as in LLaDA SFT).
 Noise: t ~ U(0, 1) per row, answer tokens masked with p_mask = (1 - eps) t + eps, prompt tokens
@@ -17,6 +27,7 @@ resumed run continues the uninterrupted trajectory (the loop is lit_gpt.training
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,22 +43,37 @@ from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig
                               TrainGroup, UserError, claim_outputs, csv_logger, default_micro_batch_size, export_smdm,
                               fit, grad_accum_steps, hparams_of, micro_batch_rows, num_parameters, require_path,
                               resume_path, setup_fabric, setup_model_and_optimizer, smdm_config, warmup_for)
+from remedi_patches.backbones import EMBEDDED_DIR, TOKENIZER_FILES
 from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
 from remedi_patches.data import answer_mask, build_sft_examples, column_names, load_records, resolve_fields
+from remedi_patches.embedded.build import SFT_RECIPE as EMBEDDED_RECIPE
 from remedi_patches.losses import tps_loss
 
 STREAM_TRAIN = 0
-CLI_DEFAULTS = {"warmup_steps": 200}  # upstream SMDM SFT's schedule (lr 2e-4 -> 2e-5 as pretraining)
+MAX_SEQ_LEN = 2048  # upstream's rows; a model with a shorter window gets rows of its window
+# defaults resolved by SFTConfig.check(): EMBEDDED_RECIPE on the embedded task, else upstream SMDM SFT's (its
+# schedule: lr 2e-4 -> 2e-5 as pretraining, 200 warmup steps); seq_len None: the model's window (model_config)
+GENERAL_DEFAULTS = {"seq_len": None, "max_steps": None, "global_batch_size": OptimConfig.global_batch_size,
+                    "micro_batch_size": None, "lr": OptimConfig.lr, "min_lr": OptimConfig.min_lr, "warmup_steps": 200,
+                    "seed": ExportConfig.seed, "save_interval": ExportConfig.save_interval, "limit": None}
+
+
+def _by_data(name: str, what: str, general: object = None) -> str:
+    """Help text of a default that depends on --dataset (`general`: what the other default means)."""
+    general = GENERAL_DEFAULTS[name] if general is None else general
+    return f"{what}; default {EMBEDDED_RECIPE[name]} on the embedded task (the embedded recipe), else {general}"
 
 
 @dataclass
 class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelConfig):
     pretrained_path: Optional[Path] = arg(
         None, "weights to start from: an SMDM folder (its smdm_config.json sets the model), a .safetensors file or "
-        "an iter-*-ckpt.pth (with --model / --model_name); none: random init", group="model")
-    tokenizer: Optional[str] = arg(None, "tokenizer folder (AutoTokenizer.from_pretrained); required", group="model")
-    dataset: Optional[str] = arg(None, "local .json/.jsonl/.parquet file or folder, hub name, or 'embedded'; "
-                                 "required", group="data")
+        "an iter-*-ckpt.pth (with --model / --model_name); default: the shipped embedded backbone, or random init "
+        "when --model / --model_name is given", group="model")
+    tokenizer: Optional[str] = arg(None, "tokenizer folder (AutoTokenizer.from_pretrained); default: the one the "
+                                   "--pretrained_path folder ships", group="model")
+    dataset: str = arg("embedded", "local .json/.jsonl/.parquet file or folder, hub name, or 'embedded' (the "
+                       "project's task)", group="data")
     split: str = arg("train", "dataset split", group="data")
     subset: Optional[str] = arg(None, "dataset subset / sub-folder", group="data")
     text_field: Optional[str] = arg(None, "train on this whole field (no prompt)", group="data")
@@ -57,25 +83,62 @@ class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
     prompt_template: Optional[str] = arg(
         None, "prompt text around {question} for non-chat data; default 'Question: {question}\\nAnswer:' (the "
         "format train_remedi.py and the evaluators use)", group="data")
-    limit: Optional[int] = arg(None, "use at most this many records", group="data")
-    seq_len: int = arg(2048, "tokens per row (prompt + answer + EOS padding)", group="data")
+    limit: Optional[int] = arg(None, _by_data("limit", "use at most this many records (embedded: problems "
+                                              "generated)", "all"), group="data")
+    seq_len: Optional[int] = arg(None, _by_data("seq_len", "tokens per row (prompt + answer + EOS padding)",
+                                                f"the model's window, at most {MAX_SEQ_LEN}"), group="data")
     epochs: float = arg(3.0, "passes over the data (ignored with --max_steps)", group="schedule")
-    max_steps: Optional[int] = arg(None, "optimizer steps (default: from --epochs)", group="schedule")
+    max_steps: Optional[int] = arg(None, _by_data("max_steps", "optimizer steps", "from --epochs"), group="schedule")
     eps: float = arg(1e-3, "p_mask = (1 - eps) t + eps", group="schedule")
-    out_dir: Path = arg(Path("workdir/sft"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
+    # the optimisation defaults of the shared configs, made data-dependent
+    lr: Optional[float] = arg(None, _by_data("lr", "peak learning rate"), group="optimisation")
+    min_lr: Optional[float] = arg(None, _by_data("min_lr", "final learning rate of the cosine decay"),
+                                  group="optimisation")
+    warmup_steps: Optional[int] = arg(None, _by_data("warmup_steps", "linear warmup steps, capped at max_steps"),
+                                      group="optimisation")
+    micro_batch_size: Optional[int] = arg(None, _by_data("micro_batch_size", "sequences per device per forward",
+                                                         "by model size as upstream (32/16/8/4)"),
+                                          group="optimisation")
+    global_batch_size: Optional[int] = arg(None, _by_data("global_batch_size", "sequences per optimizer step over "
+                                                          "all devices (gradient accumulation fills the gap)"),
+                                           group="optimisation")
+    save_interval: Optional[int] = arg(None, _by_data("save_interval", "save a checkpoint every N optimizer steps "
+                                                      "(and always after the last one)"), group="run")
+    seed: Optional[int] = arg(None, _by_data("seed", "seeds model init, data order and noise"), group="run")
+    out_dir: Path = arg(Path("out/train_sft"), "checkpoints iter-XXXXXX-ckpt.pth, logs/version_k/metrics.csv and "
                         "the final export", group="run")
 
-    def check(self) -> "SFTConfig":
-        """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded."""
-        self.check_fabric(), self.check_run(), self.check_optim()
-        for name in ("tokenizer", "dataset"):
+    @property
+    def embedded_data(self) -> bool:
+        return self.dataset == "embedded"
+
+    def resolve_defaults(self) -> "SFTConfig":
+        """Fill the defaults left None: the model (the shipped embedded backbone unless --model / --model_name), the
+        tokenizer (the one a --pretrained_path folder ships), then EMBEDDED_RECIPE on the embedded task,
+        GENERAL_DEFAULTS otherwise. Idempotent."""
+        if self.pretrained_path is None and self.model is None and self.model_name is None:
+            self.pretrained_path = EMBEDDED_DIR
+        folder = self.pretrained_path
+        if self.tokenizer is None and folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
+            self.tokenizer = str(folder)
+        for name, value in (EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS).items():
             if getattr(self, name) is None:
-                raise UserError(f"--{name} is required (see --help)")
+                setattr(self, name, value)
+        return self
+
+    def check(self) -> "SFTConfig":
+        """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded. Resolves the
+        defaults first (resolve_defaults)."""
+        self.resolve_defaults()
+        self.check_fabric(), self.check_run(), self.check_optim()
         require_path(self.pretrained_path, "--pretrained_path")
+        if self.tokenizer is None:
+            where = f"{self.pretrained_path} ships none" if self.pretrained_path else "a random-init model has none"
+            raise UserError(f"--tokenizer is required: {where}; pass the tokenizer folder the model was trained with")
         require_path(self.tokenizer, "--tokenizer", kind="model")
-        if self.dataset != "embedded":
+        if not self.embedded_data:
             require_path(self.dataset, "--dataset", kind="dataset")
-        if self.seq_len < 2 or self.save_interval < 1 or not self.epochs > 0:
+        if self.seq_len is not None and self.seq_len < 2 or self.save_interval < 1 or not self.epochs > 0:
             raise UserError(f"--seq_len must be >= 2, --save_interval >= 1 and --epochs > 0, got {self.seq_len}, "
                             f"{self.save_interval}, {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1 or self.limit is not None and self.limit < 1:
@@ -88,8 +151,8 @@ class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
-    return add_config_args(parser, SFTConfig, defaults=CLI_DEFAULTS)
+    parser = ArgumentParser(description=__doc__)
+    return add_config_args(parser, SFTConfig)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> SFTConfig:
@@ -97,7 +160,8 @@ def parse_args(argv: Optional[list[str]] = None) -> SFTConfig:
 
 
 def model_config(cfg: SFTConfig) -> Config:
-    """From the pretrained SMDM folder's smdm_config.json, else from --model / --model_name."""
+    """From the pretrained SMDM folder's smdm_config.json, else from --model / --model_name; a --seq_len left None
+    becomes the model's window (at most MAX_SEQ_LEN)."""
     folder_config = cfg.pretrained_path is not None and (cfg.pretrained_path / CONFIG_FILE).is_file()
     if folder_config:
         if cfg.model is not None or cfg.model_name is not None or cfg.vocab_size is not None:
@@ -106,6 +170,7 @@ def model_config(cfg: SFTConfig) -> Config:
         config = load_smdm_config(cfg.pretrained_path)
     else:
         config = smdm_config(cfg)
+    cfg.seq_len = cfg.seq_len or min(MAX_SEQ_LEN, config.block_size)
     if cfg.seq_len > config.block_size:
         raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's block_size {config.block_size}; lower it.")
     return config
@@ -123,6 +188,10 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
     """Train; returns the per-step losses of this run (on every rank)."""
     cfg = parse_args(argv)
     config = model_config(cfg)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # the first line, before the data is read (seconds to minutes)
+        recipe = " with the embedded recipe" if cfg.embedded_data else ""
+        print(f"SFT of {cfg.pretrained_path or f'a random {config.name}'} on {cfg.dataset!r}{recipe}: reading "
+              f"{cfg.limit or 'all'} records, tokenizer {cfg.tokenizer}", flush=True)
     cfg.micro_batch_size = cfg.micro_batch_size or default_micro_batch_size(num_non_embedding_params(config) / 1e6)
     G, L, micro = cfg.global_batch_size, cfg.seq_len, cfg.micro_batch_size
     grad_accum = grad_accum_steps(G, micro, cfg.world_size)
@@ -144,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         hparams = {**hparams_of(cfg), "model_name": config.name, "vocab_size": config.vocab_size,
                    "max_steps": max_steps}
         fabric.print(f"{config.name}: {len(ex)} examples ({ex.dropped} dropped, {ex.truncated} cut), {max_steps} "
-                     f"steps of {G} x {L} tokens, {grad_accum} micro-batches of {micro} per device per step")
+                     f"steps of {G} x {L} tokens, {grad_accum} micro-batches of {micro} per device per step",
+                     flush=True)
 
         fabric.seed_everything(cfg.seed)
         with fabric.init_module():

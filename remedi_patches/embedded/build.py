@@ -7,8 +7,8 @@ Stages (each is an ordinary command a user could type; all are logged to <work_d
   1. task data (train / val / test jsonl, GSM8K layout) and the sentencepiece tokenizer
   2. packed pretraining text (SMDM/scripts/prepare_data.py on the question / answer files):
      "Question: ...\\nAnswer: <solution></s>" per problem
-  3. SMDM masked-diffusion pretraining           (SMDM/pretrain/train_mdm.py)
-  4. diffusion SFT, prompt kept clean            (SMDM/sft/train_sft.py)
+  3. SMDM masked-diffusion pretraining           (SMDM/pretrain/train_mdm.py, PRETRAIN_RECIPE)
+  4. diffusion SFT, prompt kept clean            (SMDM/sft/train_sft.py, SFT_RECIPE)
   5. export to <work_dir>/backbone (or --out_dir): model.safetensors, smdm_config.json, the tokenizer,
      both runs' metrics.csv and BUILD.json (commands, seed, timings, last losses). Use it with
      `--model <that folder>`. The shipped backbone in the source tree
@@ -16,23 +16,40 @@ Stages (each is an ordinary command a user could type; all are logged to <work_d
 
 A killed build resumes: finished stages are skipped and both trainers continue from their newest
 checkpoint in <work_dir>.
+
+The two recipes are also the trainers' defaults on the embedded world: `python SMDM/pretrain/train_mdm.py` with no
+--train_data_dir runs PRETRAIN_RECIPE on the task packed as in stages 1-2 (`task_data`, with the shipped
+tokenizer), and `python SMDM/sft/train_sft.py` with no model runs SFT_RECIPE from the shipped backbone.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, TextIO
 
+from lit_gpt.training import PACKED_META_SUFFIX
 from remedi_patches.cli import ArgumentParser, UserError, run_main
-from remedi_patches.embedded import ASSETS_DIR
+from remedi_patches.embedded import ASSETS_DIR, task
 
 REPO = Path(__file__).resolve().parents[2]
 BACKBONE_DIR = ASSETS_DIR / "backbone"
+PREPARE_DATA = "SMDM/scripts/prepare_data.py"
+TASK_SIZES = {"train": 50000, "val": 500}  # problems per split of the task data (task.py's CLI defaults)
+# the embedded recipe: the build's two training stages, and the defaults of train_mdm.py / train_sft.py on the
+# embedded world (given flags win); the learning rate decays to min_lr = lr / 10
+PRETRAIN_RECIPE = {"model_name": "Diff_LLaMA_embedded", "seq_len": 128, "max_steps": 300, "global_batch_size": 64,
+                   "micro_batch_size": 64, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 50, "seed": 0,
+                   "eval_interval": 100, "eval_iters": 4, "eval_mc": 4, "save_interval": 100}
+SFT_RECIPE = {"seq_len": 72, "max_steps": 2000, "global_batch_size": 64, "micro_batch_size": 64, "lr": 1e-3,
+              "min_lr": 1e-4, "warmup_steps": 50, "seed": 0, "save_interval": 200, "limit": TASK_SIZES["train"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,15 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--install", action="store_true",
                    help="export into the source tree's shipped backbone folder instead, replacing it "
                    f"({BACKBONE_DIR.relative_to(REPO)})")
-    p.add_argument("--seed", type=int, default=0, help="task, tokenizer and both training runs")
-    p.add_argument("--n_train", type=int, default=50000, help="training problems")
+    p.add_argument("--seed", type=int, default=PRETRAIN_RECIPE["seed"], help="task, tokenizer and both training runs")
+    p.add_argument("--n_train", type=int, default=TASK_SIZES["train"], help="training problems")
     p.add_argument("--vocab_size", type=int, default=512, help="tokenizer size (multiple of 64: no padded rows)")
-    p.add_argument("--model_name", default="Diff_LLaMA_embedded", help="lit_gpt config name")
-    p.add_argument("--pretrain_steps", type=int, default=300, help="train_mdm.py optimizer steps")
-    p.add_argument("--sft_steps", type=int, default=2000, help="train_sft.py optimizer steps")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per optimizer step (both stages)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (both stages)")
-    p.add_argument("--sft_seq_len", type=int, default=72, help="prompt + solution + EOS padding")
+    p.add_argument("--model_name", default=PRETRAIN_RECIPE["model_name"], help="lit_gpt config name")
+    p.add_argument("--pretrain_steps", type=int, default=PRETRAIN_RECIPE["max_steps"],
+                   help="train_mdm.py optimizer steps")
+    p.add_argument("--sft_steps", type=int, default=SFT_RECIPE["max_steps"], help="train_sft.py optimizer steps")
+    p.add_argument("--batch_size", type=int, default=PRETRAIN_RECIPE["global_batch_size"],
+                   help="sequences per optimizer step (both stages)")
+    p.add_argument("--lr", type=float, default=PRETRAIN_RECIPE["lr"], help="peak learning rate (both stages)")
+    p.add_argument("--sft_seq_len", type=int, default=SFT_RECIPE["seq_len"], help="prompt + solution + EOS padding")
     return p.parse_args(argv)
 
 
@@ -69,13 +88,58 @@ def export_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def run(cmd: list[str], log) -> None:
+def show(cmd: list, log: Optional[TextIO]) -> str:
+    """Print a stage's command (and write it to the build log)."""
     line = " ".join(str(c) for c in cmd)
-    print(f"$ {line}", file=log, flush=True)
-    print(f"$ {line}", flush=True)
+    for out in (log, sys.stdout) if log is not None else (sys.stdout,):
+        print(f"$ {line}", file=out, flush=True)
+    return line
+
+
+def run(cmd: list, log: Optional[TextIO]) -> None:
+    line = show(cmd, log)
     done = subprocess.run([str(c) for c in cmd], cwd=REPO)
     if done.returncode != 0:  # the stage printed its own error line
         raise UserError(f"stage `{line}` failed with exit status {done.returncode}; see its output above")
+
+
+def recipe_flags(recipe: dict, **changes) -> list:
+    """A recipe as trainer flags, with `changes` applied."""
+    return [x for name, value in {**recipe, **changes}.items() for x in (f"--{name}", value)]
+
+
+def pack_split(jsonl: Path, tokenizer: Path, packed: Path, log: Optional[TextIO] = None) -> Path:
+    """prepare_data.py on a question / answer file into the folder `packed` (file prefix: the file's stem), in this
+    process; skipped when a finished packing (its record) is there, redone over one a killed run left half-written."""
+    if not (packed / f"{jsonl.stem}{PACKED_META_SUFFIX}").is_file():
+        shutil.rmtree(packed, ignore_errors=True)
+        argv = [str(a) for a in ("--input", jsonl, "--tokenizer", tokenizer, "--out_dir", packed, "--prefix",
+                                 jsonl.stem)]
+        show(["python", PREPARE_DATA, *argv], log)
+        prepare_data_script().main(argv)
+    return packed
+
+
+def prepare_data_script():
+    """SMDM/scripts/prepare_data.py (a script in no package) imported as the module `prepare_data`, once."""
+    path = str(REPO / PREPARE_DATA)
+    module = sys.modules.get("prepare_data")
+    if getattr(module, "__file__", None) != path:
+        spec = importlib.util.spec_from_file_location("prepare_data", path)
+        module = sys.modules["prepare_data"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+def task_data(folder: Path, split: str, tokenizer: Path, seed: int) -> Path:
+    """TASK_SIZES[split] problems of the task's `split` (remedi_patches.data.load_records("embedded") gives the same
+    ones for seed 0) as <folder>/data/<split>.jsonl, packed by `pack_split` into <folder>/packed/<split>; made once."""
+    jsonl = folder / "data" / f"{split}.jsonl"
+    if not jsonl.is_file():
+        tmp = jsonl.with_name(f"{jsonl.name}.{os.getpid()}.tmp")
+        task.write_jsonl(tmp, task.make_split(TASK_SIZES[split], seed, split))
+        os.replace(tmp, jsonl)
+    return pack_split(jsonl, tokenizer, folder / "packed" / split)
 
 
 def last_row(metrics_dir: Path, key: str) -> float | None:
@@ -101,26 +165,23 @@ def main(argv=None) -> Path:
             run([py, "-m", "remedi_patches.embedded.task", "--out_dir", data, "--tokenizer_dir", tok,
                  "--n_train", args.n_train, "--seed", args.seed, "--vocab_size", args.vocab_size], log)
         for split in ("train", "val"):  # documents: the prompt rule's "Question: ...\nAnswer:" + " " + solution
-            packed = w / "packed" / split
-            if not packed.is_dir():
-                run([py, "SMDM/scripts/prepare_data.py", "--input", data / f"{split}.jsonl", "--tokenizer", tok,
-                     "--out_dir", packed, "--prefix", split], log)
+            pack_split(data / f"{split}.jsonl", tok, w / "packed" / split, log)
         times["data_s"] = round(time.time() - t0, 1)
 
         t0 = time.time()
-        common = ["--lr", args.lr, "--min_lr", args.lr / 10, "--warmup_steps", 50, "--seed", args.seed,
-                  "--global_batch_size", args.batch_size, "--micro_batch_size", args.batch_size,
-                  "--accelerator", "cpu", "--devices", 1]
-        run([py, "SMDM/pretrain/train_mdm.py", "--model_name", args.model_name, "--vocab_size", args.vocab_size,
-             "--train_data_dir", w / "packed" / "train", "--val_data_dir", w / "packed" / "val",
-             "--seq_len", 128, "--max_steps", args.pretrain_steps, "--eval_interval", 100, "--eval_iters", 4,
-             "--eval_mc", 4, "--save_interval", 100, "--out_dir", w / "mdm", *common], log)
+        common = dict(lr=args.lr, min_lr=args.lr / 10, seed=args.seed, global_batch_size=args.batch_size,
+                      micro_batch_size=args.batch_size)
+        run([py, "SMDM/pretrain/train_mdm.py", *recipe_flags(PRETRAIN_RECIPE, model_name=args.model_name,
+                                                              max_steps=args.pretrain_steps, **common),
+             "--vocab_size", args.vocab_size, "--train_data_dir", w / "packed" / "train",
+             "--val_data_dir", w / "packed" / "val", "--out_dir", w / "mdm", "--accelerator", "cpu"], log)
         times["pretrain_s"] = round(time.time() - t0, 1)
 
         t0 = time.time()
-        run([py, "SMDM/sft/train_sft.py", "--pretrained_path", w / "mdm" / "final", "--tokenizer", tok,
-             "--dataset", data / "train.jsonl", "--seq_len", args.sft_seq_len, "--max_steps", args.sft_steps,
-             "--save_interval", 200, "--out_dir", w / "sft", *common], log)
+        run([py, "SMDM/sft/train_sft.py", *recipe_flags(SFT_RECIPE, seq_len=args.sft_seq_len,
+                                                         max_steps=args.sft_steps, limit=args.n_train, **common),
+             "--pretrained_path", w / "mdm" / "final", "--tokenizer", tok, "--dataset", data / "train.jsonl",
+             "--out_dir", w / "sft", "--accelerator", "cpu"], log)
         times["sft_s"] = round(time.time() - t0, 1)
 
     out.mkdir(parents=True, exist_ok=True)
