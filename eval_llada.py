@@ -69,7 +69,7 @@ class LLaDAEvalHarness(LM):
                  padding_id: Optional[int] = None,
                  tokenizer: Optional[str] = None, smdm_size: Optional[str] = None, device: Optional[str] = None,
                  dtype: Optional[str] = "auto", max_batch_size: Optional[int] = None,
-                 ups_head: Optional[str] = None):
+                 ups_head: Optional[str] = None, ups_temperature: float = 0.0, decoding: Optional[str] = None):
         """
         Args (upstream llada_dist's, then RemeDi's):
             model_path: model folder / hub name / SMDM export; None or 'embedded' = the embedded tiny model.
@@ -84,6 +84,8 @@ class LLaDAEvalHarness(LM):
                 come from the model's window as in generate.py (LLaDA-8B: 128 / 128 / 32).
             confidence_source, remask, ups_head_path, lora_path: RemeDi dynamic remasking (generate.py); remask
                 None = dynamic sources re-mask, upstream never does. ups_head: older name of ups_head_path.
+            ups_temperature, decoding: generate.py's --ups_temperature ('ups' ranking by Plackett-Luce draws when
+                > 0) and --decoding (None = block diffusion for a dual-stream RemeDi, LLaDA's sampler otherwise).
             padding_id: left-padding id (None = the tokenizer's pad, else EOS). tokenizer: when the model has none.
             smdm_size: architecture of an SMDM iter-*-ckpt.pth checkpoint (e.g. Diff_LLaMA_170M).
             device: None / 'auto' = cuda if available else cpu.
@@ -105,7 +107,8 @@ class LLaDAEvalHarness(LM):
         sampler_fields = dict(steps=steps, gen_length=gen_length, block_length=block_length,
                               temperature=temperature, cfg_scale=cfg, remasking=remasking,
                               logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-                              confidence_source=optional_value(confidence_source), remask=remask)
+                              confidence_source=optional_value(confidence_source), remask=remask,
+                              ups_temperature=float(ups_temperature), decoding=optional_value(decoding))
         harness_settings(sampler_fields, early=True)  # every value checked before the model loads
         self.accelerator = distributed_accelerator()
         if self.accelerator is not None:  # lm-eval shards the requests by rank and gathers the results

@@ -24,8 +24,12 @@ max_out_len, batch_size, run_cfg):
                            generate() receives; they are sampled batch_size_ at a time, left-padded)
     confidence_source      None (upstream sampling) | 'ups' | 'tps_prob' | 'random' | 'margin' | 'entropy'
     remask                 None: dynamic sources re-mask, upstream never does; False: never re-mask
+    ups_temperature        'ups' ranking: 0 = greedy top-k_i, > 0 = Plackett-Luce draws from softmax(UPS / temperature)
+    decoding               None = by the model (block diffusion with a KV cache for a dual-stream RemeDi, LLaDA's
+                           sampler otherwise) | 'llada' | 'block' (generate.py --decoding)
     ups_head_path, lora_path   UPS head .safetensors and PEFT LoRA folder (train_remedi.py outputs);
-                           `ups_head` is accepted as the older name of ups_head_path
+                           `ups_head` is accepted as the older name of ups_head_path; a dual-stream RemeDi
+                           (path = its folder or hub name) has its own UPS and takes no head
     device, dtype          None / 'auto' = cuda if available else cpu; dtype 'auto' = bfloat16 on CUDA, the
                            checkpoint's dtype elsewhere
     max_seq_len            prompt + gen_length budget, capped by the model's own window; longer prompts keep their
@@ -106,8 +110,9 @@ class LLaDAModel(BaseModel):
                  gen_length: Optional[int] = None, gen_blocksize: Optional[int] = None, batch_size_: int = 1, diff_confidence_eos_eot_inf: bool = False,
                  diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None,
                  remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
-                 smdm_size: Optional[str] = None, chat: Optional[str] = None,
-                 device: Optional[str] = None, dtype: Optional[str] = "auto", **other):
+                 smdm_size: Optional[str] = None, chat: Optional[str] = None, ups_temperature: float = 0.0,
+                 decoding: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = "auto",
+                 **other):
         if "ups_head" in other:  # the older name of the key
             if ups_head_path is not None:
                 raise ValueError("both ups_head and ups_head_path are set; keep ups_head_path (the head file) only")
@@ -126,7 +131,8 @@ class LLaDAModel(BaseModel):
                                     temperature=temperature, cfg_scale=cfg, remasking=remasking,
                                     logits_eos_inf=diff_logits_eos_inf,
                                     confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
-                                    confidence_source=optional_value(confidence_source), remask=remask)
+                                    confidence_source=optional_value(confidence_source), remask=remask,
+                                    ups_temperature=ups_temperature, decoding=optional_value(decoding))
         self._settings(None, early=True)  # every value checked before the model loads
         self.chat = optional_value(chat) or self.default_chat
         if self.chat not in CHAT_CHOICES:

@@ -293,7 +293,7 @@ def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = No
     ups_head_path: the head's .safetensors file (or its folder); EvalModel.ups_head is the loaded module.
     mask_id / pad_id None take the backbone's mask id and the tokenizer's pad id (else its EOS id).
     """
-    from remedi_patches.modeling_wrappers import check_head_fits, load_lora, load_ups_head
+    from remedi_patches.modeling_wrappers import check_head_fits, has_ups_stream, load_lora, load_ups_head
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -310,6 +310,9 @@ def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = No
                              tokenizer=tokenizer)
     model = load_lora(backbone.model, lora_path) if lora_path else backbone.model
     if head is not None:
+        if has_ups_stream(model):
+            raise ValueError(f"{backbone.name} is a dual-stream RemeDi with its own UPS stream, so a UPS head does "
+                             f"not apply to it; drop ups_head ({ups_head_path}) and use confidence_source 'ups' alone")
         check_head_fits(head, model)
         if meta.get("mask_id") not in (None, backbone.mask_id):
             logger.warning("UPS head %s was trained with mask id %s, the backbone uses %s", ups_head_path,

@@ -4,7 +4,8 @@ test_trajectory_views, test_detection, test_sampler_cli).
 `tiny_smdm_dir` writes a 2-layer SMDM TransEncoder export with an embedded-style sentencepiece tokenizer and a random
 UPS head (the `tiny` fixture of conftest.py). `tiny_llada_dir` writes a native LLaDA (remedi_patches.llada) of 2
 layers, width 32, with a word-level tokenizer built from the first GSM8K problems and a Llama-3-shaped chat template,
-to a folder that load_backbone() reads like a real LLaDA checkpoint folder. `tiny_ups_head` saves a random UPS head for it.
+to a folder that load_backbone() reads like a real LLaDA checkpoint folder (with ups_positions: a dual-stream RemeDi).
+`tiny_ups_head` saves a random UPS head for it.
 `reference_answer` decodes one prompt with generate() directly: what the adapters must return.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 from remedi_patches.backbones import load_backbone
 from remedi_patches.embedded.task import format_prompt, make_split
 from remedi_patches.embedded.tokenizer import train_tokenizer
-from remedi_patches.llada import LLaDAConfig, LLaDAModelLM
+from remedi_patches.llada import LLaDAConfig, LLaDAModelLM, RemeDiConfig, RemeDiUPMModelLM
 from remedi_patches.modeling_wrappers import load_ups_head, save_ups_head
 from remedi_patches.sampling import generate
 from remedi_patches.ups_head import UPSHead
@@ -59,22 +60,26 @@ def tiny_tokenizer(texts: list[str]):
     return wrapped
 
 
-def tiny_llada_dir(root: Path, data_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer native LLaDA + word-level tokenizer (vocab from 40 GSM8K problems) saved to root/tiny_llada."""
+def tiny_llada_dir(root: Path, data_dir: Path, seed: int = 0, ups_positions: list[int] | None = None) -> Path:
+    """A 2-layer native LLaDA + word-level tokenizer (vocab from 40 GSM8K problems) saved to root/tiny_llada; with
+    `ups_positions` a dual-stream RemeDi (UPS blocks after those layers, live feedback) saved to root/tiny_remedi."""
     rows = read_jsonl(data_dir / "gsm8k" / "test.jsonl", 20) + read_jsonl(data_dir / "gsm8k" / "train.jsonl", 20)
     tokenizer = tiny_tokenizer([r["question"] + " " + r["answer"] for r in rows])
     vocab = len(tokenizer)
-    config = LLaDAConfig(d_model=HIDDEN, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=vocab,
-                         embedding_size=vocab, max_sequence_length=4096, rope_theta=10000.0,
-                         mask_token_id=tokenizer.convert_tokens_to_ids("<|mdm_mask|>"),
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sizes = dict(d_model=HIDDEN, n_heads=2, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=vocab,
+                 embedding_size=vocab, max_sequence_length=4096, rope_theta=10000.0,
+                 mask_token_id=tokenizer.convert_tokens_to_ids("<|mdm_mask|>"),
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LLaDAModelLM(config).eval()
+    if ups_positions is None:
+        model, out = LLaDAModelLM(LLaDAConfig(**sizes)).eval(), root / "tiny_llada"
+    else:
+        model = RemeDiUPMModelLM(RemeDiConfig(**sizes, ups_positions=ups_positions)).eval()
+        out = root / "tiny_remedi"
     with torch.no_grad():  # large random weights: predictions depend strongly on context, so decoding order matters
         for name, weight in model.named_parameters():
             if weight.dim() == 2:
                 weight.normal_(std=1.0 if "wte" in name else 0.5)
-    out = root / "tiny_llada"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -107,12 +112,13 @@ def tiny_smdm_dir(root: Path, data_dir: Path) -> Path:
 
 
 def reference_answer(model_dir: Path, prompt_ids: list[int], sampler: dict, confidence_source=None,
-                     ups_head=None) -> str:
-    """generate() on one prompt (no adapter code), answer cut at EOS / EoT and decoded without special tokens."""
+                     ups_head=None, decode=generate) -> str:
+    """`decode` (generate, or block_decoding.block_generate) on one prompt (no adapter code), answer cut at EOS / EoT
+    and decoded without special tokens."""
     bb = load_backbone(str(model_dir))
     head = load_ups_head(ups_head)[0] if ups_head else None
-    out = generate(bb.model, torch.tensor([prompt_ids]), **sampler, mask_id=bb.mask_id,
-                   confidence_source=confidence_source, ups_head=head, eos_id=bb.eos_id,
-                   eot_id=bb.eot_id)[0, len(prompt_ids):].tolist()
+    out = decode(bb.model, torch.tensor([prompt_ids]), **sampler, mask_id=bb.mask_id,
+                 confidence_source=confidence_source, ups_head=head, eos_id=bb.eos_id,
+                 eot_id=bb.eot_id)[0, len(prompt_ids):].tolist()
     cut = next((i for i, t in enumerate(out) if t in (bb.eos_id, bb.eot_id)), len(out))
     return bb.tokenizer.decode(out[:cut], skip_special_tokens=True)

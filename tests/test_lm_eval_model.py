@@ -179,3 +179,17 @@ def test_eval_llada_two_processes_share_the_problems(model_dir, data_dir, tmp_pa
     per_filter = [s for s in samples if s["filter"] == "flexible-extract"]
     assert sorted(s["doc_id"] for s in per_filter) == [0, 1, 2, 3, 4]
     check_samples_against_sampler(samples, model_dir)
+
+
+def test_dual_stream_remedi_generates_by_blocks(tmp_path, data_dir):
+    """llada_dist on a dual-stream RemeDi: block diffusion ranked by its own UPS, the answers of block_generate."""
+    from remedi_patches.block_decoding import block_generate
+
+    folder = tiny_llada_dir(tmp_path, data_dir, ups_positions=[1])
+    lm = LLaDAEvalHarness(model_path=str(folder), batch_size=2, mc_num=2, confidence_source="ups", **TINY)
+    contexts = ["Question: Janet has 16 eggs .", "How many ?"]
+    answers = lm.generate_until([request("generate_until", c, {"until": []}) for c in contexts])
+    assert answers == [reference_answer(folder, lm.tokenizer(c)["input_ids"], SAMPLER, "ups", decode=block_generate)
+                       for c in contexts]
+    ((logprob, _),) = lm.loglikelihood([request("loglikelihood", "Janet has 16 eggs", " eggs")])
+    assert logprob < 0  # the likelihood reads the TPS logits of the dual-stream output

@@ -21,6 +21,7 @@ from generate import generate  # noqa: E402
 from opencompass_patch.models import LLaDABaseModel, LLaDAModel, chat_messages  # noqa: E402
 from opencompass_patch.prepare_data import embedded_records, main as prepare_data_main, prepare  # noqa: E402
 from remedi_patches.backbones import load_backbone  # noqa: E402
+from remedi_patches.block_decoding import block_generate  # noqa: E402
 from remedi_patches.modeling_wrappers import load_lora  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +116,33 @@ def test_base_model_batch_equals_generate_per_prompt(tiny_llada):
     model.stop_words, model.max_seq_len = [], TINY["gen_length"] + 5  # room for the prompt's last 5 tokens only
     ids = model.tokenizer(prompts[2])["input_ids"]
     assert model.generate(prompts[2:], max_out_len=None) == [reference_answer(model_dir, ids[-5:], SAMPLER, "tps_prob")]
+
+
+@pytest.fixture(scope="module")
+def tiny_remedi(tmp_path_factory, data_dir):
+    return tiny_llada_dir(tmp_path_factory.mktemp("oc_remedi"), data_dir, ups_positions=[0, 1])
+
+
+def test_dual_stream_remedi_decodes_by_blocks_with_its_own_ups(tiny_remedi, tmp_path):
+    """A dual-stream RemeDi folder: block diffusion by default, ranked by its own UPS (greedy, or Plackett-Luce with
+    ups_temperature), LLaDA-style on request; a UPS head is refused in one line."""
+    prompts = ["Question: Janet has 16 eggs .", "How many ?"]
+    model = LLaDABaseModel(path=str(tiny_remedi), batch_size_=2, confidence_source="ups", **TINY)
+    ids = [model.tokenizer(p)["input_ids"] for p in prompts]
+    assert model.generate(prompts, max_out_len=None) == [
+        reference_answer(tiny_remedi, i, SAMPLER, "ups", decode=block_generate) for i in ids]
+    llada_style = LLaDABaseModel(path=str(tiny_remedi), confidence_source="ups", decoding="llada", **TINY)
+    assert llada_style.generate(prompts[:1], max_out_len=None) == [reference_answer(tiny_remedi, ids[0], SAMPLER,
+                                                                                    "ups")]
+    drawn = LLaDABaseModel(path=str(tiny_remedi), confidence_source="ups", ups_temperature=1.2, **TINY)
+    torch.manual_seed(7)
+    answer = drawn.generate(prompts[:1], max_out_len=None)
+    torch.manual_seed(7)
+    assert answer == [reference_answer(tiny_remedi, ids[0], {**SAMPLER, "ups_temperature": 1.2}, "ups",
+                                       decode=block_generate)]
+    with pytest.raises(ValueError, match="own UPS stream.*drop ups_head"):
+        LLaDABaseModel(path=str(tiny_remedi), confidence_source="ups", ups_head_path=str(tiny_ups_head(tmp_path)),
+                       **TINY)
 
 
 def test_chat_model_applies_chat_template(tiny_llada):
