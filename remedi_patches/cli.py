@@ -169,3 +169,23 @@ def config_from_args(cls: type[T], namespace: argparse.Namespace, **overrides: A
     values = {k: v for k, v in vars(namespace).items() if k in names}
     values.update(overrides)
     return cls(**values)
+
+
+# ---------------------------------------------------------------- defaults that depend on the run (the recipes)
+
+
+def recipe_help(what: str, recipe: Any, when: str, general: Any) -> str:
+    """Help text of a default left None in a config and resolved by the run: `recipe` `when` (e.g. "with the embedded
+    model"), else `general`."""
+    default = f"default {recipe} {when}, else {general}"
+    return f"{what}; {default}" if what else default
+
+
+def fill_none(config: Any, defaults: dict, keep_none: Sequence[str] = ()) -> Any:
+    """Set every field of `config` that is None to its value in `defaults`, except those in `keep_none`
+    (idempotent; returns `config`)."""
+    for name, value in defaults.items():
+        if getattr(config, name) is None and name not in keep_none:
+            setattr(config, name, value)
+    return config
+

@@ -45,7 +45,7 @@ from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, cla
                               resume_path, setup_fabric)
 from remedi_patches import data as sft_data
 from remedi_patches.backbones import backbone_kind, fsdp_block_classes, load_backbone, max_length_of
-from remedi_patches.cli import UserError, arg
+from remedi_patches.cli import UserError, arg, fill_none, recipe_help
 from remedi_patches.detection import DetectionSettings, measure_detection
 from remedi_patches.losses import RemaskLosses, remask_losses
 from remedi_patches.modeling_wrappers import (backbone_forward, check_head_fits, hidden_size_of, load_ups_head,
@@ -64,10 +64,9 @@ GENERAL_DEFAULTS = {"seq_len": 128, "batch_size": 8, "max_steps": 0, "lr": 1e-4,
 
 def _by_model(name: str, what: str = "") -> str:
     """Help text of a model-dependent default."""
-    general = GENERAL_DEFAULTS[name]
-    general = "0, or the loaded head's" if name == "ups_width" else general
-    return (f"{what}; default {EMBEDDED_RECIPE[name]} with the embedded model (the demo's recipe), else {general}"
-            if what else f"default {EMBEDDED_RECIPE[name]} with the embedded model, else {general}")
+    general = "0, or the loaded head's" if name == "ups_width" else GENERAL_DEFAULTS[name]
+    when = "with the embedded model (the demo's recipe)" if what else "with the embedded model"
+    return recipe_help(what, EMBEDDED_RECIPE[name], when, general)
 STREAM_ORDER, STREAM_NOISE, STREAM_EVAL, STREAM_PROPOSE = 10, 11, 12, 13
 PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
@@ -180,16 +179,11 @@ class RemaskConfig(FabricConfig, RunConfig):
     def resolve_defaults(self) -> "RemaskConfig":
         """Fill the model-dependent defaults left None: EMBEDDED_RECIPE for the embedded backbone (seq_len 72 only
         on the embedded task: other data gets the model's 128), GENERAL_DEFAULTS otherwise. Idempotent."""
-        recipe = EMBEDDED_RECIPE if self.embedded_model else GENERAL_DEFAULTS
-        for name, value in recipe.items():
-            if getattr(self, name) is not None:
-                continue
-            if name == "seq_len" and self.dataset != "embedded":
-                value = GENERAL_DEFAULTS["seq_len"]
-            if name == "ups_width" and self.load_ups_head is not None:
-                value = None  # the loaded head's width
-            setattr(self, name, value)
-        return self
+        recipe = dict(EMBEDDED_RECIPE if self.embedded_model else GENERAL_DEFAULTS)
+        if self.dataset != "embedded":
+            recipe["seq_len"] = GENERAL_DEFAULTS["seq_len"]
+        keep_none = ["ups_width"] if self.load_ups_head is not None else []  # the loaded head's width
+        return fill_none(self, recipe, keep_none)
 
     def check(self) -> "RemaskConfig":
         """UserError / FileNotFoundError naming the first bad flag and the fix. Reads no model or data.

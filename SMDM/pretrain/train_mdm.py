@@ -46,7 +46,8 @@ from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig
                               heavy_cpu_warning, hparams_of, micro_batch_rows, num_parameters, read_packed_meta,
                               require_path, resume_path, setup_fabric, setup_model_and_optimizer, smdm_config,
                               tokenizer_vocab_error, warmup_for)
-from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
+from remedi_patches.cli import (ArgumentParser, add_config_args, arg, config_from_args, fill_none, recipe_help,
+                                run_main)
 from remedi_patches.data import EMBEDDED_SEED
 from remedi_patches.embedded import TOKENIZER_DIR
 from remedi_patches.embedded.build import PRETRAIN_RECIPE as EMBEDDED_RECIPE, TASK_SIZES, task_data
@@ -61,8 +62,8 @@ GENERAL_DEFAULTS = {"model_name": None, "seq_len": 2048, "max_steps": None,
 
 def _by_data(name: str, what: str, general: object = None) -> str:
     """Help text of a default that depends on --train_data_dir (`general`: what the upstream default means)."""
-    general = GENERAL_DEFAULTS[name] if general is None else general
-    return f"{what}; default {EMBEDDED_RECIPE[name]} with no --train_data_dir (the embedded recipe), else {general}"
+    return recipe_help(what, EMBEDDED_RECIPE[name], "with no --train_data_dir (the embedded recipe)",
+                       GENERAL_DEFAULTS[name] if general is None else general)
 
 
 @dataclass
@@ -116,12 +117,8 @@ class MDMConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
     def resolve_defaults(self) -> "MDMConfig":
         """Fill the data-dependent defaults left None: EMBEDDED_RECIPE with no --train_data_dir, GENERAL_DEFAULTS
         otherwise (a given --model keeps the recipe's model_name out, --flops its max_steps). Idempotent."""
-        recipe = EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS
-        given = {"model_name": self.model is not None, "max_steps": self.flops is not None}
-        for name, value in recipe.items():
-            if getattr(self, name) is None and not given.get(name):
-                setattr(self, name, value)
-        return self
+        given = [name for name, flag in (("model_name", self.model), ("max_steps", self.flops)) if flag is not None]
+        return fill_none(self, EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS, keep_none=given)
 
     def check(self) -> "MDMConfig":
         """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded. Resolves the

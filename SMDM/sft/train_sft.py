@@ -44,7 +44,8 @@ from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig
                               fit, grad_accum_steps, hparams_of, micro_batch_rows, num_parameters, require_path,
                               resume_path, setup_fabric, setup_model_and_optimizer, smdm_config, warmup_for)
 from remedi_patches.backbones import EMBEDDED_DIR, TOKENIZER_FILES
-from remedi_patches.cli import ArgumentParser, add_config_args, arg, config_from_args, run_main
+from remedi_patches.cli import (ArgumentParser, add_config_args, arg, config_from_args, fill_none, recipe_help,
+                                run_main)
 from remedi_patches.data import answer_mask, build_sft_examples, column_names, load_records, resolve_fields
 from remedi_patches.embedded.build import SFT_RECIPE as EMBEDDED_RECIPE
 from remedi_patches.losses import tps_loss
@@ -60,8 +61,8 @@ GENERAL_DEFAULTS = {"seq_len": None, "max_steps": None, "global_batch_size": Opt
 
 def _by_data(name: str, what: str, general: object = None) -> str:
     """Help text of a default that depends on --dataset (`general`: what the other default means)."""
-    general = GENERAL_DEFAULTS[name] if general is None else general
-    return f"{what}; default {EMBEDDED_RECIPE[name]} on the embedded task (the embedded recipe), else {general}"
+    return recipe_help(what, EMBEDDED_RECIPE[name], "on the embedded task (the embedded recipe)",
+                       GENERAL_DEFAULTS[name] if general is None else general)
 
 
 @dataclass
@@ -121,10 +122,7 @@ class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
         folder = self.pretrained_path
         if self.tokenizer is None and folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
             self.tokenizer = str(folder)
-        for name, value in (EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        return self
+        return fill_none(self, EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS)
 
     def check(self) -> "SFTConfig":
         """UserError / FileNotFoundError naming the first bad flag and the fix; nothing is loaded. Resolves the
