@@ -536,3 +536,30 @@ def test_bench_prints_the_side_by_side_table(capsys):
         (model, run, nfe) for model in ("remedi_llada", "embedded")
         for run, nfe in (("block+cache", 1 + 8 + 1), ("block", 8), ("llada", 8))]  # 2 blocks of 4 steps
     assert out.count("| remedi_llada (") == 3 and out.count("| embedded (") == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_remedi_dir(tmp_path_factory, data_dir):
+    from eval_fixtures import tiny_llada_dir
+
+    return tiny_llada_dir(tmp_path_factory.mktemp("remedi"), data_dir, ups_positions=[0])
+
+
+def test_generate_cli_decodes_a_dual_stream_folder_by_blocks_with_its_own_ups(tiny_remedi_dir, tiny, capsys):
+    import generate as cli
+    from remedi_patches.backbones import load_backbone
+    from remedi_patches.sampling import decode_answers, encode_prompts
+
+    flags = ["--model", str(tiny_remedi_dir), "--device", "cpu", "--steps", "8", "--gen_length", "16",
+             "--block_length", "8", "--confidence_source", "ups", "--ups_temperature", "1.2", "--prompt",
+             "How many pens?"]
+    answers = cli.main(flags)
+    assert "decoding: block" in capsys.readouterr().out
+    bb = load_backbone(str(tiny_remedi_dir))
+    ids, am = encode_prompts(bb.tokenizer, ["How many pens?"])
+    torch.manual_seed(0)
+    out = block_generate(bb.model, ids, am, steps=8, gen_length=16, block_length=8, mask_id=bb.mask_id,
+                         confidence_source="ups", ups_temperature=1.2, eos_id=bb.eos_id, eot_id=bb.eot_id)
+    assert answers == decode_answers(bb.tokenizer, out, ids.shape[1], [bb.eos_id, bb.eot_id]) and answers[0]
+    with pytest.raises(ValueError, match="own UPS stream"):
+        cli.main(flags + ["--ups_head", str(tiny / "ups_head.safetensors")])
