@@ -1,8 +1,9 @@
-"""Dual-stream SMDM RemeDi (lit_gpt.dual_stream).
+"""Dual-stream SMDM RemeDi (lit_gpt.dual_stream) and the embedded RemeDi builder (remedi_patches.embedded.remedi).
 
 The block-decoding cache of both SMDM models is tested in test_smdm_model.py (test_cached_blocks_...)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from lit_gpt.config import Config
 from lit_gpt.dual_stream import RemeDiTransEncoder, default_ups_positions, remedi_from_backbone
 from lit_gpt.model import TransEncoder, build_model, load_smdm_folder, load_weights, save_smdm_folder
 from remedi_patches.backbones import EMBEDDED_DIR, kind_of, load_backbone
+from remedi_patches.cli import run_main
+from remedi_patches.embedded.remedi import build_embedded_remedi, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,8 +133,14 @@ def test_state_dict_names_and_shapes():
     assert shapes == expected
     main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("ups."))
     assert main == sum(p.numel() for p in TransEncoder(tiny_config(ups_positions=None)).parameters())
-    # SMDM's kind recognises the subclass; LoRA's auto targets match the UPS blocks too
-    assert kind_of(model).name == "smdm"
+    # SMDM's kind recognises the subclass; LoRA's auto targets match the UPS blocks' linears too, not the
+    # feedback or confidence linears
+    kind = kind_of(model)
+    assert kind.name == "smdm"
+    targets = sorted(n for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and re.fullmatch(kind.lora_targets, n) and n.startswith("ups."))
+    assert targets == sorted(f"ups.h.{j}.{m}" for j in range(3) for m in ("attn.attn", "attn.proj", "mlp.swiglu.w1",
+                                                                           "mlp.swiglu.w2", "mlp.swiglu.w3"))
 
 
 def test_save_load_round_trip_is_strict(tmp_path):
@@ -213,3 +222,62 @@ def test_remedi_from_backbone(ups_init):
         copied = backbone.transformer.h[min(b + 1, 3)].state_dict()
         same = all(torch.equal(v, model.ups.h[j].state_dict()[k]) for k, v in copied.items())
         assert same == (ups_init == "copy")
+
+
+# ---------------------------------------------------------------- the embedded RemeDi
+
+
+@pytest.fixture(scope="module")
+def embedded_remedi(tmp_path_factory):
+    return build_embedded_remedi(tmp_path_factory.mktemp("er") / "embedded_remedi")
+
+
+def test_embedded_remedi_tps_equals_the_backbone(embedded_remedi):
+    remedi, backbone = load_backbone(embedded_remedi), load_backbone(None)
+    assert type(remedi.model) is RemeDiTransEncoder and remedi.kind == "smdm" and remedi.model.has_ups_stream
+    assert remedi.model.config.ups_positions == [0, 2, 4]
+    assert (remedi.mask_id, remedi.eos_id) == (backbone.mask_id, backbone.eos_id)
+    ids = remedi.tokenizer(["Question: Tom has 3 apples and buys 4 more. How many?\nAnswer:"],
+                           return_tensors="pt").input_ids
+    ids = torch.cat([ids, torch.full((1, 16), remedi.mask_id)], 1)
+    with torch.no_grad():
+        out = remedi.model(ids)
+        assert torch.equal(out.logits, backbone.model(ids))
+    assert out.confidences.shape == ids.shape and bool(torch.isfinite(out.confidences).all())
+    assert len(set(out.confidences[0].tolist())) > 1  # the UPS says something per position
+    files = sorted(p.name for p in embedded_remedi.iterdir())
+    assert files == ["BUILD.json", "model.safetensors", "sentencepiece.model", "smdm_config.json", "task.json",
+                     "tokenizer.json", "tokenizer_config.json"]
+    record = json.loads((embedded_remedi / "BUILD.json").read_text())
+    ups = sum(p.numel() for p in remedi.model.ups.parameters())
+    assert record["parameters"] == {"tps": sum(p.numel() for p in backbone.model.parameters()), "ups": ups}
+    d, blocks = 128, 3
+    assert ups == blocks * (4 * d * d + 3 * d * 512 + 2 * d) + blocks * (d * d + 2 * d) + d + d + 1
+
+
+def test_embedded_remedi_build_is_deterministic_and_copies_blocks(embedded_remedi, tmp_path):
+    model, first = load_smdm_folder(build_embedded_remedi(tmp_path / "again")), load_smdm_folder(embedded_remedi)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in model.state_dict().items())
+    backbone = load_smdm_folder(EMBEDDED_DIR)
+    for j, b in enumerate([0, 2, 4]):
+        assert all(torch.equal(v, model.ups.h[j].state_dict()[k])
+                   for k, v in backbone.transformer.h[b + 1].state_dict().items())
+
+
+def test_embedded_remedi_cli(tmp_path, capsys):
+    out = run_main(main, ["--out_dir", str(tmp_path / "cli"), "--ups_positions", "1", "3", "--ups_init", "smdm",
+                          "--seed", "5"])
+    assert out == tmp_path / "cli" and f"written to {out}" in capsys.readouterr().out
+    record = json.loads((out / "BUILD.json").read_text())
+    assert record["command"] == ("python -m remedi_patches.embedded.remedi --out_dir "
+                                 f"{out} --ups_positions 1 3 --ups_init smdm --seed 5")
+    assert (record["ups_positions"], record["ups_init"], record["seed"]) == ([1, 3], "smdm", 5)
+    for argv, message in [(["--ups_positions", "6"], "ups_positions=[6] must be a non-empty, strictly increasing"),
+                          (["--out_dir", str(EMBEDDED_DIR.parent / "remedi")], "is inside the source tree"),
+                          (["--backbone", str(out), "--out_dir", str(tmp_path / "twice")],
+                           "already holds a dual-stream RemeDi")]:
+        with pytest.raises(SystemExit) as exit_:
+            run_main(main, ["--out_dir", str(tmp_path / "x"), *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (EMBEDDED_DIR.parent / "remedi").exists()

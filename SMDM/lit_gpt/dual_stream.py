@@ -116,7 +116,8 @@ def remedi_from_backbone(backbone: TransEncoder, ups_positions: Optional[list[in
     """A dual-stream RemeDi whose TPS is `backbone`'s exactly (its weights copied, feedback zero), on the
     backbone's device and dtype. ups_positions: None = `default_ups_positions`. ups_init: "copy" = UPS block j
     starts as a copy of main block b_j + 1, the block the main stream runs next on the same input (main block
-    b_j when b_j is the last layer), so u starts as the main stream's next state; "smdm" = SMDM's random init."""
+    b_j when b_j is the last layer): trained features from the start (UPS block 0 outputs exactly the main
+    stream's next state); "smdm" = SMDM's random init."""
     if backbone.has_ups_stream:
         raise ValueError(f"remedi_from_backbone takes a single-stream TransEncoder; {type(backbone).__name__} "
                          "already has a UPS stream")
