@@ -281,3 +281,19 @@ def test_embedded_remedi_cli(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and err.count("\n") == 1
     assert not (EMBEDDED_DIR.parent / "remedi").exists()
+
+
+def test_export_smdm_writes_a_dual_stream_checkpoint_as_a_remedi_folder(tmp_path):
+    """The trainers' export (lit_gpt.training.export_smdm) builds the class the config names, so a dual-stream
+    checkpoint exports to a folder that loads back as RemeDiTransEncoder with the same weights."""
+    from lightning_fabric import Fabric
+
+    from lit_gpt.training import export_smdm
+
+    config = Config.from_name("Diff_LLaMA_tiny", vocab_size=64, n_layer=2, block_size=32, ups_positions=[0])
+    model = build_model(config)
+    torch.save({"model": model.state_dict()}, tmp_path / "iter-000003-ckpt.pth")
+    export_smdm(Fabric(accelerator="cpu", devices=1), tmp_path, config, tmp_path / "final")
+    loaded = load_smdm_folder(tmp_path / "final")
+    assert isinstance(loaded, RemeDiTransEncoder)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

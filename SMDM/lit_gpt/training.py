@@ -881,14 +881,14 @@ def export_smdm(fabric: Fabric, out_dir: Path, config, export_dir: Path, tokeniz
     transformers tokenizer, saved beside them so that the folder loads on its own); the same after DDP
     or FSDP. Returns `export_dir`, or None when `out_dir` holds no checkpoint. Refuses (writes nothing)
     when the weights hold NaN/inf."""
-    from lit_gpt.model import TransEncoder, load_weights, save_smdm_folder
+    from lit_gpt.model import build_model, load_weights, save_smdm_folder
 
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is None:
         return None
     if fabric.global_rank == 0:
         with torch.device("meta"):
-            model = TransEncoder(config)
+            model = build_model(config)  # a TransEncoder, or the dual-stream RemeDi when config.ups_positions is set
         model = model.to_empty(device="cpu")
         load_weights(model, checkpoint)
         require_finite(model, f"the model of {checkpoint}", "Train again with a lower learning rate.")
