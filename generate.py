@@ -23,6 +23,7 @@ import torch
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.backbones import max_length_of
 from remedi_patches.model_args import add_model_args, model_spec_from_args
+from remedi_patches.modeling_wrappers import has_ups_stream
 from remedi_patches.remasking import Trajectory
 from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, UPSTREAM_RULES,
                                      PromptWindow, SamplerSettings, add_sampler_args, check_sampler_args,
@@ -65,6 +66,11 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     prompts = args.prompt or [DEFAULT_PROMPT]
     ids, attention_mask = fit.crop_batch(*encode_prompts(em.tokenizer, prompts, args.chat, args.prompt_template))
     trajectory = Trajectory(keep_tokens=True) if args.show_trajectory else None
+    if has_ups_stream(em.model) and settings.confidence_source is None:
+        logging.getLogger("generate").warning(
+            "%s has its own UPS stream, but no --confidence_source was given: ranking by LLaDA's %s rule; pass "
+            "--confidence_source ups to rank by the UPS (the paper's decoding)", spec.model_name or "the model",
+            settings.remasking)
     torch.manual_seed(args.seed)
     out = sample(em, ids, attention_mask, settings, trajectory)
     answers = decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids)

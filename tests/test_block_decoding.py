@@ -4,6 +4,7 @@ and > 0, Plackett-Luce UPS draws); per-step invariants from the trajectory; EOS 
 alone; the official inference's ranking (tps_logit) against a plain reference; Plackett-Luce draws have the
 Plackett-Luce distribution; sampler settings, dispatch and clear errors."""
 import itertools
+import logging
 import math
 
 import pytest
@@ -563,3 +564,13 @@ def test_generate_cli_decodes_a_dual_stream_folder_by_blocks_with_its_own_ups(ti
     assert answers == decode_answers(bb.tokenizer, out, ids.shape[1], [bb.eos_id, bb.eot_id]) and answers[0]
     with pytest.raises(ValueError, match="own UPS stream"):
         cli.main(flags + ["--ups_head", str(tiny / "ups_head.safetensors")])
+
+
+def test_generate_cli_says_how_to_rank_a_dual_stream_model_by_its_ups(tiny_remedi_dir, caplog):
+    """No --confidence_source on a model with its own UPS stream: LLaDA's rule, with one warning naming the flag."""
+    import generate as cli
+
+    with caplog.at_level(logging.WARNING, logger="generate"):
+        cli.main(["--model", str(tiny_remedi_dir), "--device", "cpu", "--gen_length", "8", "--prompt", "How many?"])
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "generate"]
+    assert "has its own UPS stream" in warning and "--confidence_source ups" in warning
