@@ -18,7 +18,8 @@ from remedi_patches.modeling_wrappers import UPSModel, hidden_size_of
 from remedi_patches.remasking import Trajectory, commit_schedule, plackett_luce_keys
 from remedi_patches.sampling import SamplerSettings, decoding_of, generate, needs_ups_head, sample
 from remedi_patches.ups_head import UPSHead
-from toy_models import D, EOS, EOT, MASK, PAD, PROMPT, SHORT, CacheToyMDM, DualCacheToyMDM, ToyMDM, padded_batch
+from toy_models import (D, EOS, EOT, MASK, PAD, PROMPT, SHORT, CacheToyMDM, DualCacheToyMDM, ToyMDM, check_invariants,
+                        padded_batch)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SOURCES = sorted(CONFIDENCE_SOURCES)  # ups, tps_prob, tps_logit, random, margin, entropy
@@ -104,37 +105,6 @@ def test_ups_model_passes_the_cache_arguments_to_the_backbone():
 
 
 # ---------------------------------------------------------------- invariants, EOS stop, padding
-
-
-def check_invariants(out, trajectory, prompt, shape, remask, eos_filled=None):
-    """Every step: exactly B - k_i masks in the block, prompt and other blocks unchanged, committed / remasked
-    records match the tokens; at the end no mask, the prompt unchanged, the last tokens = the output (except the
-    EOS filled after a row's EOS block, when eos_filled (B, Lp + G) bool says where)."""
-    gen_length, block_length, steps = shape
-    schedule = commit_schedule(block_length, steps // (gen_length // block_length))
-    lp = prompt.shape[1]
-    prev = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), MASK)], dim=1)
-    for rec in trajectory.steps:
-        k = schedule[rec.step]
-        block = slice(rec.start, rec.start + block_length)
-        assert rec.start == lp + rec.block * block_length
-        now = rec.tokens
-        assert (rec.mask_count == block_length - k).all()
-        assert ((now[:, block] == MASK).sum(-1) == block_length - k).all()
-        outside = torch.ones(now.shape[1], dtype=torch.bool)
-        outside[block] = False
-        assert torch.equal(now[:, outside], prev[:, outside])  # prompt, earlier and later blocks unchanged
-        was_masked, is_masked = prev[:, block] == MASK, now[:, block] == MASK
-        assert torch.equal(rec.committed, was_masked & ~is_masked)
-        assert torch.equal(rec.remasked, ~was_masked & is_masked)
-        kept = ~was_masked & ~is_masked
-        assert torch.equal(now[:, block][kept], prev[:, block][kept])  # a kept token is never swapped
-        assert remask or not rec.remasked.any()
-        prev = now
-    filled = torch.zeros_like(out, dtype=torch.bool) if eos_filled is None else eos_filled
-    assert torch.equal(out[~filled], prev[~filled]) and (out[filled] == EOS).all()
-    assert not (out == MASK).any()
-    assert torch.equal(out[:, :lp], prompt)
 
 
 @pytest.mark.parametrize("source", SOURCES + [None])

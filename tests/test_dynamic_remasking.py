@@ -12,7 +12,8 @@ from remedi_patches.modeling_wrappers import RemeDiOutput
 from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k, rank_last,
                                      remask_block)
 from remedi_patches.ups_head import UPSHead
-from toy_models import D, EOS, EOT, MASK, PROMPT, SHORT, BareToyMDM, ToyMDM, padded_batch, reference_generate
+from toy_models import (D, EOS, EOT, MASK, PROMPT, SHORT, BareToyMDM, ToyMDM, check_invariants, padded_batch,
+                        reference_generate)
 
 SOURCES = ["ups", "tps_prob", "random", "margin", "entropy"]
 SHAPES = [(12, 4, 6), (10, 5, 4)]  # (gen_length, block_length, steps): 3 blocks of k = 2, 4; 2 of k = 3, 5
@@ -66,35 +67,6 @@ def run(model, prompt, am, shape, **kw):
     out = generate(model, prompt, am, steps=steps, gen_length=gen_length, block_length=block_length,
                    mask_id=MASK, eos_id=EOS, eot_id=EOT, trajectory=trajectory, **kw)
     return out, trajectory
-
-
-def check_invariants(out, trajectory, prompt, shape, remask):
-    gen_length, block_length, steps = shape
-    schedule = commit_schedule(block_length, steps // (gen_length // block_length))
-    lp = prompt.shape[1]
-    prev = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), MASK)], dim=1)
-    assert len(trajectory.steps) == steps
-    for rec in trajectory.steps:
-        k = schedule[rec.step]
-        block = slice(rec.start, rec.start + block_length)
-        assert rec.start == lp + rec.block * block_length
-        now = rec.tokens
-        assert (rec.mask_count == block_length - k).all()
-        assert ((now[:, block] == MASK).sum(-1) == block_length - k).all()  # exactly B - k_i masks
-        outside = torch.ones(now.shape[1], dtype=torch.bool)
-        outside[block] = False
-        assert torch.equal(now[:, outside], prev[:, outside])  # prompt, earlier and later blocks unchanged
-        was_masked, is_masked = prev[:, block] == MASK, now[:, block] == MASK
-        assert torch.equal(rec.committed, was_masked & ~is_masked)
-        assert torch.equal(rec.remasked, ~was_masked & is_masked)
-        kept = ~was_masked & ~is_masked
-        assert torch.equal(now[:, block][kept], prev[:, block][kept])  # a kept token is never swapped
-        if not remask:
-            assert not rec.remasked.any()
-        prev = now
-    assert torch.equal(out, prev)
-    assert not (out == MASK).any()
-    assert torch.equal(out[:, :lp], prompt)
 
 
 @pytest.mark.parametrize("source", SOURCES)

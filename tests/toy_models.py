@@ -187,3 +187,40 @@ class DualCacheToyMDM(CacheToyMDM):
     """The same toy declaring its own UPS stream (as the dual-stream RemeDi models do)."""
 
     has_ups_stream = True
+
+
+def check_invariants(out, trajectory, prompt, shape, remask, eos_filled=None):
+    """The sampler's per-step invariants, from its trajectory (LLaDA-style and block decoding alike): every step
+    leaves exactly B - k_i masks in its block, keeps the prompt and other blocks, and records exactly what it
+    committed and re-masked (nothing re-masked when `remask` is False); at the end no mask is left and the last
+    tokens are the output, except the EOS a block decoder fills after a row's EOS block (`eos_filled` (B, Lp + G)
+    bool says where; without it every one of the `steps` steps must have run)."""
+    from remedi_patches.remasking import commit_schedule
+
+    gen_length, block_length, steps = shape
+    schedule = commit_schedule(block_length, steps // (gen_length // block_length))
+    lp = prompt.shape[1]
+    prev = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), MASK)], dim=1)
+    if eos_filled is None:
+        assert len(trajectory.steps) == steps
+    for rec in trajectory.steps:
+        k = schedule[rec.step]
+        block = slice(rec.start, rec.start + block_length)
+        assert rec.start == lp + rec.block * block_length
+        now = rec.tokens
+        assert (rec.mask_count == block_length - k).all()
+        assert ((now[:, block] == MASK).sum(-1) == block_length - k).all()  # exactly B - k_i masks
+        outside = torch.ones(now.shape[1], dtype=torch.bool)
+        outside[block] = False
+        assert torch.equal(now[:, outside], prev[:, outside])  # prompt, earlier and later blocks unchanged
+        was_masked, is_masked = prev[:, block] == MASK, now[:, block] == MASK
+        assert torch.equal(rec.committed, was_masked & ~is_masked)
+        assert torch.equal(rec.remasked, ~was_masked & is_masked)
+        kept = ~was_masked & ~is_masked
+        assert torch.equal(now[:, block][kept], prev[:, block][kept])  # a kept token is never swapped
+        assert remask or not rec.remasked.any()
+        prev = now
+    filled = torch.zeros_like(out, dtype=torch.bool) if eos_filled is None else eos_filled
+    assert torch.equal(out[~filled], prev[~filled]) and (out[filled] == EOS).all()
+    assert not (out == MASK).any()
+
