@@ -176,6 +176,7 @@ CHECKS: list[tuple[str, Check]] = [
                                      wrote("out/demo/ups_head.safetensors")(out, root))),
     (r"train_remedi\.py --out_dir out/my_head", wrote("out/my_head/ups_head.safetensors")),
     (r"remedi_patches\.embedded\.build", wrote("out/embedded_build/backbone/model.safetensors")),
+    (r"remedi_patches\.embedded\.remedi", wrote("out/embedded_remedi/model.safetensors")),
     (r"train_mdm\.py", wrote("out/train_mdm/final/model.safetensors")),
     (r"train_sft\.py", wrote("out/train_sft/final/model.safetensors")),
     # a model trained for a few steps may answer nothing yet: the answer section is enough
