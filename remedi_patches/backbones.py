@@ -312,7 +312,8 @@ def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = No
     if head is not None:
         if has_ups_stream(model):
             raise ValueError(f"{backbone.name} is a dual-stream RemeDi with its own UPS stream, so a UPS head does "
-                             f"not apply to it; drop ups_head ({ups_head_path}) and use confidence_source 'ups' alone")
+                             f"not apply to it; drop the head (--ups_head / ups_head_path {ups_head_path}) and use "
+                             "confidence_source 'ups' alone")
         check_head_fits(head, model)
         if meta.get("mask_id") not in (None, backbone.mask_id):
             logger.warning("UPS head %s was trained with mask id %s, the backbone uses %s", ups_head_path,

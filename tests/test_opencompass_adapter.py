@@ -140,7 +140,7 @@ def test_dual_stream_remedi_decodes_by_blocks_with_its_own_ups(tiny_remedi, tmp_
     torch.manual_seed(7)
     assert answer == [reference_answer(tiny_remedi, ids[0], {**SAMPLER, "ups_temperature": 1.2}, "ups",
                                        decode=block_generate)]
-    with pytest.raises(ValueError, match="own UPS stream.*drop ups_head"):
+    with pytest.raises(ValueError, match="own UPS stream.*drop the head"):
         LLaDABaseModel(path=str(tiny_remedi), confidence_source="ups", ups_head_path=str(tiny_ups_head(tmp_path)),
                        **TINY)
 
