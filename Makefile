@@ -8,10 +8,12 @@ TORCH       ?= torch==2.13.0
 DEMO_EXTRAS := dev
 TEST_EXTRAS := dev,opencompass,lmeval
 PY          := $(VENV)/bin/python
+PYTEST_ARGS ?= -n 2 --dist loadfile  # two workers (pytest-xdist), one test file per worker at a time
 
-# $(call install,EXTRAS): venv + torch + the project with EXTRAS, once per set of extras
+# $(call install,EXTRAS): venv + torch + the project with EXTRAS, once per set of extras (again when setup.py
+# changes, e.g. a new dependency)
 define install
-	@test -f $(VENV)/.installed-$(1) || { \
+	@test $(VENV)/.installed-$(1) -nt setup.py || { \
 	  $(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install --quiet $(TORCH) && \
 	  $(PY) -m pip install --quiet -e ".[$(1)]" && \
@@ -26,7 +28,7 @@ demo:
 
 test:
 	$(call install,$(TEST_EXTRAS))
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) out

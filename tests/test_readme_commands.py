@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+import torch
 
 from remedi_patches.sources import HUB_NAME
 
@@ -238,7 +239,7 @@ def test_every_readme_command_for_the_embedded_model_runs(sandbox):
         "make demo no longer runs demo.py: update TINY's make demo rule"
     env = dict(os.environ, HOME=str(sandbox / "home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+               OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")  # this worker's share
     env.pop("REMEDI_DEBUG", None)
     used: set[int] = set()
     ran, failures = [], []
