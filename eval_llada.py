@@ -33,8 +33,8 @@ from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.likelihood import mc_loglikelihood
 from remedi_patches.model_args import resolve_device
 from remedi_patches.modeling_wrappers import backbone_forward
-from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids, harness_settings,
-                                     harness_window, optional_value, sample)
+from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids,
+                                     harness_settings, harness_window, optional_value, sample)
 
 
 def distributed_accelerator():

@@ -48,7 +48,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt_template", default=None, help=TEMPLATE_HELP)
     add_sampler_args(p, defaults=CLI_DEFAULTS)
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling")
-    p.add_argument("--show_trajectory", action="store_true", help="print each step's committed (+pos:'tok') and re-masked (-pos:'tok') tokens")
+    p.add_argument("--show_trajectory", action="store_true",
+                   help="print each step's committed (+pos:'tok') and re-masked (-pos:'tok') tokens")
     return p
 
 

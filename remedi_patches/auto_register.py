@@ -3,10 +3,10 @@ transformers.
 
 Importing transformers (and the native LLaDA model) costs seconds, and most entry points must reject a bad flag
 before paying that. So instead of registering model_types "llada" and "RemeDi" eagerly, `install()` registers them
-once transformers' Auto modules are imported: right away when they already are, otherwise through a finder on `sys.meta_path` that
-watches the `transformers.*` imports and registers when the outermost one has finished (registering in the middle
-of transformers' own import chain would import half-initialised modules). The finder removes itself once both
-registrations are done. `import remedi_patches.llada` registers eagerly, as before.
+once transformers' Auto modules are imported: right away when they already are, otherwise through a finder on
+`sys.meta_path` that watches the `transformers.*` imports and registers when the outermost one has finished
+(registering in the middle of transformers' own import chain would import half-initialised modules). The finder
+removes itself once both registrations are done. `import remedi_patches.llada` registers eagerly, as before.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`import remedi_patches` is enough for transformers' Auto classes to load a LLaDA or RemeDi folder, whatever the import
-order, without importing transformers itself (that would cost every entry point seconds before its flag checks)."""
+"""`import remedi_patches` is enough for transformers' Auto classes to load a LLaDA or RemeDi folder, whatever the
+import order, without importing transformers itself (that would cost every entry point seconds before its flag
+checks)."""
 import subprocess
 import sys
 

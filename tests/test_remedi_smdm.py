@@ -129,7 +129,8 @@ def test_state_dict_names_and_shapes():
                          f"ups.feedback_norm.{j}.weight": (d,), f"ups.h.{j}.norm_1.weight": (d,),
                          f"ups.h.{j}.norm_2.weight": (d,), f"ups.h.{j}.attn.attn.weight": (qkv, d),
                          f"ups.h.{j}.attn.proj.weight": (d, d), f"ups.h.{j}.mlp.swiglu.w1.weight": (hidden, d),
-                         f"ups.h.{j}.mlp.swiglu.w2.weight": (hidden, d), f"ups.h.{j}.mlp.swiglu.w3.weight": (d, hidden)})
+                         f"ups.h.{j}.mlp.swiglu.w2.weight": (hidden, d),
+                         f"ups.h.{j}.mlp.swiglu.w3.weight": (d, hidden)})
     assert shapes == expected
     main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("ups."))
     assert main == sum(p.numel() for p in TransEncoder(tiny_config(ups_positions=None)).parameters())

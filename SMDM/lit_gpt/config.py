@@ -56,8 +56,8 @@ class Config:
             if isinstance(self.ups_positions, tuple):  # a tuple and its JSON round trip compare equal
                 self.ups_positions = list(self.ups_positions)
             layers = self.ups_positions
-            if not (isinstance(layers, list) and layers and all(isinstance(b, int) and 0 <= b < self.n_layer for b in layers)
-                    and all(a < b for a, b in zip(layers, layers[1:]))):
+            in_range = isinstance(layers, list) and all(isinstance(b, int) and 0 <= b < self.n_layer for b in layers)
+            if not (layers and in_range and all(a < b for a, b in zip(layers, layers[1:]))):
                 problems.append(f"ups_positions={layers} must be a non-empty, strictly increasing list of main-layer "
                                 f"indices in [0, n_layer={self.n_layer}) (or None for a single-stream model)")
         if problems:

@@ -321,7 +321,8 @@ class LLaDAModelLM(PreTrainedModel):
         real tokens only (after the real tokens of the cache), so a left-padded row gives the row's own logits.
         past_key_values: a `KVCache` whose keys the queries also attend to (where its key_mask is True);
         use_cache=True appends this forward's keys/values to it (a new KVCache when none is given). The output's
-        `.cache` is the KVCache used (transformers 5's name; `.past_key_values` is its deprecated alias). `config.use_cache` is not consulted: caching happens only when asked for.
+        `.cache` is the KVCache used (transformers 5's name; `.past_key_values` is its deprecated alias).
+        `config.use_cache` is not consulted: caching happens only when asked for.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LLaDAModelLM.forward needs exactly one of input_ids or inputs_embeds.")
