@@ -50,7 +50,7 @@ from remedi_patches.metrics import Confusion, confusion_at, detection_scores, ro
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import backbone_forward, load_ups_head
 from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, check_noise_settings,
-                                  noise_special_ids, tps_incorrect_noise)
+                                  context_incorrect_noise, noise_special_ids, tps_incorrect_noise)
 from remedi_patches.trajectory_views import pyplot, save_figure, write_text
 
 
@@ -61,8 +61,8 @@ class DetectionSettings:
 
     r_incorrect: float = arg(0.1, "peak incorrect-token rate r, rho_incorrect(t) = 4 r t (1 - t); report: "
                              "None = the head's training value (else 0.1)", group="detection")
-    incorrect_source: str = arg("uniform", "incorrect tokens: 'uniform' over the non-special vocabulary or 'tps' "
-                                "(the backbone's own guesses); report: None = the head's training source (else "
+    incorrect_source: str = arg("uniform", "incorrect tokens: 'uniform' over the non-special vocabulary, 'tps' "
+                                "(the backbone's own guesses) or 'context' (from the rows' own tokens); report: None = the head's training source (else "
                                 "uniform)", choices=INCORRECT_SOURCES, group="detection")
     eps: float = arg(1e-3, "t ~ U(eps, 1) per row; report: None = the head's training eps (else 1e-3)",
                      group="detection")
@@ -154,6 +154,8 @@ def measure_detection(model: torch.nn.Module, head: torch.nn.Module, examples: d
     generator = torch.Generator().manual_seed(settings.seed)  # the only source of randomness, drawn in order
     noise_all = apply_remask_noise(ids_all, amask_all, mask_id, settings.r_incorrect, vocab_size, special,
                                    t=settings.t, generator=generator, eps=settings.eps)
+    if settings.incorrect_source == "context":  # the pool: every held-out row's x_t
+        noise_all = context_incorrect_noise(ids_all, noise_all, mask_id, vocab_size, special, generator)
     ups_scores, tps_scores, labels = [], [], []
     tps_sum, ups_sum = 0.0, 0.0
     with _eval_mode(model, head):

@@ -40,11 +40,13 @@ def true_token_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def ups_labels(
-    logits: torch.Tensor, targets: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor, incorrect: torch.Tensor
+    logits: torch.Tensor, targets: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor, incorrect: torch.Tensor,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """UPS targets per position (B, L) float, no gradient:
-    clean unmasked token -> 1; incorrect token -> 0; masked position -> p_theta(true token | x_t), detached.
-    Positions outside the answer get labels too (1 for the untouched prompt); ups_loss ignores them.
+    """UPS targets per position (B, L) float, no gradient, smoothed by eps = label_smoothing (the paper's 0.05):
+    clean unmasked token -> 1 - eps; incorrect token -> eps; masked position -> eps + (1 - 2 eps) p_theta(true
+    token | x_t), detached. eps = 0 gives 1 / 0 / p_theta. Positions outside the answer get labels too (the
+    untouched prompt's); ups_loss ignores them.
 
     `noisy` is checked against the flags: an incorrect position must hold a token that differs from the target,
     any other unmasked position must hold the target.
@@ -55,8 +57,11 @@ def ups_labels(
             "noisy tokens disagree with the incorrect flags (an 'incorrect' token equals the truth or a clean one "
             "differs): build masked/incorrect with remedi_patches.noise.apply_remask_noise on the same input_ids"
         )
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (labels eps and 1 - eps), got {label_smoothing}")
     clean = (~incorrect).float()
-    return torch.where(masked, true_token_prob(logits, targets), clean)
+    labels = torch.where(masked, true_token_prob(logits, targets), clean)  # (B, L) in [0, 1]
+    return label_smoothing + (1.0 - 2.0 * label_smoothing) * labels
 
 
 def ups_loss(ups_logits: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -82,9 +87,11 @@ def remask_losses(
     answer_mask: torch.Tensor,
     answer_len: torch.Tensor,
     lambda_ups: float,
+    label_smoothing: float = 0.0,
 ) -> RemaskLosses:
-    """TPS loss, UPS labels, UPS loss and total = tps + lambda_ups * ups for one noised batch."""
-    labels = ups_labels(logits, targets, noisy, masked, incorrect)
+    """TPS loss, UPS labels (smoothed by label_smoothing), UPS loss and total = tps + lambda_ups * ups for one
+    noised batch."""
+    labels = ups_labels(logits, targets, noisy, masked, incorrect, label_smoothing)
     tps = tps_loss(logits, targets, masked, p_mask, answer_len)
     ups = ups_loss(ups_logits, labels, answer_mask)
     return RemaskLosses(total=tps + lambda_ups * ups, tps=tps, ups=ups, labels=labels)

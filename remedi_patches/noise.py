@@ -6,7 +6,9 @@ For one sequence with diffusion time t ~ U(eps, 1):
     by a different token, so an "incorrect" token always differs from the truth. Its source
     (--incorrect_source): 'uniform' (default) draws it uniformly from the allowed vocabulary (all ids below
     `vocab_size` that are not special); 'tps' samples it from the backbone's own TPS distribution at that
-    position with the truth and special ids excluded, i.e. the plausible mistakes the sampler makes;
+    position with the truth and special ids excluded, i.e. the plausible mistakes the sampler makes; 'context'
+    (the paper's) draws it from the tokens of the batch's x_t (every non-special token of the rows noised
+    together, prompts included, counted with multiplicity) with the truth excluded;
   * prompt tokens are never touched.
 
 Everything here is pure tensor maths: no model, no I/O (the 'tps' source takes the backbone as a logits
@@ -18,7 +20,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 
-INCORRECT_SOURCES = ("uniform", "tps")
+INCORRECT_SOURCES = ("uniform", "tps", "context")
 
 
 def check_noise_settings(r_incorrect: float, incorrect_source: str, eps: float) -> None:
@@ -197,6 +199,39 @@ def tps_incorrect_noise(
         logits = logits_fn(proposal_input)  # (B, L, V)
     tokens = sample_replacements(logits, input_ids, batch.incorrect, vocab_size, list(special_ids) + [mask_id],
                                  generator).to(input_ids.device)
+    return batch._replace(noisy=torch.where(batch.incorrect, tokens, batch.noisy))
+
+
+def context_incorrect_noise(
+    input_ids: torch.Tensor,
+    batch: RemaskBatch,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    generator: Optional[torch.Generator] = None,
+) -> RemaskBatch:
+    """--incorrect_source context: `batch` (from apply_remask_noise, same t and sets) with every incorrect token
+    drawn from the pool of tokens present in the batch's x_t, the truth at that position excluded.
+
+    The pool is the multiset of non-special tokens of x_t over all rows (prompts and unmasked answer tokens before
+    incorrect noise; mask, EOS padding and other special ids never enter it, unlike the official code, whose pool
+    holds the EOS padding). A draw is uniform over the pool entries that differ from the truth: with the pool
+    sorted, the truth's entries form one run [lo, hi), and k ~ U{0 .. N - (hi - lo) - 1} maps to k (k < lo) or
+    k + hi - lo. One uniform per position is drawn (row-major), so the draws are reproducible with `generator`.
+    A position whose truth is the only token in the pool falls back to a uniform draw over the allowed vocabulary.
+    """
+    special = torch.tensor(sorted(set(special_ids) | {mask_id}), device=input_ids.device)
+    x_t = torch.where(batch.masked, torch.full_like(input_ids, mask_id), input_ids)  # (B, L) before incorrect noise
+    pool = x_t[~torch.isin(x_t, special)].sort().values  # (N,) with multiplicity
+    lo = torch.searchsorted(pool, input_ids)  # (B, L) the truth's run in the pool
+    hi = torch.searchsorted(pool, input_ids, right=True)
+    others = pool.numel() - (hi - lo)  # (B, L) pool entries that differ from the truth
+    u = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    k = (u * others).long().clamp(max=(others - 1).clamp(min=0))
+    drawn = pool[torch.where(k < lo, k, k + hi - lo).clamp(max=max(pool.numel() - 1, 0))] if pool.numel() else k
+    allowed = allowed_token_ids(vocab_size, special.tolist(), device=input_ids.device)
+    fallback = random_other_tokens(input_ids, allowed, generator=generator)
+    tokens = torch.where(others > 0, drawn, fallback)
     return batch._replace(noisy=torch.where(batch.incorrect, tokens, batch.noisy))
 
 

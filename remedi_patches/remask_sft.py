@@ -10,10 +10,12 @@ task); with any other backbone the general defaults, GENERAL_DEFAULTS (the seeds
 
 Per sequence (prompt never noised): t ~ U(eps, 1); answer tokens masked with rho_mask(t) = t; unmasked answer
 tokens replaced by a different token with rho_incorrect(t) = 4 r t (1 - t), drawn uniformly from the vocabulary
-(--incorrect_source uniform) or sampled from the backbone's own TPS distribution at that position, truth excluded
-(tps: one extra no-grad forward with the masked and the to-be-corrupted positions as [MASK]). Loss = TPS (CE on
-masked positions / p_mask, normalised by answer length) + lambda_ups * UPS (BCE over all answer positions; labels
-1 clean, 0 incorrect, stop-gradient p(true token) where masked). The maths lives in remedi_patches.noise / .losses.
+(--incorrect_source uniform), sampled from the backbone's own TPS distribution at that position, truth excluded
+(tps: one extra no-grad forward with the masked and the to-be-corrupted positions as [MASK]), or drawn from the
+tokens of the global batch's x_t, truth excluded (context, the paper's). Loss = TPS (CE on masked positions /
+p_mask, normalised by answer length) + lambda_ups * UPS (BCE over all answer positions; labels 1 clean, 0 incorrect,
+stop-gradient p(true token) where masked, smoothed to 1 - eps / eps / eps + (1 - 2 eps) p by --label_smoothing eps).
+The maths lives in remedi_patches.noise / .losses.
 
 Modes (--train_mode):
   ups_only     backbone frozen and run under torch.no_grad; only the head trains (--lr).
@@ -51,7 +53,7 @@ from remedi_patches.losses import RemaskLosses, remask_losses
 from remedi_patches.modeling_wrappers import (backbone_forward, check_head_fits, hidden_size_of, load_ups_head,
                                               save_ups_head)
 from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, check_noise_settings,
-                                  noise_special_ids, tps_incorrect_noise)
+                                  context_incorrect_noise, noise_special_ids, tps_incorrect_noise)
 from remedi_patches.ups_head import UPSHead
 
 TRAIN_MODES = ("ups_only", "joint", "alternating")
@@ -120,9 +122,12 @@ class RemaskConfig(FabricConfig, RunConfig):
     # Remask SFT
     lambda_ups: float = arg(1.0, "total = TPS + lambda_ups * UPS", group="remask SFT")
     r_incorrect: float = arg(0.1, "rho_incorrect(t) = 4 r t (1 - t)", group="remask SFT")
-    incorrect_source: str = arg("uniform", "incorrect tokens: 'uniform' over the non-special vocabulary, or 'tps': "
+    incorrect_source: str = arg("uniform", "incorrect tokens: 'uniform' over the non-special vocabulary; 'tps': "
                                 "sampled from the backbone's TPS at that position, truth excluded (the sampler's "
-                                "plausible mistakes)", choices=INCORRECT_SOURCES, group="remask SFT")
+                                "plausible mistakes); 'context' (the paper's): drawn from the tokens of the batch's "
+                                "x_t, truth excluded", choices=INCORRECT_SOURCES, group="remask SFT")
+    label_smoothing: float = arg(0.0, "UPS labels eps: 1 - eps correct, eps incorrect, eps + (1 - 2 eps) p_TPS "
+                                 "masked (the paper uses 0.05)", group="remask SFT")
     eps: float = arg(1e-3, "t ~ U(eps, 1)", group="remask SFT")
     train_mode: str = arg("ups_only", "ups_only: head only, backbone frozen; joint: LoRA by TPS + head by UPS in "
                           "every update; alternating: --alt_ratio LoRA updates then one head update",
@@ -207,6 +212,9 @@ class RemaskConfig(FabricConfig, RunConfig):
         check_noise_settings(self.r_incorrect, self.incorrect_source, self.eps)
         if self.lambda_ups < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError("--lambda_ups must be >= 0 and --min_lr_ratio in [0, 1]")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing must be in [0, 0.5) (labels eps and 1 - eps), got "
+                            f"{self.label_smoothing}; the paper uses 0.05")
         if self.weight_decay < 0 or self.grad_clip < 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise UserError("--weight_decay and --grad_clip must be >= 0 and --lora_dropout in [0, 1)")
         if self.ups_width is not None and self.ups_width < 0:
@@ -297,7 +305,7 @@ def propose_incorrect(model, input_ids, batch: RemaskBatch, mask_id: int, vocab_
 
 
 def remask_forward(model, head, batch: RemaskBatch, input_ids, answer_mask, answer_len, kind: str,
-                   lambda_ups: float) -> tuple[RemaskLosses, torch.Tensor]:
+                   lambda_ups: float, label_smoothing: float = 0.0) -> tuple[RemaskLosses, torch.Tensor]:
     """One forward of backbone + head on a noised batch -> (losses, UPS logits (B, L)).
 
     kind: 'joint' | 'tps' | 'ups' (see step_kind) or 'eval' (no autograd at all). The backbone runs with
@@ -309,7 +317,7 @@ def remask_forward(model, head, batch: RemaskBatch, input_ids, answer_mask, answ
     with torch.set_grad_enabled(kind in ("joint", "ups")):
         ups_logits = head(hidden.detach())  # (B, L)
     losses = remask_losses(logits, ups_logits, input_ids, batch.noisy, batch.masked, batch.incorrect, batch.p_mask,
-                           answer_mask, answer_len, lambda_ups)
+                           answer_mask, answer_len, lambda_ups, label_smoothing)
     return losses, ups_logits
 
 
@@ -403,8 +411,11 @@ class RemaskStep:
         idx = sample_indices(cfg.seed, len(ex), step * self.global_batch, self.global_batch)
         ids, plen, alen = ex.input_ids[idx], ex.prompt_len[idx], ex.answer_len[idx]
         amask = sft_data.answer_mask(plen, cfg.seq_len)
+        generator = seeded_generator(cfg.seed, STREAM_NOISE, step)
         noise = apply_remask_noise(ids, amask, self.mask_id, cfg.r_incorrect, self.vocab_size, self.special,
-                                   generator=seeded_generator(cfg.seed, STREAM_NOISE, step), eps=cfg.eps)
+                                   generator=generator, eps=cfg.eps)
+        if cfg.incorrect_source == "context":  # the pool is the whole global batch's x_t, the same on every rank
+            noise = context_incorrect_noise(ids, noise, self.mask_id, self.vocab_size, self.special, generator)
         return ids, amask, alen, noise
 
     def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
@@ -419,7 +430,8 @@ class RemaskStep:
             if cfg.incorrect_source == "tps":
                 noise = propose_incorrect(self.model, ids, noise, self.mask_id, self.vocab_size, self.special,
                                           seeded_generator(cfg.seed, STREAM_PROPOSE, step, part))
-            losses, _ = remask_forward(self.model, self.head, noise, ids, amask, alen, kind, cfg.lambda_ups)
+            losses, _ = remask_forward(self.model, self.head, noise, ids, amask, alen, kind, cfg.lambda_ups,
+                                       cfg.label_smoothing)
         n_answer = amask.sum().clamp(min=1)
         tps_updates, ups_updates = update_counts(cfg.train_mode, step + 1, cfg.alt_ratio)
         metrics = {"loss": losses.total.detach(), "tps_loss": losses.tps.detach(), "ups_loss": losses.ups.detach(),

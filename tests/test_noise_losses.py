@@ -7,8 +7,8 @@ import torch
 
 from remedi_patches.losses import remask_losses, tps_loss, true_token_prob, ups_labels, ups_loss
 from remedi_patches.metrics import average_ranks, confusion_at, detection_scores, roc_auc, roc_curve
-from remedi_patches.noise import (allowed_token_ids, apply_remask_noise, random_other_tokens, rho_incorrect, rho_mask,
-                                  sample_replacements, sample_t, tps_incorrect_noise)
+from remedi_patches.noise import (allowed_token_ids, apply_remask_noise, context_incorrect_noise, random_other_tokens,
+                                  rho_incorrect, rho_mask, sample_replacements, sample_t, tps_incorrect_noise)
 
 MASK, EOS, BOS = 30, 1, 0
 SPECIAL = [EOS, BOS]
@@ -228,6 +228,60 @@ def test_ups_labels_follow_design():
                 assert labels[bi, i] == 1.0
     assert not labels.requires_grad  # stop-gradient
     assert torch.allclose(true_token_prob(logits, targets), probs.gather(-1, targets[..., None]).squeeze(-1))
+
+
+def test_smoothed_ups_labels_follow_the_paper():
+    """eps = 0.05: 1 - eps for a clean token, eps for an incorrect one, eps + (1 - 2 eps) p_TPS for a masked one."""
+    logits, targets, noisy, masked, incorrect, *_ = _toy()
+    eps = 0.05
+    plain = ups_labels(logits, targets, noisy, masked, incorrect)
+    smooth = ups_labels(logits, targets, noisy, masked, incorrect, label_smoothing=eps)
+    p = true_token_prob(logits, targets)
+    clean = ~masked & ~incorrect
+    assert torch.allclose(smooth[clean], torch.full_like(smooth[clean], 1 - eps))
+    assert torch.allclose(smooth[incorrect], torch.full_like(smooth[incorrect], eps))
+    assert torch.allclose(smooth[masked], eps + (1 - 2 * eps) * p[masked])
+    assert torch.equal(ups_labels(logits, targets, noisy, masked, incorrect, label_smoothing=0.0), plain)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        ups_labels(logits, targets, noisy, masked, incorrect, label_smoothing=0.5)
+
+
+def test_context_incorrect_tokens_come_from_the_batch_and_never_equal_the_truth():
+    """The pool is the batch's x_t without special tokens (masks, EOS padding), counted with multiplicity; a draw
+    is uniform over the pool entries that differ from the truth; t and the masked / incorrect sets are kept."""
+    ids, answer = _batch(b=64, l=32, prompt=8)
+    ids[:, :8] = torch.randint(2, 6, (64, 8), generator=torch.Generator().manual_seed(1))  # prompts: ids 2..5 only
+    g = torch.Generator().manual_seed(0)
+    batch = apply_remask_noise(ids, answer, MASK, 1.0, V, SPECIAL, t=0.5, generator=g)
+    out = context_incorrect_noise(ids, batch, MASK, V, SPECIAL, generator=g)
+    assert torch.equal(out.masked, batch.masked) and torch.equal(out.incorrect, batch.incorrect)
+    assert torch.equal(out.noisy[~batch.incorrect], batch.noisy[~batch.incorrect])
+    drawn, truth = out.noisy[batch.incorrect], ids[batch.incorrect]
+    assert drawn.numel() > 100 and not (drawn == truth).any()
+    x_t = torch.where(batch.masked, MASK, ids)
+    pool = x_t[(x_t != MASK) & (x_t != EOS) & (x_t != BOS)]
+    assert torch.isin(drawn, pool).all() and not torch.isin(drawn, torch.tensor([MASK, EOS, BOS])).any()
+    # frequencies follow the pool's: the prompt-only ids 2..5 are drawn far more often than an answer-only id
+    counts = torch.bincount(pool, minlength=V).float()
+    truth_token = int(truth[0])
+    wanted = counts.clone()
+    wanted[truth_token] = 0
+    draws = torch.stack([context_incorrect_noise(ids, batch, MASK, V, SPECIAL,
+                                                 torch.Generator().manual_seed(s)).noisy[batch.incorrect][0]
+                         for s in range(2000)])
+    observed = torch.bincount(draws, minlength=V).float()
+    expected = 2000 * wanted / wanted.sum()
+    assert observed[truth_token] == 0
+    assert ((observed - expected).abs() <= 5 * expected.sqrt() + 5).all()
+
+
+def test_context_pool_of_only_the_truth_falls_back_to_uniform():
+    ids = torch.full((1, 6), 7)
+    answer = torch.tensor([[False, False, True, True, True, True]])
+    batch = apply_remask_noise(ids, answer, MASK, 1.0, V, SPECIAL, t=0.5, generator=torch.Generator().manual_seed(0))
+    out = context_incorrect_noise(ids, batch, MASK, V, SPECIAL, generator=torch.Generator().manual_seed(0))
+    drawn = out.noisy[batch.incorrect]
+    assert drawn.numel() > 0 and not (drawn == 7).any() and not torch.isin(drawn, torch.tensor([MASK, EOS, BOS])).any()
 
 
 def test_ups_labels_reject_inconsistent_noise():

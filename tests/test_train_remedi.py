@@ -2,6 +2,7 @@
 head and adapter round trips, resume, flags and errors."""
 import csv
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -371,3 +372,19 @@ def test_bad_flags(argv, match, capsys):
     with pytest.raises((ValueError, SystemExit)) as err:
         train_remedi.parse_config(argv)
     assert match in (str(err.value) + capsys.readouterr().err)
+
+
+def test_context_incorrect_tokens_and_smoothed_labels_train(root):
+    """--incorrect_source context with --label_smoothing 0.05 (two parts of the paper's recipe): same t and noise
+    sets as uniform with the same seed, a finite falling UPS loss, both recorded with the head."""
+    backbone = load_backbone(root / "llada")
+    out = run(make_cfg(root, "ups_context", incorrect_source="context", label_smoothing=0.05, max_steps=8),
+              backbone=backbone)
+    rows = csv_rows(out["metrics_csv"])
+    ups = [float(r["ups_loss"]) for r in rows]
+    assert len(ups) == 8 and all(math.isfinite(u) for u in ups) and sum(ups[-3:]) < sum(ups[:3])
+    _, meta = load_ups_head(out["head_path"])
+    assert meta["train_args"]["incorrect_source"] == "context" and meta["train_args"]["label_smoothing"] == 0.05
+    uniform = run(make_cfg(root, "ups_uniform_ctx", max_steps=2), backbone=backbone)
+    same = ("mask_frac", "incorrect_frac")
+    assert [[r[k] for k in same] for r in csv_rows(uniform["metrics_csv"])] == [[r[k] for k in same] for r in rows[:2]]
