@@ -431,6 +431,7 @@ class SFTExamples:
     input_ids: torch.Tensor  # (N, seq_len) long
     prompt_len: torch.Tensor  # (N,) long
     answer_len: torch.Tensor  # (N,) long, seq_len - prompt_len (EOS padding counted)
+    answer_tokens: torch.Tensor  # (N,) long, the answer with its closing EOS (cut at seq_len), no padding
     dropped: int  # prompts that left no room for an answer
     truncated: int  # answers cut at seq_len
     skipped: int = 0  # rows with an empty or missing prompt or answer (never trained on)
@@ -509,7 +510,7 @@ def build_sft_examples(
     else:
         prompt_ids, answer_ids = _encode_plain(tokenizer, prompts, answers, prompt_template)
 
-    rows, plens = [], []
+    rows, plens, alens = [], [], []
     dropped = truncated = 0
     for p, a in zip(prompt_ids, answer_ids):
         if len(p) >= seq_len:
@@ -519,6 +520,7 @@ def build_sft_examples(
         row = (p + a)[:seq_len]
         rows.append(row + [eos] * (seq_len - len(row)))
         plens.append(len(p))
+        alens.append(len(row) - len(p))
     if dropped:
         log.warning("dropped %d of %d examples whose prompt alone fills seq_len=%d", dropped, len(prompt_ids), seq_len)
     if truncated:
@@ -528,4 +530,4 @@ def build_sft_examples(
     input_ids = torch.tensor(rows, dtype=torch.long)
     prompt_len = torch.tensor(plens, dtype=torch.long)
     return SFTExamples(input_ids=input_ids, prompt_len=prompt_len, answer_len=seq_len - prompt_len,
-                       dropped=dropped, truncated=truncated, skipped=skipped)
+                       answer_tokens=torch.tensor(alens, dtype=torch.long), dropped=dropped, truncated=truncated, skipped=skipped)

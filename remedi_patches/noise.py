@@ -1,6 +1,7 @@
 """Remask SFT forward process (DESIGN.md 3.4): mask noise plus incorrect-token noise on the answer span.
 
-For one sequence with diffusion time t ~ U(eps, 1):
+For one sequence with diffusion time t ~ U(eps, 1) (or, in the block-diffusion layout, one t per answer block:
+block_remask_noise, with p_mask the block's realised masked fraction):
   * every answer token is replaced by [MASK] with probability rho_mask(t) = t;
   * every answer token that stayed unmasked is replaced, with probability rho_incorrect(t) = 4 r t (1 - t),
     by a different token, so an "incorrect" token always differs from the truth. Its source
@@ -35,8 +36,8 @@ def check_noise_settings(r_incorrect: float, incorrect_source: str, eps: float) 
 
 class RemaskBatch(NamedTuple):
     noisy: torch.Tensor  # (B, L) long, x_t fed to the model
-    t: torch.Tensor  # (B,) float, diffusion time per sequence
-    p_mask: torch.Tensor  # (B, L) float, rho_mask(t) broadcast over positions
+    t: torch.Tensor  # (B,) float, diffusion time per sequence, or (B, L) per position (one t per block)
+    p_mask: torch.Tensor  # (B, L) float, rho_mask(t) per position, or the block's realised masked fraction
     masked: torch.Tensor  # (B, L) bool, answer positions set to [MASK]
     incorrect: torch.Tensor  # (B, L) bool, answer positions holding a wrong (non-mask) token
 
@@ -111,7 +112,8 @@ def apply_remask_noise(
     """Corrupt the answer span of clean sequences with mask and incorrect-token noise.
 
     input_ids (B, L) long clean tokens; answer_mask (B, L) bool, True on answer positions (EOS padding included).
-    t: None draws t ~ U(eps, 1) per sequence; a float or a (B,) tensor fixes it.
+    t: None draws t ~ U(eps, 1) per sequence; a float or a (B,) tensor fixes it per sequence, a (B, L) tensor per
+    position (block_remask_noise).
     special_ids: ids never used as incorrect tokens (mask, EOS/pad, BOS, EoT, ...); mask_id is always added.
     """
     if input_ids.shape != answer_mask.shape:
@@ -123,13 +125,15 @@ def apply_remask_noise(
     if t is None:
         t = sample_t(b, eps, generator=generator, device=device)
     else:
-        t = torch.as_tensor(t, dtype=torch.float32, device=device).expand(b).clone()
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        t = t.clone() if t.dim() == 2 else t.expand(b).clone()
     answer_mask = answer_mask.bool()
+    t_pos = t if t.dim() == 2 else t[:, None].expand(b, l)  # (B, L)
 
-    p_mask = rho_mask(t)[:, None].expand(b, l)  # (B, L)
+    p_mask = rho_mask(t_pos)
     masked = answer_mask & (torch.rand(b, l, generator=generator, device=device) < p_mask)
 
-    p_inc = rho_incorrect(t, r_incorrect)[:, None]  # (B, 1)
+    p_inc = rho_incorrect(t_pos, r_incorrect)  # (B, L)
     incorrect = answer_mask & ~masked & (torch.rand(b, l, generator=generator, device=device) < p_inc)
 
     allowed = allowed_token_ids(vocab_size, list(special_ids) + [mask_id], device=device)
@@ -137,6 +141,48 @@ def apply_remask_noise(
     noisy = torch.where(incorrect, wrong, input_ids)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), noisy)
     return RemaskBatch(noisy=noisy, t=t, p_mask=p_mask, masked=masked, incorrect=incorrect)
+
+
+def block_times(block_index: torch.Tensor, eps: float = 1e-3,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One t ~ U(eps, 1) per answer block: block_index (B, L) (-1 off the answer) -> t per position (B, L). The
+    draws are (B, number of blocks) in row-major order, so a batch's noise does not depend on how it is split."""
+    b = block_index.shape[0]
+    n_blocks = max(int(block_index.max()) + 1, 1)
+    t = sample_t(b * n_blocks, eps, generator=generator, device=block_index.device).view(b, n_blocks)
+    return t.gather(1, block_index.clamp(min=0))
+
+
+def realised_p_mask(masked: torch.Tensor, block_index: torch.Tensor) -> torch.Tensor:
+    """(B, L) the masked fraction of each position's answer block (the paper's p_mask of the block-diffusion
+    layout), at least 1 / block size: exact at every masked position, the only ones the TPS loss reads."""
+    b, l = masked.shape
+    n_blocks = max(int(block_index.max()) + 1, 1)
+    slot = block_index.clamp(min=0)
+    on = (block_index >= 0).float()
+    size = torch.zeros(b, n_blocks, device=masked.device).scatter_add_(1, slot, on)
+    hits = torch.zeros(b, n_blocks, device=masked.device).scatter_add_(1, slot, on * masked.float())
+    fraction = hits / size.clamp(min=1)
+    return torch.maximum(fraction, 1.0 / size.clamp(min=1)).gather(1, slot)
+
+
+def block_remask_noise(
+    input_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    block_index: torch.Tensor,
+    mask_id: int,
+    r_incorrect: float,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    generator: Optional[torch.Generator] = None,
+    eps: float = 1e-3,
+) -> RemaskBatch:
+    """apply_remask_noise with one t ~ U(eps, 1) per answer block (block_index (B, L), see block_times) and p_mask
+    the block's realised masked fraction (realised_p_mask), as the paper's block-diffusion Remask SFT draws it."""
+    t = block_times(block_index, eps, generator)
+    batch = apply_remask_noise(input_ids, answer_mask, mask_id, r_incorrect, vocab_size, special_ids, t=t,
+                               generator=generator, eps=eps)
+    return batch._replace(p_mask=realised_p_mask(batch.masked, block_index))
 
 
 def sample_replacements(
