@@ -62,12 +62,9 @@ class UPSStream(nn.Module):
         nn.init.trunc_normal_(self.confidence.weight, std=0.02)
         nn.init.zeros_(self.confidence.bias)
 
-    def after_layer(self, j: int, x: torch.Tensor, u: Optional[torch.Tensor],
-                    block_args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """UPS block j on the main stream's x (B, T, d) (plus the UPS state u after the first); -> (x with the
-        feedback added, the new u)."""
-        u = self.h[j](x if u is None else x + u, *block_args)
-        return x + self.feedback[j](self.feedback_norm[j](u)), u
+    def feedback_of(self, j: int, u: torch.Tensor) -> torch.Tensor:
+        """What UPS block j's output u (B, T, d) adds to the main stream: feedback_j(feedback_norm_j(u))."""
+        return self.feedback[j](self.feedback_norm[j](u))
 
     def confidences(self, u: torch.Tensor) -> torch.Tensor:
         return self.confidence(self.ln_f(u)).squeeze(-1)  # (B, T) raw logits
@@ -101,10 +98,11 @@ class RemeDiTransEncoder(TransEncoder):
         step = self.attention_inputs(idx, attention_mask, position_ids, past_key_values, use_cache)
         x, u = self.transformer.wte(idx), None  # (B, T, d)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, *step.args(i))
+            x = self.run_block(block, x, step, i)
             j = self._ups_index.get(i)
-            if j is not None:
-                x, u = self.ups.after_layer(j, x, u, step.args(self.config.n_layer + j))
+            if j is not None:  # UPS block j on the main stream's x (plus the UPS state after the first)
+                u = self.run_block(self.ups.h[j], x if u is None else x + u, step, self.config.n_layer + j)
+                x = x + self.ups.feedback_of(j, u)
         step.finish()
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
         return RemeDiOutput(logits, self.ups.confidences(u))

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from lit_gpt.config import Config
 from remedi_patches.kv_cache import KVCache, attention_keep, current_key_mask
@@ -210,6 +211,9 @@ class TransEncoder(nn.Module):
     Block-diffusion decoding: see `forward`.
     """
     has_ups_stream = False  # the dual-stream RemeDiTransEncoder (lit_gpt.dual_stream) has its own UPS
+    # recompute every block in backward instead of keeping its activations (lit_gpt.training's
+    # apply_gradient_checkpointing sets it; see `run_block`)
+    gradient_checkpointing = False
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -255,6 +259,15 @@ class TransEncoder(nn.Module):
         cos, sin = rope_angles(position_ids.to(idx.device), self.config.head_size, self.config.rope_base)
         return AttentionInputs(cos, sin, keep, past_key_values, written)
 
+    def run_block(self, block: Block, x: torch.Tensor, step: AttentionInputs, layer_id: int) -> torch.Tensor:
+        """`block` on x (B, T, d) as attention layer `layer_id`. With `gradient_checkpointing`, while training
+        with gradients and writing no KV cache (a recompute would write it twice), its activations are not kept
+        but recomputed in backward (non-reentrant torch.utils.checkpoint: same loss and gradients)."""
+        args = step.args(layer_id)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and step.written is None:
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
                 use_cache: bool = False) -> torch.Tensor:
@@ -268,7 +281,7 @@ class TransEncoder(nn.Module):
         step = self.attention_inputs(idx, attention_mask, position_ids, past_key_values, use_cache)
         x = self.transformer.wte(idx)  # (B, T, d)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, *step.args(i))
+            x = self.run_block(block, x, step, i)
         step.finish()
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, padded_vocab)

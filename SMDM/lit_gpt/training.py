@@ -17,8 +17,9 @@ gradient accumulation without gradient sync until the last micro-batch, clipping
 guard, logging (CSVLogger metrics.csv + tqdm), validation, atomic checkpoints, resume and the run lock.
 
 Config pieces shared by the trainers (fields declared once with remedi_patches.cli.arg): FabricConfig
-(--accelerator --devices --num_nodes --strategy --precision), RunConfig (--resume --divergence_factor),
-and for the SMDM trainers SMDMModelConfig (--model --model_name --vocab_size) and OptimConfig.
+(--accelerator --devices --num_nodes --strategy --precision --gradient_checkpointing, see
+`apply_gradient_checkpointing`), RunConfig (--resume --divergence_factor), and for the SMDM trainers
+SMDMModelConfig (--model --model_name --vocab_size) and OptimConfig.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 from tqdm.auto import tqdm
 
 from lit_gpt.config import Config, num_non_embedding_params
-from lit_gpt.model import first_nonfinite
+from lit_gpt.model import TransEncoder, first_nonfinite
+from remedi_patches.backbones import unwrap
 from remedi_patches.cli import UserError, arg
 from remedi_patches.run_lock import RunLock
 from remedi_patches.sources import is_hub_name, missing_path_message
@@ -54,7 +56,8 @@ LOSS_EMA = 0.1  # weight of the newest step in the running loss the divergence g
 # hparams whose change on resume does not move the trajectory (not listed in the resume warning)
 NOT_TRAJECTORY = frozenset({"out_dir", "resume", "export_dir", "save_interval", "save_every", "eval_interval",
                             "eval_every", "eval_iters", "eval_mc", "save_path", "save_lora_dir", "accelerator",
-                            "devices", "num_nodes", "strategy", "divergence_factor", "tokenizer"})
+                            "devices", "num_nodes", "strategy", "divergence_factor", "tokenizer",
+                            "gradient_checkpointing"})
 
 
 class TrainingDiverged(UserError):
@@ -73,6 +76,9 @@ class FabricConfig:
                         "one unit per transformer block (GPU only)", choices=STRATEGIES, group="fabric")
     precision: Optional[str] = arg(None, "default: bf16-mixed on a GPU that supports bf16, else 32-true",
                                    choices=PRECISIONS, group="fabric")
+    gradient_checkpointing: bool = arg(False, "recompute every transformer block (main and UPS) in backward instead "
+                                       "of keeping its activations: less memory for about one more forward per "
+                                       "step, same losses", group="fabric")
 
     def check_fabric(self) -> None:
         for name in ("devices", "num_nodes"):
@@ -262,14 +268,15 @@ def default_precision(accelerator: str) -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def make_strategy(strategy: str, devices: int, num_nodes: int, cpu: bool,
-                  wrap_blocks: Optional[set[type]] = None) -> Union[str, DDPStrategy, FSDPStrategy]:
+def make_strategy(strategy: str, devices: int, num_nodes: int, cpu: bool, wrap_blocks: Optional[set[type]] = None,
+                  checkpoint_blocks: bool = False) -> Union[str, DDPStrategy, FSDPStrategy]:
     """Fabric strategy for the --strategy flag.
 
     ddp (also chosen by "auto" when devices * num_nodes > 1): NCCL on GPUs, gloo on CPU.
     fsdp (GPU only): full sharding with each module of a class in `wrap_blocks` (default SMDM's
     `Block`) as one unit, and full (unsharded) state dicts, so a checkpoint is one file whatever
-    the strategy.
+    the strategy. checkpoint_blocks (--gradient_checkpointing): FSDP's checkpoint wrapper also recomputes
+    each of those blocks in backward (`apply_gradient_checkpointing` then leaves the model alone).
     """
     if strategy == "fsdp":
         if cpu:
@@ -278,7 +285,8 @@ def make_strategy(strategy: str, devices: int, num_nodes: int, cpu: bool,
             from lit_gpt.model import Block
             wrap_blocks = {Block}
         return FSDPStrategy(auto_wrap_policy=wrap_blocks, state_dict_type="full", limit_all_gathers=True,
-                            cpu_offload=False)
+                            cpu_offload=False,
+                            activation_checkpointing_policy=wrap_blocks if checkpoint_blocks else None)
     if strategy == "ddp" or devices * num_nodes > 1:
         return DDPStrategy(process_group_backend="gloo" if cpu else None)
     return "auto"
@@ -291,11 +299,35 @@ def setup_fabric(cfg: FabricConfig, wrap_blocks: Optional[set[type]] = None,
     script's main, not from inside another program.
     """
     precision = cfg.precision or default_precision(cfg.accelerator)
-    strategy = make_strategy(cfg.strategy, cfg.devices, cfg.num_nodes, on_cpu(cfg.accelerator), wrap_blocks)
+    strategy = make_strategy(cfg.strategy, cfg.devices, cfg.num_nodes, on_cpu(cfg.accelerator), wrap_blocks,
+                             cfg.gradient_checkpointing)
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     strategy=strategy, precision=precision, loggers=loggers)
     fabric.launch()
     return fabric
+
+
+def apply_gradient_checkpointing(model: torch.nn.Module, cfg: FabricConfig) -> None:
+    """--gradient_checkpointing on `model` (any backbone the project trains, also under PEFT / UPSModel wrappers),
+    before fabric.setup: every transformer block, main and UPS, is recomputed in backward (non-reentrant
+    torch.utils.checkpoint) while the model trains with gradients. SMDM's TransEncoder and RemeDiTransEncoder: their
+    `gradient_checkpointing` switch; LLaDA and RemeDi (transformers models): transformers' activation checkpointing
+    of their LLaDABlocks. Nothing with --strategy fsdp: there setup_fabric's FSDPStrategy checkpoints the blocks."""
+    if not cfg.gradient_checkpointing or cfg.strategy == "fsdp":
+        return
+    base = unwrap(model)
+    if isinstance(base, TransEncoder):
+        base.gradient_checkpointing = True
+    elif getattr(base, "supports_gradient_checkpointing", False):
+        # activation_checkpointing_enable is the newer transformers 5 name of gradient_checkpointing_enable
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        # transformers also makes the embeddings' output require grad, which only reentrant checkpoints need; without
+        # this a frozen backbone (a UPS head trained alone) would build its whole autograd graph
+        base.disable_input_require_grads()
+    else:
+        raise UserError(f"--gradient_checkpointing: {type(base).__name__} has no gradient checkpointing; drop the "
+                        "flag, or train an SMDM or LLaDA backbone")
 
 
 # ---------------------------------------------------------------- packed data: its vocabulary, the run's cost
@@ -789,8 +821,8 @@ def _steps(fabric, state, step_fn, groups_of, schedule: Schedule, out_dir: Path,
         for g in trained:
             g.optimizer.zero_grad(set_to_none=True)  # what another step's backward left here does not count
             lr = cosine_lr(step, schedule.warmup_steps, schedule.max_steps, g.lr, g.min_lr)
-            for pg in g.optimizer.param_groups:
-                pg["lr"] = lr
+            for pg in g.optimizer.param_groups:  # a param group may run at a fixed ratio of the group's lr
+                pg["lr"] = lr * pg.get("lr_scale", 1.0)
             lrs[f"lr_{g.name}" if g.name else "lr"] = lr
         sums: Optional[torch.Tensor] = None
         names: list[str] = []

@@ -41,11 +41,11 @@ from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, mdm_loss, 
 from lit_gpt.model import TransEncoder
 from lit_gpt.packed_dataset import PackedDataset, SampleOrder
 from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
-                              TrainGroup, UserError, check_data_vocab, check_writable_dir, claim_outputs, cpu_gflops,
-                              csv_logger, default_micro_batch_size, export_smdm, fit, grad_accum_steps,
-                              heavy_cpu_warning, hparams_of, micro_batch_rows, num_parameters, read_packed_meta,
-                              require_path, resume_path, setup_fabric, setup_model_and_optimizer, smdm_config,
-                              tokenizer_vocab_error, warmup_for)
+                              TrainGroup, UserError, apply_gradient_checkpointing, check_data_vocab,
+                              check_writable_dir, claim_outputs, cpu_gflops, csv_logger, default_micro_batch_size,
+                              export_smdm, fit, grad_accum_steps, heavy_cpu_warning, hparams_of, micro_batch_rows,
+                              num_parameters, read_packed_meta, require_path, resume_path, setup_fabric,
+                              setup_model_and_optimizer, smdm_config, tokenizer_vocab_error, warmup_for)
 from remedi_patches.cli import (ArgumentParser, add_config_args, arg, config_from_args, fill_none, recipe_help,
                                 run_main)
 from remedi_patches.data import EMBEDDED_SEED
@@ -248,6 +248,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         with fabric.init_module():
             model = TransEncoder(config)
         fabric.print(f"Total parameters {num_parameters(model):,}")
+        apply_gradient_checkpointing(model, cfg)
         state = setup_model_and_optimizer(fabric, model, cfg, hparams)
         model = state["model"]
 

@@ -40,9 +40,10 @@ from lit_gpt.diffusion import NoiseDraw, draw_noise, forward_process, seeded_gen
 from lit_gpt.model import CONFIG_FILE, TransEncoder, load_smdm_config, load_weights
 from lit_gpt.packed_dataset import SampleOrder
 from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
-                              TrainGroup, UserError, claim_outputs, csv_logger, default_micro_batch_size, export_smdm,
-                              fit, grad_accum_steps, hparams_of, micro_batch_rows, num_parameters, require_path,
-                              resume_path, setup_fabric, setup_model_and_optimizer, smdm_config, warmup_for)
+                              TrainGroup, UserError, apply_gradient_checkpointing, claim_outputs, csv_logger,
+                              default_micro_batch_size, export_smdm, fit, grad_accum_steps, hparams_of,
+                              micro_batch_rows, num_parameters, require_path, resume_path, setup_fabric,
+                              setup_model_and_optimizer, smdm_config, warmup_for)
 from remedi_patches.backbones import EMBEDDED_DIR, TOKENIZER_FILES
 from remedi_patches.cli import (ArgumentParser, add_config_args, arg, config_from_args, fill_none, recipe_help,
                                 run_main)
@@ -221,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
             load_weights(model, cfg.pretrained_path)
             fabric.print(f"Loaded weights from {cfg.pretrained_path}")
         fabric.print(f"Total parameters {num_parameters(model):,}")
+        apply_gradient_checkpointing(model, cfg)
         state = setup_model_and_optimizer(fabric, model, cfg, hparams)
         model = state["model"]
         order = SampleOrder(len(ex), cfg.seed)
