@@ -1,6 +1,7 @@
 """--gradient_checkpointing (lit_gpt.training.apply_gradient_checkpointing) on every backbone the project trains:
 the same loss and gradients with every transformer block (main and UPS) really recomputed in backward; the flag on
-every trainer; the dual-stream blocks as FSDP units and in FSDP's checkpoint policy; short train_mdm and train_sft runs."""
+every trainer; the dual-stream blocks as FSDP units and in FSDP's checkpoint policy; short train_mdm and train_sft
+runs."""
 import json
 
 import pytest
