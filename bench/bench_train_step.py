@@ -36,6 +36,7 @@ from remedi_patches.losses import remask_losses
 from remedi_patches.modeling_wrappers import backbone_forward
 from remedi_patches.noise import apply_remask_noise
 from remedi_patches.ups_head import UPSHead
+from remedi_patches.block_layout import plain_rows
 from remedi_patches.remask_sft import remask_forward
 
 MODES = ("ups_only", "full_sft")
@@ -83,7 +84,7 @@ def build(args):
 def ups_only_step(model, head, opt_head, batch) -> None:
     ids, answer, answer_len, noise = batch
     model.requires_grad_(False)
-    losses, _ = remask_forward(model, head, noise, ids, answer, answer_len, "ups", 1.0)
+    losses, _ = remask_forward(model, head, noise, plain_rows(ids, answer), "ups", 1.0)
     losses.total.backward()
     opt_head.step()
     opt_head.zero_grad(set_to_none=True)

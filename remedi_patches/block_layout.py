@@ -33,14 +33,16 @@ class RemaskRows(NamedTuple):
     answer_len: torch.Tensor  # (B,) long, scored positions per row (A_b: the answer with its EOS block padding)
     block_index: torch.Tensor  # (B, L) long, answer block of each scored position, -1 elsewhere
     length: torch.Tensor  # (B,) long, real tokens per row (the rest is batch padding)
-    attention_mask: torch.Tensor  # (B, L) bool padding mask (sequence) or (B, 1, L, L) bool, True = attend
+    attention_mask: Optional[torch.Tensor]  # (B, L) bool padding mask, (B, 1, L, L) bool True = attend, or None
     position_ids: Optional[torch.Tensor]  # (B, L) long (block_diffusion) or None (0 .. L-1)
 
     def trimmed(self) -> "RemaskRows":
         """The same rows without the columns of batch padding beyond the longest row (e.g. after slicing a
         micro-batch out of a global batch): nothing attended or scored is dropped."""
         n = int(self.length.max())
-        mask = self.attention_mask[..., :n] if self.attention_mask.dim() == 2 else self.attention_mask[..., :n, :n]
+        mask = self.attention_mask
+        if mask is not None:
+            mask = mask[..., :n] if mask.dim() == 2 else mask[..., :n, :n]
         return RemaskRows(self.input_ids[:, :n], self.answer_mask[:, :n], self.answer_len, self.block_index[:, :n],
                           self.length, mask, None if self.position_ids is None else self.position_ids[:, :n])
 
@@ -50,6 +52,14 @@ class RemaskRows(NamedTuple):
 
     def to(self, device) -> "RemaskRows":
         return RemaskRows(*(None if x is None else x.to(device) for x in self))
+
+
+def plain_rows(input_ids: torch.Tensor, answer_mask: torch.Tensor) -> RemaskRows:
+    """Rows used as they are (no padding, full attention): input_ids (B, L), answer_mask (B, L) bool."""
+    b, n = input_ids.shape
+    block_index = torch.where(answer_mask, torch.zeros_like(input_ids), torch.full_like(input_ids, -1))
+    return RemaskRows(input_ids, answer_mask.bool(), answer_mask.sum(1), block_index,
+                      torch.full((b,), n, device=input_ids.device), None, None)
 
 
 def padded_answer_len(answer_tokens: torch.Tensor, block_length: int) -> torch.Tensor:

@@ -8,6 +8,7 @@
                                -> RemeDiOutput(logits, confidences); the cache arguments (remedi_patches.kv_cache)
                                go to the backbone, so a backbone + head decodes by blocks too
     has_ups_stream(model)      the model gives its own UPS confidences (dual-stream RemeDi: no head applies)
+    ups_stream_parts(model)    its UPS-stream parameters and feedback parameters (the rest is the main stream)
     save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code,
                                     NaN / inf refused on both sides
     check_head_fits, hidden_size_of, load_lora
@@ -18,6 +19,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -87,6 +89,26 @@ def has_ups_stream(model: nn.Module) -> bool:
     `has_ups_stream` of the dual-stream RemeDi models. Such a model decodes by blocks by default and takes no
     UPS head."""
     return bool(getattr(base_model(model), "has_ups_stream", False))
+
+
+# parameter names of the two dual-stream models: SMDM (lit_gpt.dual_stream) and LLaDA (remedi_patches.llada)
+UPS_STREAM_NAMES = re.compile(r"(^|\.)(ups\.(h|ln_f|confidence)|blocks_upm|ln_f_upm|linear_confidence)\.")
+FEEDBACK_NAMES = re.compile(r"(^|\.)(ups\.feedback(_norm)?|backprop_linears|backprop_norms)\.")
+
+
+def ups_stream_parts(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(UPS-stream parameters: its blocks, final norm and confidence linear; feedback parameters: the linears and
+    norms that add the UPS state into the main stream) of a dual-stream model. Every other parameter belongs to
+    the main stream (TPS); with the feedback untouched (zero at first) the TPS is the main stream's alone."""
+    stream, feedback = [], []
+    for name, param in model.named_parameters():
+        if FEEDBACK_NAMES.search(name):
+            feedback.append(param)
+        elif UPS_STREAM_NAMES.search(name):
+            stream.append(param)
+    if not stream:
+        raise ValueError(f"{type(base_model(model)).__name__} has no UPS-stream parameters (no dual-stream RemeDi)")
+    return stream, feedback
 
 
 def backbone_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

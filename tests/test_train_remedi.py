@@ -17,6 +17,7 @@ from remedi_patches.ups_head import UPSHead
 from char_tokenizer import char_tokenizer
 
 import lit_gpt.training as training
+from remedi_patches.block_layout import plain_rows
 from remedi_patches.remask_sft import (RemaskConfig, propose_incorrect, remask_forward, run, step_kind,
                                        update_counts)
 from trainer_helpers import REPO, train_remedi
@@ -142,7 +143,7 @@ def test_propose_incorrect_uses_the_backbone_without_grad(root):
                                generator=torch.Generator().manual_seed(0))
     calls = []
     handle = model.register_forward_hook(lambda m, args, out: calls.append((m.training, torch.is_grad_enabled())))
-    tps = propose_incorrect(model, ids, noise, backbone.mask_id, len(backbone.tokenizer), special,
+    tps = propose_incorrect(model, plain_rows(ids, answer), noise, backbone.mask_id, len(backbone.tokenizer), special,
                             torch.Generator().manual_seed(1))
     handle.remove()
     assert calls == [(False, False)] and model.training  # eval mode and no grad for the proposal, then restored
@@ -182,7 +183,7 @@ def test_joint_lora_round_trip_base_unchanged_and_ups_gradient_isolated(root):
     model.train()
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora_params and all(p.requires_grad for p in lora_params)
-    losses, _ = remask_forward(model, head, noise, ids, answer, answer.sum(1), "joint", 1.0)
+    losses, _ = remask_forward(model, head, noise, plain_rows(ids, answer), "joint", 1.0)
     losses.ups.backward(retain_graph=True)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lora_params)
     assert any(p.grad is not None for p in head.parameters())
@@ -199,10 +200,12 @@ def test_autograd_follows_the_update_kind(root):
     noise = apply_remask_noise(ids, answer, backbone.mask_id, 0.5, len(backbone.tokenizer), [0, 1, 2, 3], t=0.5,
                                generator=torch.Generator().manual_seed(0))
     grads = {}
-    for kind in ("ups", "tps", "joint", "eval"):
-        losses, ups_logits = remask_forward(backbone.model, head, noise, ids, answer, answer.sum(1), kind, 1.0)
+    for kind in ("ups", "tps", "joint", "full", "eval"):
+        losses, ups_logits = remask_forward(backbone.model, head, noise, plain_rows(ids, answer), kind, 1.0,
+                                            ups_grad_to_backbone=kind == "full")
         grads[kind] = (losses.tps.requires_grad, ups_logits.requires_grad)
-    assert grads == {"ups": (False, True), "tps": (True, False), "joint": (True, True), "eval": (False, False)}
+    assert grads == {"ups": (False, True), "tps": (True, False), "joint": (True, True), "full": (True, True),
+                     "eval": (False, False)}
 
 
 def test_step_kind_ratio():
@@ -317,8 +320,9 @@ def test_cli_help_lists_the_seed_flags(capsys):
         assert flag in text, flag
     assert "(default: 0.1)" in text  # r_incorrect's default is shown
     flat = " ".join(text.split())
-    assert "learning rate of the UPS head; default 0.003 with the embedded model (the demo's recipe), else 0.0001 " \
-        "--lr_ups" in flat  # the resolved defaults, not "(default: None)"
+    assert "learning rate of the UPS (head or stream); default 0.003 with the embedded model (the demo's recipe), " \
+        "else 0.0001 (0.001 / 2e-06 with --recipe paper) --lr_backbone" in flat  # resolved, not "(default: None)"
+    assert "default sequence, block_diffusion with --recipe paper" in flat
     assert "DESIGN.md" not in text  # not in this repository
 
 
