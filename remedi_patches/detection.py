@@ -1,10 +1,15 @@
 """How well the UPS spots incorrect tokens: ONE held-out measurement, used by the trainer's log and by the report.
 
-Held-out rows are noised as Remask SFT noises them (remedi_patches.noise: mask noise plus incorrect-token noise on
-the answer, prompt untouched); the backbone and head run once per batch; every unmasked answer token is scored.
-Positive class = incorrect token; UPS score 1 - sigmoid(h); baseline score 1 - p_TPS(token there | x_t), the
-signal the sampler's `tps_prob` source uses (remedi_patches.metrics). The same call also gives the held-out TPS
-and UPS losses (remedi_patches.losses), so a training log and a report of the same head, rows and settings agree.
+Held-out rows are built and noised as Remask SFT builds and noises them (remedi_patches.block_layout: the
+'sequence' layout [prompt | answer] or the paper's 'block_diffusion' layout [prompt | clean | noisy] with its
+block-causal attention and positions, answers EOS-padded to a multiple of --block_length; remedi_patches.noise:
+mask noise plus incorrect-token noise on the scored positions, one t per row or, block_diffusion, per answer block);
+the model runs once per batch; every unmasked scored token is scored. The UPS logits h come from a UPS head on the
+backbone's last hidden state, or, for a dual-stream RemeDi (head None), from the model's own `confidences` of the
+same forward. Positive class = incorrect token; UPS score 1 - sigmoid(h); baseline score 1 - p_TPS(token there |
+x_t), the signal the sampler's `tps_prob` source uses (remedi_patches.metrics). The same call also gives the
+held-out TPS and UPS losses (remedi_patches.losses), so a training log and a report of the same model, rows and
+settings agree.
 
 The noise comes from ONE CPU generator seeded with `settings.seed`, drawn in a fixed order (all rows' mask and
 incorrect noise first, then, for --incorrect_source tps, the proposals batch by batch in row order), so the noise
@@ -17,10 +22,11 @@ Trainer (held-out evaluation; the keys are metrics.csv's columns):
     from remedi_patches.detection import DetectionSettings, measure_detection
 
     settings = DetectionSettings(r_incorrect=cfg.r_incorrect, incorrect_source=cfg.incorrect_source, eps=cfg.eps,
-                                 seed=cfg.seed, batch_size=cfg.batch_size)
+                                 seed=cfg.seed, batch_size=cfg.batch_size, label_smoothing=cfg.label_smoothing,
+                                 layout=cfg.layout, block_length=cfg.block_length)
     result = measure_detection(model, head, eval_examples, mask_id=mask_id, vocab_size=len(tokenizer),
                                special_ids=special, settings=settings, autocast=fabric.autocast,
-                               device=fabric.device)
+                               device=fabric.device, eos_id=eos_id)   # head None: a dual-stream RemeDi
     metrics.update(result.metrics())   # eval_auc, eval_tps_auc, eval_tps_loss, eval_ups_loss, eval_precision,
                                        # eval_recall, eval_incorrect_tokens, eval_scored_tokens
 
@@ -30,6 +36,10 @@ Report (records -> rows as training builds them, then the same measurement; ROC 
     write_detection_report(report, out_dir)          # roc.png, confusion.png, detection.json
 
     python -m remedi_patches.detection --ups_head out/remedi/ups_head.safetensors --out_dir out/detection
+    python -m remedi_patches.detection --model out/embedded_remedi --incorrect_source tps   # a dual-stream RemeDi
+
+The report's settings left unset (seq_len, noise, label smoothing, layout, block length, prompt format) are those
+the UPS was trained with: the head's save meta, or the model folder's remask_sft.json (MODEL_META_FILE).
 """
 from __future__ import annotations
 
@@ -44,35 +54,46 @@ from typing import Callable, ContextManager, Iterable, Optional
 import torch
 
 from remedi_patches import data
+from remedi_patches.backbones import max_length_of
+from remedi_patches.block_layout import LAYOUTS, RemaskRows, build_rows
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
 from remedi_patches.losses import remask_losses
 from remedi_patches.metrics import Confusion, confusion_at, detection_scores, roc_auc, roc_curve, token_prob_scores
 from remedi_patches.model_args import add_model_args, model_spec_from_args
-from remedi_patches.modeling_wrappers import backbone_forward, load_ups_head
-from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, check_noise_settings,
-                                  context_incorrect_noise, noise_special_ids, tps_incorrect_noise)
+from remedi_patches.modeling_wrappers import backbone_forward, has_ups_stream, load_ups_head
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, block_remask_noise,
+                                  check_noise_settings, context_incorrect_noise, noise_special_ids, realised_p_mask,
+                                  tps_incorrect_noise)
 from remedi_patches.trajectory_views import pyplot, save_figure, write_text
 
 
 @dataclass(frozen=True)
 class DetectionSettings:
-    """How held-out rows are noised and scored. Set them as the head was trained (detection_settings reads its
-    meta); the trainer passes its own --r_incorrect / --incorrect_source / --eps / --seed / --batch_size."""
+    """How held-out rows are built, noised and scored. Set them as the head or model was trained
+    (detection_settings reads its meta); the trainer passes its own --r_incorrect / --incorrect_source / --eps /
+    --seed / --batch_size / --label_smoothing / --layout / --block_length."""
 
     r_incorrect: float = arg(0.1, "peak incorrect-token rate r, rho_incorrect(t) = 4 r t (1 - t); report: "
-                             "None = the head's training value (else 0.1)", group="detection")
+                             "None = the training value (else 0.1)", group="detection")
     incorrect_source: str = arg("uniform", "incorrect tokens: 'uniform' over the non-special vocabulary, 'tps' "
-                                "(the backbone's own guesses) or 'context' (from the rows' own tokens); report: None = the head's training source (else "
-                                "uniform)", choices=INCORRECT_SOURCES, group="detection")
-    eps: float = arg(1e-3, "t ~ U(eps, 1) per row; report: None = the head's training eps (else 1e-3)",
+                                "(the model's own guesses) or 'context' (from the rows' own tokens); report: None = "
+                                "the training source (else uniform)", choices=INCORRECT_SOURCES, group="detection")
+    eps: float = arg(1e-3, "t ~ U(eps, 1) per row; report: None = the training eps (else 1e-3)",
                      group="detection")
-    t: Optional[float] = arg(None, "one fixed diffusion time for every row; None: t ~ U(eps, 1) per row",
-                             group="detection")
+    t: Optional[float] = arg(None, "one fixed diffusion time for every row (every block); None: t ~ U(eps, 1) per "
+                             "row (block_diffusion: per answer block)", group="detection")
     seed: int = arg(0, "seed of the noise (one generator drawn in row order: the result does not depend on "
                     "--batch_size)", group="detection")
     batch_size: int = arg(32, "held-out rows per forward (memory only; the result is the same)", group="detection")
     threshold: float = arg(0.5, "flag a token as incorrect when sigmoid(h) <= threshold (confusion, precision, "
                            "recall)", group="detection")
+    label_smoothing: float = arg(0.0, "UPS labels eps of the held-out UPS loss (1 - eps / eps / eps + (1 - 2 eps) "
+                                 "p_TPS); report: None = the training value (else 0)", group="detection")
+    layout: str = arg("sequence", "held-out rows: 'sequence' [prompt | answer] or the paper's 'block_diffusion' "
+                      "[prompt | clean | noisy] with block-causal attention (remedi_patches.block_layout); report: "
+                      "None = the training layout (else sequence)", choices=LAYOUTS, group="detection")
+    block_length: int = arg(32, "answers are EOS-padded to a multiple of it; block_diffusion: its blocks (one t "
+                            "each); report: None = the training value (else 32)", group="detection")
 
     def __post_init__(self) -> None:
         check_noise_settings(self.r_incorrect, self.incorrect_source, self.eps)
@@ -80,6 +101,12 @@ class DetectionSettings:
             raise ValueError(f"--t must be in [0, 1] (or unset for t ~ U(eps, 1)), got {self.t}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.block_length < 1:
+            raise ValueError(f"--block_length must be >= 1, got {self.block_length}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"--threshold must be in (0, 1) (a sigmoid value), got {self.threshold}")
 
@@ -93,10 +120,10 @@ class Detection:
     confusion: Confusion        # UPS at sigmoid(h) <= threshold  <=>  score >= 1 - threshold
     threshold: float
     n_rows: int                 # held-out rows
-    n_scored: int               # unmasked answer tokens
+    n_scored: int               # unmasked scored (answer) tokens
     n_incorrect: int
     tps_loss: float             # held-out TPS loss, mean over rows (losses.tps_loss per row)
-    ups_loss: float             # held-out UPS loss, mean over all answer positions (losses.ups_loss)
+    ups_loss: float             # held-out UPS loss, mean over all scored positions (losses.ups_loss)
     roc: tuple[torch.Tensor, torch.Tensor]      # (fpr, tpr) of the UPS
     tps_roc: tuple[torch.Tensor, torch.Tensor]  # (fpr, tpr) of the baseline
     settings: dict
@@ -131,49 +158,108 @@ def _eval_mode(*modules: torch.nn.Module):
             m.train(training)
 
 
-@torch.no_grad()
-def measure_detection(model: torch.nn.Module, head: torch.nn.Module, examples: data.SFTExamples, *, mask_id: int,
-                      vocab_size: int, special_ids: Iterable[int], settings: DetectionSettings = DetectionSettings(),
-                      autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                      device: Optional[torch.device | str] = None) -> Detection:
-    """Noise `examples` (held-out rows, remedi_patches.data.SFTExamples) with `settings`, run backbone + head in eval
-    mode (restored afterwards) and no grad, and score every unmasked answer token. No I/O.
+def rows_eos_id(examples: data.SFTExamples) -> int:
+    """The EOS id the SFT rows are padded with (the last column of a row whose answer leaves room)."""
+    padded = examples.prompt_len + examples.answer_tokens < examples.input_ids.shape[1]
+    if not bool(padded.any()):
+        raise ValueError("every held-out row is full, so its EOS padding id is unknown; pass eos_id")
+    return int(examples.input_ids[padded, -1][0])
 
-    model: the backbone (LoRA / Fabric / FSDP wrapped or not); head: the UPS head; mask_id, vocab_size,
-    special_ids: as the noise of training used them (remedi_patches.noise.noise_special_ids); autocast: a
-    context-manager factory wrapped around every forward (the trainer's fabric.autocast); device: where the rows
-    go, default the head's. Every caller (every rank) measures all rows, so all get the same figures.
+
+def held_out_noise(rows: RemaskRows, settings: DetectionSettings, mask_id: int, vocab_size: int,
+                   special: list[int], generator: torch.Generator) -> RemaskBatch:
+    """The noise of all held-out rows at once (so it does not depend on the batch size), as training draws it for
+    the layout: one t per row (sequence) or per answer block (block_diffusion, p_mask the block's realised masked
+    fraction); settings.t fixes t everywhere. --incorrect_source context draws from all rows' x_t."""
+    if settings.layout == "block_diffusion" and settings.t is None:
+        noise = block_remask_noise(rows.input_ids, rows.answer_mask, rows.block_index, mask_id, settings.r_incorrect,
+                                   vocab_size, special, generator=generator, eps=settings.eps)
+    else:
+        noise = apply_remask_noise(rows.input_ids, rows.answer_mask, mask_id, settings.r_incorrect, vocab_size,
+                                   special, t=settings.t, generator=generator, eps=settings.eps)
+        if settings.layout == "block_diffusion":
+            noise = noise._replace(p_mask=realised_p_mask(noise.masked, rows.block_index))
+    if settings.incorrect_source == "context":
+        noise = context_incorrect_noise(rows.input_ids, noise, mask_id, vocab_size, special, generator)
+    return noise
+
+
+def model_outputs(model: torch.nn.Module, head: Optional[torch.nn.Module], ids: torch.Tensor, rows: RemaskRows,
+                  need_ups: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward on `ids` (B, L) with the rows' attention mask and positions -> (TPS logits (B, L, V), UPS logits
+    h (B, L), None unless need_ups): the head on the last hidden state, or (head None) the dual-stream model's own
+    confidences."""
+    if head is None:
+        out = model(ids, attention_mask=rows.attention_mask,
+                    **({} if rows.position_ids is None else {"position_ids": rows.position_ids}))
+        return out.logits, out.confidences
+    logits, hidden = backbone_forward(model, ids, rows.attention_mask, need_hidden=need_ups,
+                                      position_ids=rows.position_ids)
+    return logits, head(hidden) if need_ups else None
+
+
+def check_ups_source(model: torch.nn.Module, head: Optional[torch.nn.Module]) -> None:
+    """ValueError unless exactly one UPS is at hand: a head on a plain backbone, or a dual-stream model's own."""
+    if head is None and not has_ups_stream(model):
+        raise ValueError("no UPS to measure: pass a UPS head (train_remedi.py's .safetensors) or a dual-stream RemeDi")
+    if head is not None and has_ups_stream(model):
+        raise ValueError("a dual-stream RemeDi has its own UPS stream: measure it with head=None (no --ups_head)")
+
+
+@torch.no_grad()
+def measure_detection(model: torch.nn.Module, head: Optional[torch.nn.Module], examples: data.SFTExamples, *,
+                      mask_id: int, vocab_size: int, special_ids: Iterable[int],
+                      settings: DetectionSettings = DetectionSettings(),
+                      autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                      device: Optional[torch.device | str] = None, eos_id: Optional[int] = None) -> Detection:
+    """Build `examples` (held-out rows, remedi_patches.data.SFTExamples) into rows of settings.layout, noise them with
+    `settings`, run the model (and head) in eval mode (restored afterwards) and no grad, and score every unmasked
+    scored token. No I/O.
+
+    model: the backbone (LoRA / Fabric / FSDP wrapped or not), or a dual-stream RemeDi; head: the UPS head, or None
+    for a dual-stream RemeDi (its own confidences); mask_id, vocab_size, special_ids: as the noise of training used
+    them (remedi_patches.noise.noise_special_ids); autocast: a context-manager factory wrapped around every forward
+    (the trainer's fabric.autocast); device: where the rows go, default the head's (else the model's); eos_id: the
+    answer and batch padding (None: read from the rows' padding). Every caller (every rank) measures all rows, so
+    all get the same figures.
     """
     n = len(examples)
     if n == 0:
         raise ValueError("no held-out rows to measure detection on; pass at least one record")
+    check_ups_source(model, head)
     special = list(special_ids)
-    device = torch.device(device) if device is not None else next(head.parameters()).device
-    ids_all = examples.input_ids
-    amask_all = data.answer_mask(examples.prompt_len, ids_all.shape[1])  # (N, L)
+    modules = [model] if head is None else [model, head]
+    device = torch.device(device) if device is not None else next(modules[-1].parameters()).device
+    eos = rows_eos_id(examples) if eos_id is None else eos_id
+    rows_all = build_rows(examples.input_ids, examples.prompt_len, examples.answer_tokens, settings.layout,
+                          settings.block_length, eos)
+    limit = max_length_of(model)
+    if limit is not None and rows_all.input_ids.shape[1] > limit:
+        raise ValueError(f"held-out rows of the {settings.layout} layout reach {rows_all.input_ids.shape[1]} tokens "
+                         f"(prompt + {'2 x ' if settings.layout == 'block_diffusion' else ''}the answer padded to a "
+                         f"multiple of {settings.block_length}), beyond the model's context of {limit}; lower "
+                         "--seq_len or --block_length")
     generator = torch.Generator().manual_seed(settings.seed)  # the only source of randomness, drawn in order
-    noise_all = apply_remask_noise(ids_all, amask_all, mask_id, settings.r_incorrect, vocab_size, special,
-                                   t=settings.t, generator=generator, eps=settings.eps)
-    if settings.incorrect_source == "context":  # the pool: every held-out row's x_t
-        noise_all = context_incorrect_noise(ids_all, noise_all, mask_id, vocab_size, special, generator)
+    noise_all = held_out_noise(rows_all, settings, mask_id, vocab_size, special, generator)
     ups_scores, tps_scores, labels = [], [], []
     tps_sum, ups_sum = 0.0, 0.0
-    with _eval_mode(model, head):
+    with _eval_mode(*modules):
         for start in range(0, n, settings.batch_size):
-            rows = slice(start, start + settings.batch_size)
-            to = lambda x: x[rows].to(device)  # noqa: E731
-            ids, amask, alen = to(ids_all), to(amask_all), to(examples.answer_len)
-            part = RemaskBatch(*(to(x) for x in noise_all))
+            index = slice(start, start + settings.batch_size)
+            rows = rows_all.rows(index).trimmed().to(device)
+            width = rows.input_ids.shape[1]
+            part = RemaskBatch(*((x[index] if x.dim() == 1 else x[index, :width]).to(device) for x in noise_all))
             with autocast():
                 if settings.incorrect_source == "tps":
-                    part = tps_incorrect_noise(lambda x: backbone_forward(model, x)[0], ids, part, mask_id,
-                                               vocab_size, special, generator)
-                logits, hidden = backbone_forward(model, part.noisy, None, need_hidden=True)  # (b, L, V), (b, L, d)
-                ups_logits = head(hidden)  # (b, L)
-            losses = remask_losses(logits, ups_logits, ids, part.noisy, part.masked, part.incorrect, part.p_mask,
-                                   amask, alen, lambda_ups=1.0)
-            tps_sum += losses.tps.item() * ids.shape[0]   # tps_loss averages over rows
-            ups_sum += losses.ups.item() * int(amask.sum())  # ups_loss averages over answer positions
+                    part = tps_incorrect_noise(lambda x: model_outputs(model, head, x, rows, need_ups=False)[0],
+                                               rows.input_ids, part, mask_id, vocab_size, special, generator)
+                logits, ups_logits = model_outputs(model, head, part.noisy, rows)  # (b, L, V), (b, L)
+            amask = rows.answer_mask
+            losses = remask_losses(logits, ups_logits, rows.input_ids, part.noisy, part.masked, part.incorrect,
+                                   part.p_mask, amask, rows.answer_len, lambda_ups=1.0,
+                                   label_smoothing=settings.label_smoothing)
+            tps_sum += losses.tps.item() * rows.input_ids.shape[0]  # tps_loss averages over rows
+            ups_sum += losses.ups.item() * int(amask.sum())  # ups_loss averages over scored positions
             s, y = detection_scores(ups_logits, part.incorrect, part.masked, amask)
             ups_scores.append(s)
             labels.append(y)
@@ -185,8 +271,8 @@ def measure_detection(model: torch.nn.Module, head: torch.nn.Module, examples: d
                      confusion=confusion_at(ups_scores, labels, 1.0 - settings.threshold),
                      threshold=settings.threshold, n_rows=n, n_scored=int(labels.numel()),
                      n_incorrect=int(labels.sum()), tps_loss=tps_sum / n,
-                     ups_loss=ups_sum / max(int(amask_all.sum()), 1), roc=(fpr, tpr), tps_roc=(tps_fpr, tps_tpr),
-                     settings=dataclasses.asdict(settings))
+                     ups_loss=ups_sum / max(int(rows_all.answer_mask.sum()), 1), roc=(fpr, tpr),
+                     tps_roc=(tps_fpr, tps_tpr), settings=dataclasses.asdict(settings))
 
 
 def ups_detection_report(backbone, head, records, *, seq_len: int = 128, prompt_template: Optional[str] = None,
@@ -195,10 +281,11 @@ def ups_detection_report(backbone, head, records, *, seq_len: int = 128, prompt_
     """Held-out `records` -> rows as training builds them -> measure_detection.
 
     backbone: a remedi_patches.backbones.Backbone or EvalModel (.model, .tokenizer, .mask_id, .eos_id, .eot_id);
-    head: a UPSHead. records: dicts / a datasets.Dataset with a prompt and an answer field
-    (remedi_patches.data.resolve_fields). seq_len, prompt_template: as the head was trained (detection_settings;
-    None = the default of remedi_patches.data.build_sft_examples). settings, then `overrides` (DetectionSettings
-    fields: r_incorrect, incorrect_source, eps, t, seed, batch_size, threshold) set the measurement.
+    head: a UPSHead, or None for a dual-stream RemeDi. records: dicts / a datasets.Dataset with a prompt and an
+    answer field (remedi_patches.data.resolve_fields). seq_len, prompt_template: as the model was trained
+    (detection_settings; None = the default of remedi_patches.data.build_sft_examples). settings, then `overrides`
+    (DetectionSettings fields: r_incorrect, incorrect_source, eps, t, seed, batch_size, threshold, label_smoothing,
+    layout, block_length) set the measurement.
     """
     settings = dataclasses.replace(settings or DetectionSettings(), **overrides)
     if seq_len < 1:
@@ -208,24 +295,38 @@ def ups_detection_report(backbone, head, records, *, seq_len: int = 128, prompt_
     examples = data.build_sft_examples(records, tokenizer, seq_len, fields, prompt_template=prompt_template)
     special = noise_special_ids(tokenizer, backbone.mask_id, backbone.eos_id, backbone.eot_id)
     result = measure_detection(backbone.model, head, examples, mask_id=backbone.mask_id, vocab_size=len(tokenizer),
-                               special_ids=special, settings=settings, autocast=autocast)
+                               special_ids=special, settings=settings, autocast=autocast, eos_id=backbone.eos_id)
     return dataclasses.replace(result, settings={
         "records": len(examples), "seq_len": seq_len, "prompt_template": prompt_template,
         "backbone": getattr(backbone, "name", None), **result.settings})
 
 
+TRAINING_DEFAULTS = {"r_incorrect": 0.1, "incorrect_source": "uniform", "eps": 1e-3, "label_smoothing": 0.0,
+                     "layout": "sequence", "block_length": 32}  # what a meta without the setting was trained with
+MODEL_META_FILE = "remask_sft.json"  # a trained model folder's training settings ({"train_args": ..., ...})
+
+
 def detection_settings(meta: dict, seq_len: Optional[int] = None, r_incorrect: Optional[float] = None,
-                       incorrect_source: Optional[str] = None, eps: Optional[float] = None) -> dict:
-    """seq_len, r_incorrect, incorrect_source, eps and prompt format as SMDM/pretrain/train_remedi.py trained the
-    head (its save meta), unless given: keyword arguments of ups_detection_report. One prompt rule for every
-    dataset, as in training: meta["prompt_template"] ("{question}" placeholder) when present, else the default
-    of remedi_patches.data.render_prompt."""
-    train = meta.get("train_args") or {}
-    return {"seq_len": seq_len or train.get("seq_len") or 128,
-            "r_incorrect": r_incorrect if r_incorrect is not None else train.get("r_incorrect", 0.1),
-            "incorrect_source": incorrect_source or train.get("incorrect_source", "uniform"),
-            "eps": eps if eps is not None else train.get("eps", 1e-3),
-            "prompt_template": meta.get("prompt_template")}
+                       incorrect_source: Optional[str] = None, eps: Optional[float] = None,
+                       label_smoothing: Optional[float] = None, layout: Optional[str] = None,
+                       block_length: Optional[int] = None) -> dict:
+    """seq_len, the noise (r_incorrect, incorrect_source, eps), label_smoothing, the rows (layout, block_length) and
+    the prompt format as Remask SFT trained the head or model (its save meta: meta["train_args"], or "hparams"),
+    unless given (not None): keyword arguments of ups_detection_report. A setting the meta lacks gets its value of
+    TRAINING_DEFAULTS (seq_len: 128). One prompt rule for every dataset, as in training: meta["prompt_template"]
+    ("{question}" placeholder) when present, else the default of remedi_patches.data.render_prompt."""
+    train = meta.get("train_args") or meta.get("hparams") or {}
+    given = {"r_incorrect": r_incorrect, "incorrect_source": incorrect_source, "eps": eps,
+             "label_smoothing": label_smoothing, "layout": layout, "block_length": block_length}
+    chosen = {k: v if v is not None else train.get(k, TRAINING_DEFAULTS[k]) for k, v in given.items()}
+    return {"seq_len": seq_len or train.get("seq_len") or 128, **chosen, "prompt_template": meta.get("prompt_template")}
+
+
+def model_meta(model_name: Optional[str]) -> dict:
+    """The training meta of a model folder (its MODEL_META_FILE, written by Remask SFT beside the weights), {} when
+    there is none (an untrained model, a hub name, the embedded backbone)."""
+    path = Path(model_name) / MODEL_META_FILE if model_name not in (None, "embedded") else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
 # ---------------------------------------------------------------- pictures and files
@@ -294,13 +395,14 @@ class ReportConfig:
             raise NotADirectoryError(f"--out_dir {self.out_dir} is a file; pass a folder for the report")
 
 
-NONE_MEANS_THE_HEADS = {"r_incorrect": None, "incorrect_source": None, "eps": None}  # report defaults: head meta
+NONE_MEANS_THE_HEADS = dict.fromkeys(TRAINING_DEFAULTS)  # report defaults: the head's / model's training meta
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m remedi_patches.detection",
                        description="UPS incorrect-token detection (ROC/AUC, confusion matrix) on held-out noised "
-                                   "data: the same measurement as the trainer's held-out eval_auc.")
+                                   "data: the same measurement as the trainer's held-out eval_auc. The UPS: "
+                                   "--ups_head on a backbone, or a dual-stream RemeDi's own (--model DIR alone).")
     add_model_args(p)
     add_config_args(p, ReportConfig, group="held-out data and output")
     add_config_args(p, DetectionSettings, defaults=NONE_MEANS_THE_HEADS)
@@ -309,18 +411,19 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.ups_head_path is None:
-        raise UserError("--ups_head is required: pass the .safetensors file written by SMDM/pretrain/train_remedi.py")
     cfg = config_from_args(ReportConfig, args)
     unset = {k: getattr(DetectionSettings(), k) for k in NONE_MEANS_THE_HEADS if getattr(args, k) is None}
     config_from_args(DetectionSettings, args, **unset)  # the detection flags given, checked before any file is read
     spec = model_spec_from_args(args)  # paths exist, device usable: checked before anything loads
-    _, meta = load_ups_head(spec.ups_head_path)  # small: its training settings, before the backbone loads
-    preset = detection_settings(meta, seq_len=cfg.seq_len, r_incorrect=args.r_incorrect,
-                                incorrect_source=args.incorrect_source, eps=args.eps)
-    settings = config_from_args(DetectionSettings, args, r_incorrect=preset["r_incorrect"],
-                                incorrect_source=preset["incorrect_source"], eps=preset["eps"])
+    # small: the training settings of the head, or of a dual-stream model folder, before the model loads
+    meta = load_ups_head(spec.ups_head_path)[1] if spec.ups_head_path else model_meta(spec.model_name)
+    preset = detection_settings(meta, seq_len=cfg.seq_len, **{k: getattr(args, k) for k in NONE_MEANS_THE_HEADS})
+    settings = config_from_args(DetectionSettings, args, **{k: preset[k] for k in NONE_MEANS_THE_HEADS})
     bundle = spec.load()  # backbone, LoRA adapter, head (checked to fit)
+    if bundle.ups_head is None and not has_ups_stream(bundle.model):
+        raise UserError(f"{spec.model_name or 'the embedded backbone'} has no UPS stream, so --ups_head is required: "
+                        "pass the .safetensors file written by SMDM/pretrain/train_remedi.py (or --model a "
+                        "dual-stream RemeDi folder)")
     records = data.load_records(cfg.dataset, cfg.split, cfg.subset, limit=cfg.max_samples)
     report = ups_detection_report(bundle, bundle.ups_head, records, seq_len=preset["seq_len"],
                                   prompt_template=preset["prompt_template"], settings=settings)

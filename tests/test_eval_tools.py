@@ -219,7 +219,10 @@ def test_bench_writes_both_tables_and_regradable_predictions(tiny, tmp_path):
         assert f"| {label} |" in text
     assert "8 steps (1 tok/step) | 4 steps (2 tok/step)" in text and "Command: `python bench/" in text
     assert "sign-test p" in text and "detection" in text
-    assert result["detection"]["n_scored"] > 0
+    assert [d["incorrect_source"] for d in result["detection"]] == ["uniform", "tps"]
+    assert all(d["n_scored"] > 0 for d in result["detection"])
+    assert all(cell["remasks_per_problem"] >= 0 for by_steps in result["results"].values()
+               for cell in by_steps.values())
     rows = read_jsonl(out / "predictions.jsonl")
     assert len(rows) == 6 * 2 * 3
     regraded = {r["source"]: r for r in E.summarise(E.regrade(rows))["results"]}
