@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +51,7 @@ from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gs
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import has_ups_stream
 from remedi_patches.run_lock import RunLock
+from remedi_patches.trajectory_views import write_text
 from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, PromptWindow,
                                      SamplerSettings, add_sampler_args, decode_answers, encode_texts, needs_ups_head,
                                      check_sampler_args, prompt_texts, sample, settings_from_args,
@@ -281,21 +280,6 @@ def regrade(rows: Sequence[dict]) -> list[dict]:
         extracted, correct = grade(row["format"], row["output"], row["gold"])
         out.append({**row, "extracted": extracted, "correct": correct})
     return out
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file of this process beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

@@ -1,6 +1,7 @@
 r"""Every backbone the sampler, trainers and evaluators accept: ONE registry entry per kind, and one loader.
 
     load_backbone(None)                       the embedded tiny model shipped in remedi_patches/embedded/assets
+    load_backbone("embedded_remedi")          the embedded dual-stream RemeDi shipped beside it
     load_backbone("GSAI-ML/LLaDA-8B-Base")    a hub name (needs the hub, or a warm HF cache)
     load_backbone("/models/LLaDA-8B-Base")    a local transformers folder (config.json, model_type "llada")
     load_backbone("/runs/smdm_export")        a folder written by lit_gpt.model.save_smdm_folder
@@ -43,6 +44,7 @@ from remedi_patches.sources import hub_reachable, hub_unreachable_message, is_hu
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
+EMBEDDED_REMEDI_DIR = EMBEDDED_DIR.parent / "remedi"  # the dual-stream RemeDi trained on it (embedded.remedi)
 LLADA_MASK_ID = 126336
 SMDM_CONFIG = "smdm_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -236,13 +238,13 @@ def load_backbone(
     LLaDA and the dual-stream RemeDi). Backbone.tokenizer is then the tokenizer when one is at hand (--tokenizer, or
     tokenizer files in the local folder), else None; eos_id then comes from the model's config."""
     options = LoadOptions(dtype=_dtype(dtype), tokenizer=tokenizer, smdm_size=smdm_size)
-    if name_or_path is None or str(name_or_path) == "embedded":
-        if not (EMBEDDED_DIR / SMDM_CONFIG).is_file():
-            raise FileNotFoundError(
-                f"the embedded backbone is missing from {EMBEDDED_DIR}; rebuild it with "
-                "`python -m remedi_patches.embedded.build`"
-            )
-        name_or_path = EMBEDDED_DIR
+    if name_or_path is None or str(name_or_path) in ("embedded", "embedded_remedi"):
+        embedded = name_or_path is None or str(name_or_path) == "embedded"
+        folder, builder = (EMBEDDED_DIR, "build") if embedded else (EMBEDDED_REMEDI_DIR, "remedi --install")
+        if not (folder / SMDM_CONFIG).is_file():
+            raise FileNotFoundError(f"the {'embedded backbone' if embedded else 'embedded RemeDi'} is missing from "
+                                    f"{folder}; rebuild it with `python -m remedi_patches.embedded.{builder}`")
+        name_or_path = folder
     source = resolve_source(name_or_path, "model")
     kind = detect_kind(source)
     if torch.device(device).type == "meta":

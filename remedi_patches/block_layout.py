@@ -23,6 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from remedi_patches.noise import RemaskBatch
+
 LAYOUTS = ("sequence", "block_diffusion")
 PROMPT, CLEAN, NOISY, PAD = 0, 1, 2, 3  # regions of a block-diffusion row
 
@@ -52,6 +54,13 @@ class RemaskRows(NamedTuple):
 
     def to(self, device) -> "RemaskRows":
         return RemaskRows(*(None if x is None else x.to(device) for x in self))
+
+
+def micro_batch(rows: RemaskRows, noise: RemaskBatch, index) -> tuple[RemaskRows, RemaskBatch]:
+    """Rows `index` (a slice) of a batch and their noise, without the padding columns beyond their longest row."""
+    part = rows.rows(index).trimmed()
+    n = part.input_ids.shape[1]
+    return part, RemaskBatch(*(x[index] if x.dim() == 1 else x[index, :n] for x in noise))
 
 
 def plain_rows(input_ids: torch.Tensor, answer_mask: torch.Tensor) -> RemaskRows:

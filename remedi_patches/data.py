@@ -530,4 +530,5 @@ def build_sft_examples(
     input_ids = torch.tensor(rows, dtype=torch.long)
     prompt_len = torch.tensor(plens, dtype=torch.long)
     return SFTExamples(input_ids=input_ids, prompt_len=prompt_len, answer_len=seq_len - prompt_len,
-                       answer_tokens=torch.tensor(alens, dtype=torch.long), dropped=dropped, truncated=truncated, skipped=skipped)
+                       answer_tokens=torch.tensor(alens, dtype=torch.long), dropped=dropped, truncated=truncated,
+                       skipped=skipped)

@@ -55,14 +55,13 @@ import torch
 
 from remedi_patches import data
 from remedi_patches.backbones import max_length_of
-from remedi_patches.block_layout import LAYOUTS, RemaskRows, build_rows
+from remedi_patches.block_layout import LAYOUTS, build_rows, micro_batch
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
 from remedi_patches.losses import remask_losses
 from remedi_patches.metrics import Confusion, confusion_at, detection_scores, roc_auc, roc_curve, token_prob_scores
 from remedi_patches.model_args import add_model_args, model_spec_from_args
-from remedi_patches.modeling_wrappers import backbone_forward, has_ups_stream, load_ups_head
-from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, block_remask_noise,
-                                  check_noise_settings, context_incorrect_noise, noise_special_ids, realised_p_mask,
+from remedi_patches.modeling_wrappers import has_ups_stream, load_ups_head, ups_input_forward
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, check_noise_settings, noise_special_ids, remask_noise,
                                   tps_incorrect_noise)
 from remedi_patches.trajectory_views import pyplot, save_figure, write_text
 
@@ -166,38 +165,6 @@ def rows_eos_id(examples: data.SFTExamples) -> int:
     return int(examples.input_ids[padded, -1][0])
 
 
-def held_out_noise(rows: RemaskRows, settings: DetectionSettings, mask_id: int, vocab_size: int,
-                   special: list[int], generator: torch.Generator) -> RemaskBatch:
-    """The noise of all held-out rows at once (so it does not depend on the batch size), as training draws it for
-    the layout: one t per row (sequence) or per answer block (block_diffusion, p_mask the block's realised masked
-    fraction); settings.t fixes t everywhere. --incorrect_source context draws from all rows' x_t."""
-    if settings.layout == "block_diffusion" and settings.t is None:
-        noise = block_remask_noise(rows.input_ids, rows.answer_mask, rows.block_index, mask_id, settings.r_incorrect,
-                                   vocab_size, special, generator=generator, eps=settings.eps)
-    else:
-        noise = apply_remask_noise(rows.input_ids, rows.answer_mask, mask_id, settings.r_incorrect, vocab_size,
-                                   special, t=settings.t, generator=generator, eps=settings.eps)
-        if settings.layout == "block_diffusion":
-            noise = noise._replace(p_mask=realised_p_mask(noise.masked, rows.block_index))
-    if settings.incorrect_source == "context":
-        noise = context_incorrect_noise(rows.input_ids, noise, mask_id, vocab_size, special, generator)
-    return noise
-
-
-def model_outputs(model: torch.nn.Module, head: Optional[torch.nn.Module], ids: torch.Tensor, rows: RemaskRows,
-                  need_ups: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One forward on `ids` (B, L) with the rows' attention mask and positions -> (TPS logits (B, L, V), UPS logits
-    h (B, L), None unless need_ups): the head on the last hidden state, or (head None) the dual-stream model's own
-    confidences."""
-    if head is None:
-        out = model(ids, attention_mask=rows.attention_mask,
-                    **({} if rows.position_ids is None else {"position_ids": rows.position_ids}))
-        return out.logits, out.confidences
-    logits, hidden = backbone_forward(model, ids, rows.attention_mask, need_hidden=need_ups,
-                                      position_ids=rows.position_ids)
-    return logits, head(hidden) if need_ups else None
-
-
 def check_ups_source(model: torch.nn.Module, head: Optional[torch.nn.Module]) -> None:
     """ValueError unless exactly one UPS is at hand: a head on a plain backbone, or a dual-stream model's own."""
     if head is None and not has_ups_stream(model):
@@ -240,20 +207,23 @@ def measure_detection(model: torch.nn.Module, head: Optional[torch.nn.Module], e
                          f"multiple of {settings.block_length}), beyond the model's context of {limit}; lower "
                          "--seq_len or --block_length")
     generator = torch.Generator().manual_seed(settings.seed)  # the only source of randomness, drawn in order
-    noise_all = held_out_noise(rows_all, settings, mask_id, vocab_size, special, generator)
+    noise_all = remask_noise(rows_all.input_ids, rows_all.answer_mask, rows_all.block_index, settings.layout, mask_id,
+                             settings.r_incorrect, vocab_size, special, generator, settings.eps,
+                             context=settings.incorrect_source == "context", t=settings.t)
     ups_scores, tps_scores, labels = [], [], []
     tps_sum, ups_sum = 0.0, 0.0
     with _eval_mode(*modules):
         for start in range(0, n, settings.batch_size):
             index = slice(start, start + settings.batch_size)
-            rows = rows_all.rows(index).trimmed().to(device)
-            width = rows.input_ids.shape[1]
-            part = RemaskBatch(*((x[index] if x.dim() == 1 else x[index, :width]).to(device) for x in noise_all))
+            rows, part = micro_batch(rows_all, noise_all, index)
+            rows, part = rows.to(device), RemaskBatch(*(x.to(device) for x in part))
             with autocast():
                 if settings.incorrect_source == "tps":
-                    part = tps_incorrect_noise(lambda x: model_outputs(model, head, x, rows, need_ups=False)[0],
-                                               rows.input_ids, part, mask_id, vocab_size, special, generator)
-                logits, ups_logits = model_outputs(model, head, part.noisy, rows)  # (b, L, V), (b, L)
+                    part = tps_incorrect_noise(
+                        lambda x: ups_input_forward(model, x, rows.attention_mask, rows.position_ids)[0],
+                        rows.input_ids, part, mask_id, vocab_size, special, generator)
+                logits, ups_in = ups_input_forward(model, part.noisy, rows.attention_mask, rows.position_ids, True)
+                ups_logits = ups_in if head is None else head(ups_in)  # (b, L)
             amask = rows.answer_mask
             losses = remask_losses(logits, ups_logits, rows.input_ids, part.noisy, part.masked, part.incorrect,
                                    part.p_mask, amask, rows.answer_len, lambda_ups=1.0,

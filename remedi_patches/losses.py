@@ -4,7 +4,7 @@ Pure functions of tensors. Shapes: B sequences, L positions, V vocabulary entrie
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +64,18 @@ def ups_labels(
     return label_smoothing + (1.0 - 2.0 * label_smoothing) * labels
 
 
-def ups_loss(ups_logits: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+def ups_loss(ups_logits: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor,
+             n_scored: Optional[float] = None) -> torch.Tensor:
     """Unmasking Policy Stream loss: BCE-with-logits over ALL answer positions (masked, clean and incorrect).
 
     ups_logits (B, L) UPS logit h; labels (B, L) in [0, 1]; answer_mask (B, L) bool.
     Normalisation: the per-position BCE is summed over every answer position of the batch and divided by the
-    total number of answer positions in the batch (a token-level mean; each answer token weighs the same).
+    total number of answer positions in the batch (a token-level mean; each answer token weighs the same), or by
+    `n_scored`: a micro-batch of a larger batch passes that batch's count / its number of micro-batches, so the
+    mean over micro-batches (gradient accumulation, DDP) is the large batch's token mean exactly.
     """
     bce = F.binary_cross_entropy_with_logits(ups_logits.float(), labels.float(), reduction="none")  # (B, L)
-    n = answer_mask.sum().clamp(min=1)
+    n = answer_mask.sum().clamp(min=1) if n_scored is None else n_scored
     return (bce * answer_mask).sum() / n
 
 
@@ -88,10 +91,11 @@ def remask_losses(
     answer_len: torch.Tensor,
     lambda_ups: float,
     label_smoothing: float = 0.0,
+    ups_normaliser: Optional[float] = None,
 ) -> RemaskLosses:
-    """TPS loss, UPS labels (smoothed by label_smoothing), UPS loss and total = tps + lambda_ups * ups for one
-    noised batch."""
+    """TPS loss, UPS labels (smoothed by label_smoothing), UPS loss (ups_normaliser: see ups_loss's n_scored) and
+    total = tps + lambda_ups * ups for one noised batch."""
     labels = ups_labels(logits, targets, noisy, masked, incorrect, label_smoothing)
     tps = tps_loss(logits, targets, masked, p_mask, answer_len)
-    ups = ups_loss(ups_logits, labels, answer_mask)
+    ups = ups_loss(ups_logits, labels, answer_mask, ups_normaliser)
     return RemaskLosses(total=tps + lambda_ups * ups, tps=tps, ups=ups, labels=labels)

@@ -8,6 +8,8 @@
                                -> RemeDiOutput(logits, confidences); the cache arguments (remedi_patches.kv_cache)
                                go to the backbone, so a backbone + head decodes by blocks too
     has_ups_stream(model)      the model gives its own UPS confidences (dual-stream RemeDi: no head applies)
+    ups_input_forward(model, ids, am, position_ids, need_ups)   TPS logits + the UPS's input (a dual-stream
+                               model's confidences, or the hidden state a head reads)
     ups_stream_parts(model)    its UPS-stream parameters and feedback parameters (the rest is the main stream)
     save_ups_head / load_ups_head   safetensors + JSON metadata, atomic save, loading never runs code,
                                     NaN / inf refused on both sides
@@ -109,6 +111,19 @@ def ups_stream_parts(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     if not stream:
         raise ValueError(f"{type(base_model(model)).__name__} has no UPS-stream parameters (no dual-stream RemeDi)")
     return stream, feedback
+
+
+def ups_input_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      position_ids: Optional[torch.Tensor] = None,
+                      need_ups: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward -> (TPS logits (B, L, V), what the UPS needs: a dual-stream model's own UPS logits (B, L), or a
+    backbone's last hidden state (B, L, d) for a head; None unless need_ups). The mask and positions of Remask SFT
+    rows (remedi_patches.block_layout) are passed on."""
+    if has_ups_stream(model):
+        out = model(input_ids, attention_mask=attention_mask,
+                    **({} if position_ids is None else {"position_ids": position_ids}))
+        return out.logits, out.confidences if need_ups else None
+    return backbone_forward(model, input_ids, attention_mask, need_hidden=need_ups, position_ids=position_ids)
 
 
 def backbone_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

@@ -176,13 +176,44 @@ def block_remask_noise(
     special_ids: Iterable[int],
     generator: Optional[torch.Generator] = None,
     eps: float = 1e-3,
+    t: Union[torch.Tensor, float, None] = None,
 ) -> RemaskBatch:
-    """apply_remask_noise with one t ~ U(eps, 1) per answer block (block_index (B, L), see block_times) and p_mask
-    the block's realised masked fraction (realised_p_mask), as the paper's block-diffusion Remask SFT draws it."""
-    t = block_times(block_index, eps, generator)
+    """apply_remask_noise with one t ~ U(eps, 1) per answer block (block_index (B, L), see block_times; `t` fixes
+    it instead) and p_mask the block's realised masked fraction (realised_p_mask), as the paper's block-diffusion
+    Remask SFT draws it."""
+    t = block_times(block_index, eps, generator) if t is None else t
     batch = apply_remask_noise(input_ids, answer_mask, mask_id, r_incorrect, vocab_size, special_ids, t=t,
                                generator=generator, eps=eps)
     return batch._replace(p_mask=realised_p_mask(batch.masked, block_index))
+
+
+def remask_noise(
+    input_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    block_index: torch.Tensor,
+    layout: str,
+    mask_id: int,
+    r_incorrect: float,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    generator: Optional[torch.Generator] = None,
+    eps: float = 1e-3,
+    context: bool = False,
+    t: Union[torch.Tensor, float, None] = None,
+) -> RemaskBatch:
+    """The Remask SFT noise of a batch of rows (remedi_patches.block_layout.RemaskRows fields): one t per row
+    ('sequence', apply_remask_noise) or per answer block ('block_diffusion', block_remask_noise); `t` fixes it;
+    incorrect tokens then drawn from the batch's own x_t when `context` (context_incorrect_noise)."""
+    special_ids = list(special_ids)
+    if layout == "block_diffusion":
+        batch = block_remask_noise(input_ids, answer_mask, block_index, mask_id, r_incorrect, vocab_size, special_ids,
+                                   generator, eps, t)
+    else:
+        batch = apply_remask_noise(input_ids, answer_mask, mask_id, r_incorrect, vocab_size, special_ids, t=t,
+                                   generator=generator, eps=eps)
+    if context:  # the pool is the whole batch's x_t
+        batch = context_incorrect_noise(input_ids, batch, mask_id, vocab_size, special_ids, generator)
+    return batch
 
 
 def sample_replacements(

@@ -3,7 +3,7 @@
     from remedi_patches.remask_sft import RemaskConfig, run
     summary = run(RemaskConfig())        # the embedded backbone and task with the demo's recipe (EMBEDDED_RECIPE)
     summary = run(RemaskConfig(model_name="GSAI-ML/LLaDA-8B-Base", dataset="data/gsm8k", seq_len=1024, batch_size=1))
-    summary = run(RemaskConfig(model_name="out/embedded_remedi", recipe="paper"))   # the paper's recipe, dual stream
+    summary = run(RemaskConfig(add_ups_stream=True, recipe="paper"))   # the embedded RemeDi, the paper's recipe
 
 Defaults that depend on the model (None in the dataclass, resolved by check()): with the embedded backbone
 (--model_name embedded, the default) the recipe the demo trains with, EMBEDDED_RECIPE (seq_len 72 on the embedded
@@ -15,8 +15,9 @@ The UPS is a head on the backbone's last hidden state (remedi_patches.ups_head) 
 answers EOS-padded to a multiple of --block_length, the batch to its longest row.
 
 Per sequence (prompt never noised; block_diffusion: per answer block of the noisy copy, p_mask the block's realised
-masked fraction): t ~ U(eps, 1); answer tokens masked with rho_mask(t) = t; unmasked answer tokens replaced by a different token with rho_incorrect(t) = 4 r t (1 - t), drawn uniformly from the vocabulary
-(--incorrect_source uniform), sampled from the backbone's own TPS distribution at that position, truth excluded
+masked fraction): t ~ U(eps, 1); answer tokens masked with rho_mask(t) = t; unmasked answer tokens replaced by a
+different token with rho_incorrect(t) = 4 r t (1 - t), drawn uniformly from the vocabulary (--incorrect_source
+uniform), sampled from the backbone's own TPS distribution at that position, truth excluded
 (tps: one extra no-grad forward with the masked and the to-be-corrupted positions as [MASK]), or drawn from the
 tokens of the global batch's x_t, truth excluded (context, the paper's). Loss = TPS (CE on masked positions /
 p_mask, normalised by answer length) + lambda_ups * UPS (BCE over all answer positions; labels 1 clean, 0 incorrect,
@@ -61,17 +62,17 @@ from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, app
                               latest_checkpoint, num_parameters, require_finite, require_path, resume_path,
                               setup_fabric)
 from remedi_patches import data as sft_data
-from remedi_patches.backbones import (EMBEDDED_DIR, Backbone, backbone_kind, fsdp_block_classes, load_backbone,
-                                     max_length_of, unwrap)
-from remedi_patches.block_layout import LAYOUTS, RemaskRows, build_rows, padded_answer_len
+from remedi_patches.backbones import (Backbone, backbone_kind, fsdp_block_classes, load_backbone, max_length_of,
+                                     unwrap)
+from remedi_patches.block_layout import LAYOUTS, RemaskRows, build_rows, micro_batch, padded_answer_len
 from remedi_patches.cli import UserError, arg, fill_none, recipe_help
-from remedi_patches.detection import DetectionSettings, measure_detection
+from remedi_patches.detection import MODEL_META_FILE, DetectionSettings, measure_detection
 from remedi_patches.losses import RemaskLosses, remask_losses
-from remedi_patches.modeling_wrappers import (backbone_forward, check_head_fits, has_ups_stream, hidden_size_of,
-                                              load_ups_head, save_ups_head, ups_stream_parts)
-from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, apply_remask_noise, block_remask_noise,
-                                  check_noise_settings, context_incorrect_noise, noise_special_ids,
-                                  tps_incorrect_noise)
+from remedi_patches.modeling_wrappers import (check_head_fits, has_ups_stream, hidden_size_of, load_ups_head,
+                                              save_ups_head, ups_input_forward, ups_stream_parts)
+from remedi_patches.noise import (INCORRECT_SOURCES, RemaskBatch, check_noise_settings, noise_special_ids,
+                                  remask_noise, tps_incorrect_noise)
+from remedi_patches.trajectory_views import write_text
 from remedi_patches.ups_head import UPSHead
 
 TRAIN_MODES = ("ups_only", "joint", "alternating", "full")
@@ -87,15 +88,16 @@ BASE_DEFAULTS = {"layout": "sequence", "incorrect_source": "uniform", "label_smo
                  "train_mode": "ups_only", "min_lr_ratio": 0.1}
 PAPER_RECIPE = {"layout": "block_diffusion", "incorrect_source": "context", "label_smoothing": 0.05,
                 "lambda_ups": 0.3, "train_mode": "full", "min_lr_ratio": 0.5, "warmup_steps": 50}
-# all weights train: the embedded backbone's SFT peak, and the paper's 2e-6 for LLaDA-8B
-PAPER_LR = {"embedded": 1e-3, "general": 2e-6}
+# all weights train. Embedded: the UPS at the backbone's SFT peak, the backbone at its SFT's final lr (at 1e-3 its
+# TPS loss rose from 0.12 to 0.20 in 160 updates); LLaDA-8B: the paper's 2e-6 for both
+PAPER_LR = {"embedded": {"lr": 1e-3, "lr_backbone": 1e-4}, "general": {"lr": 2e-6}}
 
 
 def _by_model(name: str, what: str = "") -> str:
     """Help text of a model-dependent default."""
     general = "0, or the loaded head's" if name == "ups_width" else GENERAL_DEFAULTS[name]
     when = "with the embedded model (the demo's recipe)" if what else "with the embedded model"
-    paper = {"lr": f" ({PAPER_LR['embedded']:g} / {PAPER_LR['general']:g} with --recipe paper)",
+    paper = {"lr": f" ({PAPER_LR['embedded']['lr']:g} / {PAPER_LR['general']['lr']:g} with --recipe paper)",
              "warmup_steps": f" ({PAPER_RECIPE['warmup_steps']} with --recipe paper)"}.get(name, "")
     return recipe_help(what, EMBEDDED_RECIPE[name], when, general) + paper
 
@@ -110,10 +112,13 @@ PRECISION_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-t
 @dataclass
 class RemaskConfig(FabricConfig, RunConfig):
     # backbone
-    model_name: str = arg("embedded", "'embedded' (the shipped tiny model), 'embedded_remedi' (it with a fresh "
-                          "dual-stream UPS), a LLaDA or RemeDi folder or hub name, an SMDM export folder (single or "
+    model_name: str = arg("embedded", "'embedded' (the shipped tiny model), 'embedded_remedi' (the shipped "
+                          "dual-stream RemeDi), a LLaDA or RemeDi folder or hub name, an SMDM export folder (single or "
                           "dual stream), or an SMDM iter-*-ckpt.pth (then --smdm_size and --tokenizer)",
                           group="backbone")
+    add_ups_stream: bool = arg(False, "give a single-stream SMDM backbone a fresh UPS stream (lit_gpt.dual_stream."
+                               "remedi_from_backbone: blocks copied from the main stream, feedback zero) and train it "
+                               "as a dual-stream RemeDi", group="backbone")
     smdm_size: Optional[str] = arg(None, "SMDM config of a .pth checkpoint: Diff_LLaMA_170M or just 170",
                                    group="backbone")
     tokenizer: Optional[str] = arg(None, "tokenizer folder or hub name when the model has none", group="backbone")
@@ -157,7 +162,8 @@ class RemaskConfig(FabricConfig, RunConfig):
     lr: Optional[float] = arg(None, _by_model("lr", "peak learning rate of the UPS (head or stream)"),
                               group="optimisation")
     lr_backbone: Optional[float] = arg(None, "peak learning rate of the backbone (main stream) in full mode; default "
-                                       "--lr", group="optimisation")
+                                       f"--lr ({PAPER_LR['embedded']['lr_backbone']:g} with --recipe paper on the "
+                                       "embedded model)", group="optimisation")
     lr_ups: Optional[float] = arg(None, "head learning rate in joint/alternating; default --lr", group="optimisation")
     lr_lora: float = arg(5e-5, "peak learning rate of the LoRA weights", group="optimisation")
     min_lr_ratio: Optional[float] = arg(None, _by_recipe("min_lr_ratio", "cosine decay ends at ratio x peak"),
@@ -244,7 +250,7 @@ class RemaskConfig(FabricConfig, RunConfig):
         """Fill the model-dependent defaults left None: EMBEDDED_RECIPE for the embedded backbone (seq_len 72 only
         on the embedded task: other data gets the model's 128), GENERAL_DEFAULTS otherwise. Idempotent."""
         if self.recipe == "paper":
-            fill_none(self, {**PAPER_RECIPE, "lr": PAPER_LR["embedded" if self.embedded_model else "general"]})
+            fill_none(self, {**PAPER_RECIPE, **PAPER_LR["embedded" if self.embedded_model else "general"]})
         recipe = dict(EMBEDDED_RECIPE if self.embedded_model else GENERAL_DEFAULTS)
         if self.dataset != "embedded":
             recipe["seq_len"] = GENERAL_DEFAULTS["seq_len"]
@@ -367,27 +373,15 @@ def propose_incorrect(model, rows: RemaskRows, batch: RemaskBatch, mask_id: int,
     was_training = model.training
     model.eval()
     try:
-        return tps_incorrect_noise(lambda x: model_forward(model, x, rows)[0], rows.input_ids, batch, mask_id,
-                                   vocab_size, special, generator)
+        return tps_incorrect_noise(lambda x: ups_input_forward(model, x, rows.attention_mask, rows.position_ids)[0],
+                                   rows.input_ids, batch, mask_id, vocab_size, special, generator)
     finally:
         model.train(was_training)
 
 
-def model_forward(model, ids: torch.Tensor, rows: RemaskRows,
-                  need_ups: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One forward on `ids` with the rows' attention and positions -> (TPS logits (B, L, V), the UPS input: the
-    last hidden state (B, L, d) of a backbone or the UPS logits (B, L) of a dual-stream model; None unless
-    need_ups)."""
-    if has_ups_stream(model):
-        out = model(ids, attention_mask=rows.attention_mask,
-                    **({} if rows.position_ids is None else {"position_ids": rows.position_ids}))
-        return out.logits, out.confidences
-    return backbone_forward(model, ids, rows.attention_mask, need_hidden=need_ups, position_ids=rows.position_ids)
-
-
 def remask_forward(model, head: Optional[UPSHead], batch: RemaskBatch, rows: RemaskRows, kind: str,
-                   lambda_ups: float, label_smoothing: float = 0.0,
-                   ups_grad_to_backbone: bool = False) -> tuple[RemaskLosses, torch.Tensor]:
+                   lambda_ups: float, label_smoothing: float = 0.0, ups_grad_to_backbone: bool = False,
+                   ups_normaliser: Optional[float] = None) -> tuple[RemaskLosses, torch.Tensor]:
     """One forward of the model (and head) on a noised batch -> (losses, UPS logits (B, L)).
 
     head None: a dual-stream model gives both outputs, autograd on unless kind is 'eval' (its frozen weights get no
@@ -395,39 +389,19 @@ def remask_forward(model, head: Optional[UPSHead], batch: RemaskBatch, rows: Rem
     autograd only when the TPS trains ('joint', 'tps', 'full'); the head reads DETACHED hidden states unless
     ups_grad_to_backbone (full mode, or joint with --ups_grad_to_lora), and runs without grad in a 'tps' update.
     """
+    mask, positions = rows.attention_mask, rows.position_ids
     if head is None:
         with torch.set_grad_enabled(kind != "eval"):
-            logits, ups_logits = model_forward(model, batch.noisy, rows, need_ups=True)  # (B, L, V), (B, L)
+            logits, ups_logits = ups_input_forward(model, batch.noisy, mask, positions, True)  # (B, L, V), (B, L)
     else:
         with torch.set_grad_enabled(kind in ("joint", "tps", "full")):
-            logits, hidden = model_forward(model, batch.noisy, rows, need_ups=True)  # (B, L, V), (B, L, d)
+            logits, hidden = ups_input_forward(model, batch.noisy, mask, positions, True)  # (B, L, V), (B, L, d)
         with torch.set_grad_enabled(kind in ("joint", "ups", "full")):
             ups_logits = head(hidden if ups_grad_to_backbone else hidden.detach())  # (B, L)
     losses = remask_losses(logits, ups_logits, rows.input_ids, batch.noisy, batch.masked, batch.incorrect,
-                           batch.p_mask, rows.answer_mask, rows.answer_len, lambda_ups, label_smoothing)
+                           batch.p_mask, rows.answer_mask, rows.answer_len, lambda_ups, label_smoothing,
+                           ups_normaliser)
     return losses, ups_logits
-
-
-def remask_noise(rows: RemaskRows, layout: str, mask_id: int, r_incorrect: float, vocab_size: int,
-                 special: list[int], generator: torch.Generator, eps: float, context: bool) -> RemaskBatch:
-    """The noise of a batch of rows: one t per row (sequence) or per answer block (block_diffusion); incorrect
-    tokens drawn from the batch's own x_t when `context`."""
-    if layout == "block_diffusion":
-        noise = block_remask_noise(rows.input_ids, rows.answer_mask, rows.block_index, mask_id, r_incorrect,
-                                   vocab_size, special, generator=generator, eps=eps)
-    else:
-        noise = apply_remask_noise(rows.input_ids, rows.answer_mask, mask_id, r_incorrect, vocab_size, special,
-                                   generator=generator, eps=eps)
-    if context:  # the pool is the whole batch's x_t (the same on every rank)
-        noise = context_incorrect_noise(rows.input_ids, noise, mask_id, vocab_size, special, generator)
-    return noise
-
-
-def micro_batch(rows: RemaskRows, noise: RemaskBatch, index: slice) -> tuple[RemaskRows, RemaskBatch]:
-    """Rows `index` of a global batch and their noise, without the padding columns beyond their longest row."""
-    part = rows.rows(index).trimmed()
-    n = part.input_ids.shape[1]
-    return part, RemaskBatch(*(x[index] if x.dim() == 1 else x[index, :n] for x in noise))
 
 
 def row_length_limit(examples: sft_data.SFTExamples, layout: str, block_length: int) -> int:
@@ -526,7 +500,8 @@ class RemaskStep:
         idx = sample_indices(cfg.seed, len(ex), step * self.global_batch, self.global_batch)
         rows = build_rows(ex.input_ids[idx], ex.prompt_len[idx], ex.answer_tokens[idx], cfg.layout, cfg.block_length,
                           tok["eos_id"])
-        noise = remask_noise(rows, cfg.layout, tok["mask_id"], cfg.r_incorrect, tok["vocab_size"], tok["special"],
+        noise = remask_noise(rows.input_ids, rows.answer_mask, rows.block_index, cfg.layout, tok["mask_id"],
+                             cfg.r_incorrect, tok["vocab_size"], tok["special"],
                              seeded_generator(cfg.seed, STREAM_NOISE, step), cfg.eps,
                              context=cfg.incorrect_source == "context")
         return rows, noise
@@ -534,16 +509,21 @@ class RemaskStep:
     def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         cfg, fabric, tok = self.cfg, self.fabric, self.tokens
         part = micro * fabric.world_size + fabric.global_rank
-        rows, noise = micro_batch(*self.plan(step), slice(part * cfg.batch_size, (part + 1) * cfg.batch_size))
+        global_rows, global_noise = self.plan(step)
+        rows, noise = micro_batch(global_rows, global_noise, slice(part * cfg.batch_size, (part + 1) * cfg.batch_size))
         rows, noise = rows.to(fabric.device), RemaskBatch(*(x.to(fabric.device) for x in noise))
         kind = step_kind(cfg.train_mode, step, cfg.alt_ratio)
         with fabric.autocast():
             if cfg.incorrect_source == "tps":
                 noise = propose_incorrect(self.model, rows, noise, tok["mask_id"], tok["vocab_size"], tok["special"],
                                           seeded_generator(cfg.seed, STREAM_PROPOSE, step, part))
+            # the UPS token mean of the whole global batch, whatever its split into ranks and micro-batches
+            # (logged means over ranks and micro-batches are then global figures)
+            ups_normaliser = float(global_rows.answer_mask.sum().clamp(min=1)) / (fabric.world_size * cfg.grad_accum)
             losses, _ = remask_forward(self.model, self.head, noise, rows, kind, cfg.lambda_ups, cfg.label_smoothing,
-                                       ups_grad_to_backbone=cfg.train_mode == "full" or cfg.ups_grad_to_lora)
-        n_answer = rows.answer_mask.sum().clamp(min=1)
+                                       ups_grad_to_backbone=cfg.train_mode == "full" or cfg.ups_grad_to_lora,
+                                       ups_normaliser=ups_normaliser)
+        n_answer = ups_normaliser  # fractions of the global batch's scored tokens, as the UPS loss
         tps_updates, ups_updates = update_counts(cfg.train_mode, step + 1, cfg.alt_ratio)
         metrics = {"loss": losses.total.detach(), "tps_loss": losses.tps.detach(), "ups_loss": losses.ups.detach(),
                    "mask_frac": noise.masked.sum() / n_answer, "incorrect_frac": noise.incorrect.sum() / n_answer,
@@ -570,18 +550,22 @@ def run(cfg: RemaskConfig, backbone=None) -> dict:
 
 
 def load_model(cfg: RemaskConfig, device, dtype) -> Backbone:
-    """--model_name: the embedded backbone, the embedded RemeDi (the embedded backbone with a fresh UPS stream,
-    lit_gpt.dual_stream.remedi_from_backbone: its TPS equals the backbone's), or any backbone load_backbone takes."""
-    if cfg.model_name != "embedded_remedi":
-        return load_backbone(None if cfg.model_name == "embedded" else cfg.model_name, device=device, dtype=dtype,
-                             smdm_size=cfg.smdm_size, tokenizer=cfg.tokenizer)
+    """--model_name as load_backbone reads it; with --add_ups_stream, that single-stream SMDM backbone with a fresh
+    UPS stream (lit_gpt.dual_stream.remedi_from_backbone, seeded by --seed: its TPS equals the backbone's)."""
+    backbone = load_backbone(cfg.model_name, device=device, dtype=dtype, smdm_size=cfg.smdm_size,
+                             tokenizer=cfg.tokenizer)
+    if not cfg.add_ups_stream:
+        return backbone
+    if backbone.kind != "smdm" or has_ups_stream(backbone.model):
+        raise UserError(f"--add_ups_stream takes a single-stream SMDM backbone; {cfg.model_name} is a "
+                        f"{'dual-stream RemeDi already' if has_ups_stream(backbone.model) else backbone.kind} model: "
+                        "drop the flag")
     from lit_gpt.dual_stream import remedi_from_backbone
 
-    backbone = load_backbone(None, device=device, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = remedi_from_backbone(backbone.model)
-    return dataclasses.replace(backbone, model=model, name="embedded_remedi")
+    return dataclasses.replace(backbone, model=model)
 
 
 def check_mode(cfg: RemaskConfig, dual: bool) -> None:
@@ -634,7 +618,8 @@ def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
     if limit is not None and longest > limit:
         raise UserError(f"--layout {cfg.layout} makes rows of up to {longest} tokens (prompt + "
                         f"{'2 x ' if cfg.layout == 'block_diffusion' else ''}the answer padded to --block_length "
-                        f"{cfg.block_length}), beyond the backbone's context of {limit}; lower --seq_len")
+                        f"{cfg.block_length}), beyond the backbone's context of {limit}; lower --seq_len or "
+                        "--block_length")
     global_batch = cfg.batch_size * fabric.world_size * cfg.grad_accum
     max_steps = cfg.max_steps or cfg.epochs * max(1, len(train_ex) // global_batch)
 
@@ -654,10 +639,10 @@ def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
                  f"{'UPS stream' if dual else 'head'} {ups_size:,}; {len(train_ex)} train / "
                  f"{0 if eval_ex is None else len(eval_ex)} held-out rows of up to {longest} tokens, {max_steps} "
                  f"updates of {global_batch} sequences")
-    fabric.print("  " + ", ".join(f"{k} {getattr(cfg, k)}" for k in (*PAPER_RECIPE, "lr", "lr_backbone")))
-
     lr_ups = cfg.lr if cfg.train_mode in ("ups_only", "full") else (cfg.lr_ups or cfg.lr)
     lr_backbone = cfg.lr_backbone or cfg.lr
+    fabric.print("  " + ", ".join(f"{k} {getattr(cfg, k)}" for k in PAPER_RECIPE) + f", lr {lr_ups:g}" +
+                 (f", lr_backbone {lr_backbone:g}" if cfg.train_mode == "full" else ""))
     hparams = hparams_of(cfg)
     state = {"step_count": 0, "iter_num": 0, "hparams": hparams}
     groups: dict[str, TrainGroup] = {}
@@ -729,13 +714,15 @@ def _save_outputs(cfg: RemaskConfig, fabric, state: dict, result, backbone: Back
         if lora_dir is not None:
             require_finite([p for n, p in peft_model.named_parameters() if "lora_" in n], f"the adapter for {lora_dir}",
                            fix)
+        meta = {"mask_id": mask_id, "backbone": str(model_dir) if model_dir else backbone.name,
+                "backbone_kind": backbone.kind,
+                "prompt_template": None if cfg.chat_template else (cfg.prompt_template or
+                                                                    sft_data.render_prompt("{question}")),
+                "train_args": state["hparams"], "updates": state["step_count"], **result.evaluation}
         if head_path is not None:
-            meta = {"mask_id": mask_id, "backbone": str(model_dir) if model_dir else backbone.name,
-                    "backbone_kind": backbone.kind,
-                    "prompt_template": None if cfg.chat_template else (cfg.prompt_template or
-                                                                        sft_data.render_prompt("{question}")),
-                    "train_args": state["hparams"], "updates": state["step_count"], **result.evaluation}
             save_ups_head(head_path, raw_head, meta)
+        if model_dir is not None:  # the settings detection / the benchmark measure the model with
+            write_text(model_dir / MODEL_META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
         if lora_dir is not None:
             peft_model.save_pretrained(str(lora_dir))
         written = [f"{what} -> {path}" for what, path in (("model", model_dir), ("UPS head", head_path),
@@ -756,9 +743,9 @@ def export_model(fabric, out_dir: Path, backbone: Backbone, model_dir: Path) -> 
     strategy) as a folder `load_backbone` reads, with the tokenizer (and an SMDM source folder's task.json)."""
     if backbone.kind == "smdm":
         export_smdm(fabric, out_dir, unwrap(backbone.model).config, model_dir, backbone.tokenizer)
-        source = EMBEDDED_DIR if backbone.name in ("embedded", "embedded_remedi") else Path(backbone.name)
-        if fabric.global_rank == 0 and (source / "task.json").is_file():
-            shutil.copy2(source / "task.json", model_dir / "task.json")
+        task = Path(backbone.name) / "task.json"  # backbone.name: the folder it was loaded from
+        if fabric.global_rank == 0 and task.is_file():
+            shutil.copy2(task, model_dir / "task.json")
         return
     if fabric.global_rank == 0:
         state = torch.load(latest_checkpoint(out_dir), map_location="cpu", weights_only=True, mmap=True)["model"]

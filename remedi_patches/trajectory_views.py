@@ -16,6 +16,8 @@ on held-out noised data is measured in remedi_patches.detection.
 from __future__ import annotations
 
 import html
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -378,8 +380,16 @@ def trajectory_html(views: Sequence[TraceView], title: str = "RemeDi denoising t
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text at `path` (parents created)."""
+    """Write UTF-8 `text` to a temporary file of this process beside `path` (parents created), then rename it into
+    place: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

@@ -43,6 +43,8 @@ TINY: list[tuple[str, str]] = [
     (r"(python -m remedi_patches\.embedded\.build)(?!.*--n_train)",
      r"\1 --n_train 400 --pretrain_steps 4 --sft_steps 4 --batch_size 8"),
     (r"(python SMDM/pretrain/train_remedi\.py --out_dir out/my_head)$", r"\1 --max_steps 20"),
+    (r"^(python -m remedi_patches\.embedded\.remedi)$", r"\1 --max_steps 3"),
+    (r"(python SMDM/pretrain/train_remedi\.py --model_name embedded --add_ups_stream .*)$", r"\1 --max_steps 3"),
     (r"^(python SMDM/pretrain/train_mdm\.py)$", r"\1 --max_steps 2 --eval_iters 1 --eval_mc 1"),
     (r"^(python SMDM/sft/train_sft\.py --pretrained_path out/train_mdm/final)$", r"\1 --max_steps 2 --limit 500"),
 ]
@@ -176,12 +178,13 @@ CHECKS: list[tuple[str, Check]] = [
     (r"demo\.py", lambda out, root: (prints("tps_prob", "ups", "AUC")(out, root),
                                      wrote("out/demo/ups_head.safetensors")(out, root))),
     (r"train_remedi\.py --out_dir out/my_head", wrote("out/my_head/ups_head.safetensors")),
+    (r"train_remedi\.py .*--out_dir out/my_remedi", wrote("out/my_remedi/model/model.safetensors")),
     (r"remedi_patches\.embedded\.build", wrote("out/embedded_build/backbone/model.safetensors")),
     (r"remedi_patches\.embedded\.remedi", wrote("out/embedded_remedi/model.safetensors")),
     (r"train_mdm\.py", wrote("out/train_mdm/final/model.safetensors")),
     (r"train_sft\.py", wrote("out/train_sft/final/model.safetensors")),
     # a model trained for a few steps may answer nothing yet: the answer section is enough
-    (r"generate\.py --model out/(embedded_build|train_sft)", prints("### answer")),
+    (r"generate\.py --model out/(embedded_build|train_sft|embedded_remedi|my_remedi)", prints("### answer")),
     (r"generate\.py", generated_answer),
     (r"eval_gsm_math\.py --predictions", prints("accuracy")),
     (r"eval_gsm_math\.py", wrote("out/eval_gsm_math/summary.json")),

@@ -328,10 +328,11 @@ def test_killed_paper_run_resumes_same_losses_and_model(remedi_root, model):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_paper_recipe(remedi_root):
     """2 CPU processes (DDP, gloo) x batch 2 follow 1 process x batch 4 on the dual-stream SMDM with --recipe paper:
-    same rows, noise and context pool (drawn for the global batch), same updates. Blocks of 32 give every answer
-    the same padded length, so the per-rank token means of the UPS loss equal the global one."""
-    common = ["--model_name", str(remedi_root / "smdm_remedi"), "--dataset", str(remedi_root / "sums.jsonl"),
-              "--recipe", "paper", "--seq_len", str(PAPER_SEQ_LEN), "--block_length", "32", "--max_steps", "3",
+    same rows, noise and context pool (drawn for the global batch), same updates. Answers of 1 to 3 blocks give
+    the ranks different numbers of scored tokens: the UPS loss and the logged fractions are still the global
+    batch's token means (each micro-batch divides by the global count / its number of parts)."""
+    common = ["--model_name", str(remedi_root / "smdm_remedi"), "--dataset", str(remedi_root / "mixed.jsonl"),
+              "--recipe", "paper", "--seq_len", "64", "--block_length", "8", "--max_steps", "3",
               "--warmup_steps", "1", "--eval_samples", "0", "--accelerator", "cpu", "--precision", "32-true",
               "--seed", "7", "--lr", "1e-2", "--lr_backbone", "3e-3"]
     one = train_remedi.main(common + ["--batch_size", "4", "--out_dir", str(remedi_root / "paper_ddp1")])
@@ -377,7 +378,7 @@ def test_paper_run_prints_the_resolved_values(remedi_root, capsys):
     text = capsys.readouterr().out
     assert "Remask SFT (full, block_diffusion rows, recipe paper)" in text
     assert ("  layout block_diffusion, incorrect_source context, label_smoothing 0.05, lambda_ups 0.3, train_mode "
-            "full, min_lr_ratio 0.5, warmup_steps 50, lr 2e-06, lr_backbone None\n") in text
+            "full, min_lr_ratio 0.5, warmup_steps 50, lr 2e-06, lr_backbone 2e-06\n") in text
     train_remedi.main(common + ["--lambda_ups", "1.0", "--layout", "sequence", "--out_dir",
                                 str(remedi_root / "printed_given")])
     text = capsys.readouterr().out

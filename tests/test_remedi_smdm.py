@@ -266,11 +266,12 @@ def test_embedded_remedi_build_is_deterministic_and_copies_blocks(embedded_remed
 
 
 def test_embedded_remedi_cli(tmp_path, capsys):
-    out = run_main(main, ["--out_dir", str(tmp_path / "cli"), "--ups_positions", "1", "3", "--ups_init", "smdm",
-                          "--seed", "5"])
+    shipped = sorted((p.name, p.stat().st_mtime) for p in (EMBEDDED_DIR.parent / "remedi").glob("*"))
+    out = run_main(main, ["--untrained", "--out_dir", str(tmp_path / "cli"), "--ups_positions", "1", "3",
+                          "--ups_init", "smdm", "--seed", "5"])
     assert out == tmp_path / "cli" and f"written to {out}" in capsys.readouterr().out
     record = json.loads((out / "BUILD.json").read_text())
-    assert record["command"] == ("python -m remedi_patches.embedded.remedi --out_dir "
+    assert record["command"] == ("python -m remedi_patches.embedded.remedi --untrained --out_dir "
                                  f"{out} --ups_positions 1 3 --ups_init smdm --seed 5")
     assert (record["ups_positions"], record["ups_init"], record["seed"]) == ([1, 3], "smdm", 5)
     for argv, message in [(["--ups_positions", "6"], "ups_positions=[6] must be a non-empty, strictly increasing"),
@@ -278,10 +279,10 @@ def test_embedded_remedi_cli(tmp_path, capsys):
                           (["--backbone", str(out), "--out_dir", str(tmp_path / "twice")],
                            "already holds a dual-stream RemeDi")]:
         with pytest.raises(SystemExit) as exit_:
-            run_main(main, ["--out_dir", str(tmp_path / "x"), *argv])
+            run_main(main, ["--untrained", "--out_dir", str(tmp_path / "x"), *argv])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and err.count("\n") == 1
-    assert not (EMBEDDED_DIR.parent / "remedi").exists()
+    assert sorted((p.name, p.stat().st_mtime) for p in (EMBEDDED_DIR.parent / "remedi").glob("*")) == shipped
 
 
 def test_export_smdm_writes_a_dual_stream_checkpoint_as_a_remedi_folder(tmp_path):
