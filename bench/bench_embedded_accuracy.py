@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from eval_gsm_math import EvalItem, Run, grade, item_texts, make_items, parse_runs, sample_texts, summarise
 from eval_gsm_math import write_jsonl, write_text
-from remedi_patches.backbones import EvalModel, max_length_of
+from remedi_patches.backbones import EvalModel, embedded_folder, max_length_of
 from remedi_patches.cli import ArgumentParser, UserError, run_main
 from remedi_patches.detection import detection_settings, model_meta, ups_detection_report
 from remedi_patches.embedded.task import make_split
@@ -240,7 +240,7 @@ def remedi_models(args) -> list[tuple[str, ModelSpec]]:
     if len(set(labels)) != len(labels) or bad:
         raise UserError(f"model labels must be distinct and hold no '/' or '@': {labels}; pass --remedi_labels")
     for d in args.remedi:
-        if not Path(d).is_dir():
+        if embedded_folder(d) is None and not Path(d).is_dir():
             raise FileNotFoundError(f"--remedi {d}: no such folder; build one with `python -m "
                                     "remedi_patches.embedded.remedi --out_dir DIR` or train one with Remask SFT")
     return [(label, ModelSpec(model_name=d, device=args.device, dtype=args.dtype).check())

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
 EMBEDDED_REMEDI_DIR = EMBEDDED_DIR.parent / "remedi"  # the dual-stream RemeDi trained on it (embedded.remedi)
+EMBEDDED_NAMES = {"embedded": EMBEDDED_DIR, "embedded_remedi": EMBEDDED_REMEDI_DIR}  # model names of the shipped
 LLADA_MASK_ID = 126336
 SMDM_CONFIG = "smdm_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -224,6 +225,20 @@ def detect_kind(source: Source) -> BackboneKind:
     return kind
 
 
+def embedded_folder(name: str | Path | None) -> Optional[Path]:
+    """The shipped folder a model name stands for (None / 'embedded': the embedded backbone; 'embedded_remedi': the
+    embedded RemeDi), or None for any other name. FileNotFoundError with the rebuild command when it is missing."""
+    if name is not None and str(name) not in EMBEDDED_NAMES:
+        return None
+    name = "embedded" if name is None else str(name)
+    folder = EMBEDDED_NAMES[name]
+    if not (folder / SMDM_CONFIG).is_file():
+        builder = "build" if name == "embedded" else "remedi --install"
+        raise FileNotFoundError(f"the {name} model is missing from {folder}; rebuild it with "
+                                f"`python -m remedi_patches.embedded.{builder}`")
+    return folder
+
+
 def load_backbone(
     name_or_path: str | Path | None = None,
     *,
@@ -238,13 +253,7 @@ def load_backbone(
     LLaDA and the dual-stream RemeDi). Backbone.tokenizer is then the tokenizer when one is at hand (--tokenizer, or
     tokenizer files in the local folder), else None; eos_id then comes from the model's config."""
     options = LoadOptions(dtype=_dtype(dtype), tokenizer=tokenizer, smdm_size=smdm_size)
-    if name_or_path is None or str(name_or_path) in ("embedded", "embedded_remedi"):
-        embedded = name_or_path is None or str(name_or_path) == "embedded"
-        folder, builder = (EMBEDDED_DIR, "build") if embedded else (EMBEDDED_REMEDI_DIR, "remedi --install")
-        if not (folder / SMDM_CONFIG).is_file():
-            raise FileNotFoundError(f"the {'embedded backbone' if embedded else 'embedded RemeDi'} is missing from "
-                                    f"{folder}; rebuild it with `python -m remedi_patches.embedded.{builder}`")
-        name_or_path = folder
+    name_or_path = embedded_folder(name_or_path) or name_or_path
     source = resolve_source(name_or_path, "model")
     kind = detect_kind(source)
     if torch.device(device).type == "meta":

@@ -54,7 +54,7 @@ from typing import Callable, ContextManager, Iterable, Optional
 import torch
 
 from remedi_patches import data
-from remedi_patches.backbones import max_length_of
+from remedi_patches.backbones import embedded_folder, max_length_of
 from remedi_patches.block_layout import LAYOUTS, build_rows, micro_batch
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
 from remedi_patches.losses import remask_losses
@@ -295,7 +295,7 @@ def detection_settings(meta: dict, seq_len: Optional[int] = None, r_incorrect: O
 def model_meta(model_name: Optional[str]) -> dict:
     """The training meta of a model folder (its MODEL_META_FILE, written by Remask SFT beside the weights), {} when
     there is none (an untrained model, a hub name, the embedded backbone)."""
-    path = Path(model_name) / MODEL_META_FILE if model_name not in (None, "embedded") else None
+    path = Path(embedded_folder(model_name) or model_name) / MODEL_META_FILE if model_name is not None else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from remedi_patches.backbones import EvalModel, load_eval_model
+from remedi_patches.backbones import EvalModel, embedded_folder, load_eval_model
 from remedi_patches.cli import add_config_args, arg, config_from_args
 from remedi_patches.sources import resolve_source
 
@@ -37,7 +37,8 @@ class ModelSpec:
     """The model bundle to load: backbone, optional LoRA adapter and UPS head, where and in which dtype."""
 
     model_name: Optional[str] = arg(None, "model folder, SMDM export / .pth checkpoint, or hub name (org/name); "
-                                    "None = the embedded tiny model", flags=("--model", "--model_name"),
+                                    "None = the embedded tiny model, embedded_remedi = the embedded dual-stream "
+                                    "RemeDi", flags=("--model", "--model_name"),
                                     metavar="MODEL")
     smdm_size: Optional[str] = arg(None, "architecture of an SMDM .pth checkpoint, e.g. Diff_LLaMA_170M")
     tokenizer: Optional[str] = arg(None, "tokenizer folder or hub name when the model has none")
@@ -60,7 +61,7 @@ class ModelSpec:
                                         f"{Path(value).expanduser().resolve()}); pass the path train_remedi.py wrote, "
                                         f"or leave {flag} out")
         for flag, value in (("--model", self.model_name), ("--tokenizer", self.tokenizer)):
-            if value not in (None, "embedded"):
+            if value is not None and (flag == "--tokenizer" or embedded_folder(value) is None):
                 try:
                     resolve_source(value, what=flag.lstrip("-"))  # the project's one local-path-vs-hub-name rule
                 except FileNotFoundError as err:

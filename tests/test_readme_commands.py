@@ -175,7 +175,7 @@ def generated_answer(output: str, root: Path) -> None:
 
 
 CHECKS: list[tuple[str, Check]] = [
-    (r"demo\.py", lambda out, root: (prints("tps_prob", "ups", "AUC")(out, root),
+    (r"demo\.py", lambda out, root: (prints("tps_prob", "ups", "AUC", "embedded RemeDi", "ups:noremask")(out, root),
                                      wrote("out/demo/ups_head.safetensors")(out, root))),
     (r"train_remedi\.py --out_dir out/my_head", wrote("out/my_head/ups_head.safetensors")),
     (r"train_remedi\.py .*--out_dir out/my_remedi", wrote("out/my_remedi/model/model.safetensors")),

@@ -13,8 +13,8 @@ from lit_gpt.config import Config
 from lit_gpt.dual_stream import RemeDiTransEncoder, default_ups_positions, remedi_from_backbone
 from lit_gpt.model import TransEncoder, build_model, load_smdm_folder, load_weights, save_smdm_folder
 from remedi_patches.backbones import EMBEDDED_DIR, kind_of, load_backbone
-from remedi_patches.cli import run_main
-from remedi_patches.embedded.remedi import build_embedded_remedi, main
+from remedi_patches.cli import UserError, run_main
+from remedi_patches.embedded.remedi import REMEDI_RECIPE, build_embedded_remedi, main, train_embedded_remedi
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -283,6 +283,17 @@ def test_embedded_remedi_cli(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and err.count("\n") == 1
     assert sorted((p.name, p.stat().st_mtime) for p in (EMBEDDED_DIR.parent / "remedi").glob("*")) == shipped
+
+
+def test_embedded_remedi_build_resumes_only_its_own_recipe(tmp_path):
+    """A killed build resumes in its --work_dir; a build with another recipe there is refused before training (a
+    resumed checkpoint of other settings would leave the documented trajectory)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.json").write_text(json.dumps({**REMEDI_RECIPE, "max_steps": 3}) + "\n")
+    with pytest.raises(UserError, match="holds a build with another recipe"):
+        train_embedded_remedi(tmp_path / "out", work, REMEDI_RECIPE)
+    assert not (work / "train").exists() and not (tmp_path / "out").exists()
 
 
 def test_export_smdm_writes_a_dual_stream_checkpoint_as_a_remedi_folder(tmp_path):

@@ -34,7 +34,7 @@ from remedi_patches.embedded.build import REPO, last_row, recipe_flags, run
 DEFAULT_OUT = Path("out/embedded_remedi")
 TRAIN_REMEDI = "SMDM/pretrain/train_remedi.py"
 # flags of train_remedi.py beside --model_name embedded --add_ups_stream (issue 12's BENCHMARKS.md variants)
-REMEDI_RECIPE = {"recipe": "paper", "max_steps": 400, "seed": 0, "eval_samples": 256, "eval_every": 100,
+REMEDI_RECIPE = {"recipe": "paper", "max_steps": 1200, "seed": 0, "eval_samples": 256, "eval_every": 100,
                  "save_every": 100}
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 NOT_COPIED = ("model.safetensors", "smdm_config.json", "BUILD.json")  # the model and the backbone's own build record
@@ -90,6 +90,11 @@ def train_embedded_remedi(out_dir: Path, work_dir: Path, recipe: dict = REMEDI_R
     work_dir = work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     train_dir = work_dir / "train"
+    started = work_dir / "recipe.json"  # a killed build resumes only the same recipe
+    if started.is_file() and json.loads(started.read_text()) != recipe:
+        raise UserError(f"--work_dir {work_dir} holds a build with another recipe ({started.read_text().strip()}); "
+                        "pass another --work_dir, or delete that one to start over")
+    started.write_text(json.dumps(recipe) + "\n")
     cmd = [sys.executable, TRAIN_REMEDI, "--model_name", "embedded", "--add_ups_stream", *recipe_flags(recipe),
            "--out_dir", train_dir, "--save_model_dir", work_dir / "model", "--accelerator", "cpu"]
     t0 = time.time()
