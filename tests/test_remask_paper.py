@@ -29,7 +29,7 @@ from remedi_patches.remask_sft import (PAPER_RECIPE, STREAM_NOISE, RemaskStep, l
                                        remask_forward, run, sample_indices, split_train_eval)
 from remedi_patches.ups_head import UPSHead
 from test_train_remedi import csv_rows, make_cfg, snapshot
-from trainer_helpers import REPO, train_remedi
+from trainer_helpers import REPO, killed_after_first_checkpoint, train_remedi
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 root = test_train_remedi.root  # the module-scoped fixture, shared: tiny LLaDA / SMDM, char tokenizer, sums.jsonl
@@ -80,22 +80,6 @@ def parts(model: torch.nn.Module) -> dict[str, str]:
 
 def max_change(before: dict, after: dict) -> dict[str, float]:
     return {k: float((after[k] - before[k]).abs().max()) for k in before}
-
-
-def killed_after_first_checkpoint(cfg, load):
-    """Run `cfg` until its first checkpoint is written, then die (KeyboardInterrupt) as a killed run does."""
-    real_save = training.save_checkpoint
-
-    def save_then_die(fabric, path, state):
-        real_save(fabric, path, state)
-        raise KeyboardInterrupt("killed after the first checkpoint")
-
-    training.save_checkpoint = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg, backbone=load())
-    finally:
-        training.save_checkpoint = real_save
 
 
 def sums_batch(backbone, seed: int = 0, r_incorrect: float = 0.5):

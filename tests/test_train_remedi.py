@@ -20,7 +20,7 @@ import lit_gpt.training as training
 from remedi_patches.block_layout import plain_rows
 from remedi_patches.remask_sft import (RemaskConfig, propose_incorrect, remask_forward, run, step_kind,
                                        update_counts)
-from trainer_helpers import REPO, train_remedi
+from trainer_helpers import REPO, killed_after_first_checkpoint, train_remedi
 
 SEQ_LEN = 32
 
@@ -251,18 +251,7 @@ def test_alternating_updates_lora_then_head(root):
 def test_killed_run_resumes_same_losses(root, mode):
     full = run(make_cfg(root, f"full_{mode}", max_steps=6, train_mode=mode), backbone=load_backbone(root / "llada"))
     cfg = make_cfg(root, f"killed_{mode}", max_steps=6, save_every=3, train_mode=mode)
-    real_save = training.save_checkpoint
-
-    def save_then_die(fabric, path, state):
-        real_save(fabric, path, state)
-        raise KeyboardInterrupt("killed after the first checkpoint")
-
-    training.save_checkpoint = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(cfg, backbone=load_backbone(root / "llada"))
-    finally:
-        training.save_checkpoint = real_save
+    killed_after_first_checkpoint(cfg, lambda: load_backbone(root / "llada"))
     resumed = run(cfg, backbone=load_backbone(root / "llada"))
     assert resumed["updates"] == 6 and len(resumed["losses"]) == 3
     assert resumed["losses"] == pytest.approx(full["losses"][3:], abs=1e-6)

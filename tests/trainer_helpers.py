@@ -78,3 +78,25 @@ def mdm_args(data: Path, out_dir: Path, **kw) -> list[str]:
                  save_interval=3, out_dir=out_dir, accelerator="cpu", random_length_prob=0.3)
     flags.update(kw)
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def killed_after_first_checkpoint(cfg, load):
+    """Run Remask SFT with `cfg` on the backbone `load()` gives until its first checkpoint is written, then die
+    (KeyboardInterrupt) as a killed run does."""
+    import pytest
+
+    import lit_gpt.training as training
+    from remedi_patches.remask_sft import run
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(fabric, path, state):
+        real_save(fabric, path, state)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    training.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, backbone=load())
+    finally:
+        training.save_checkpoint = real_save
