@@ -276,6 +276,8 @@ class RemaskConfig(FabricConfig, RunConfig):
             raise UserError(f"--layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.block_length < 1:
             raise UserError(f"--block_length must be >= 1, got {self.block_length}")
+        if self.add_ups_stream:  # the model is known to be dual-stream before it loads
+            check_mode(self, dual=True)
         if self.ups_grad_to_lora and self.train_mode != "joint":
             raise UserError(f"--ups_grad_to_lora applies to --train_mode joint only (got {self.train_mode}); drop it")
         for name in ("lr", "lr_lora", "lr_ups", "lr_backbone"):
@@ -557,9 +559,9 @@ def load_model(cfg: RemaskConfig, device, dtype) -> Backbone:
     if not cfg.add_ups_stream:
         return backbone
     if backbone.kind != "smdm" or has_ups_stream(backbone.model):
-        raise UserError(f"--add_ups_stream takes a single-stream SMDM backbone; {cfg.model_name} is a "
-                        f"{'dual-stream RemeDi already' if has_ups_stream(backbone.model) else backbone.kind} model: "
-                        "drop the flag")
+        what = "already a dual-stream RemeDi" if has_ups_stream(backbone.model) else f"a {backbone.kind} model"
+        raise UserError(f"--add_ups_stream takes a single-stream SMDM backbone; {cfg.model_name} is {what}: drop the "
+                        "flag")
     from lit_gpt.dual_stream import remedi_from_backbone
 
     with torch.random.fork_rng(devices=[]):
@@ -572,14 +574,15 @@ def check_mode(cfg: RemaskConfig, dual: bool) -> None:
     """UserError for settings a dual-stream model does not take (it has no head and trains without LoRA here)."""
     if not dual:
         return
+    name = f"{cfg.model_name} with --add_ups_stream" if cfg.add_ups_stream else cfg.model_name
     if cfg.train_mode not in ("ups_only", "full"):
-        raise UserError(f"--train_mode {cfg.train_mode} trains LoRA beside a UPS head; {cfg.model_name} is a "
-                        "dual-stream RemeDi (its own UPS stream): use --train_mode full or ups_only")
+        raise UserError(f"--train_mode {cfg.train_mode} trains LoRA beside a UPS head; {name} is a dual-stream RemeDi "
+                        "(its own UPS stream): use --train_mode full or ups_only")
     given = [flag for flag, value in (("--load_ups_head", cfg.load_ups_head), ("--save_path", cfg.save_path),
                                       ("--load_lora_dir", cfg.load_lora_dir)) if value is not None]
     if given:
-        raise UserError(f"{', '.join(given)} applies to a UPS head or LoRA; {cfg.model_name} is a dual-stream RemeDi "
-                        "whose UPS stream trains in place (written to --save_model_dir): drop it")
+        raise UserError(f"{', '.join(given)} applies to a UPS head or LoRA; {name} is a dual-stream RemeDi whose UPS "
+                        "stream trains in place (written to --save_model_dir): drop it")
 
 
 def trainable_parts(model, dual: bool, mode: str) -> tuple[list, list]:

@@ -374,9 +374,10 @@ def user_error(argv: list[str], capsys) -> str:
     """The one `error:` line (exit 2) that the CLI prints for argv."""
     with pytest.raises(SystemExit) as exc:
         run_main(train_remedi.main, argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # datasets may print progress too
+    assert exc.value.code == 2 and len(errors) == 1 and "Traceback" not in err and err.rstrip().endswith(errors[0]), err
+    return errors[0]
 
 
 @pytest.mark.parametrize("extra, match", [
