@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from remedi_patches.cli import UserError
 from remedi_patches.noise import RemaskBatch
 
 LAYOUTS = ("sequence", "block_diffusion")
@@ -76,6 +77,22 @@ def padded_answer_len(answer_tokens: torch.Tensor, block_length: int) -> torch.T
     return (answer_tokens.clamp(min=1) + block_length - 1) // block_length * block_length
 
 
+def row_lengths(prompt_len: torch.Tensor, answer_tokens: torch.Tensor, layout: str,
+                block_length: int) -> torch.Tensor:
+    """(B,) real tokens per row of `layout`: prompt + (1 or 2) x the answer padded to a multiple of block_length."""
+    copies = 2 if layout == "block_diffusion" else 1
+    return prompt_len.long() + copies * padded_answer_len(answer_tokens.long(), block_length)
+
+
+def require_rows_fit(longest: int, layout: str, block_length: int, context: Optional[int]) -> None:
+    """UserError when rows of `longest` tokens exceed the model's `context` (None: unknown, not checked)."""
+    if context is not None and longest > context:
+        raise UserError(f"--layout {layout} makes rows of up to {longest} tokens (prompt + "
+                        f"{'2 x ' if layout == 'block_diffusion' else ''}the answer padded to --block_length "
+                        f"{block_length}), beyond the model's context of {context}; lower --seq_len or "
+                        "--block_length")
+
+
 def build_rows(input_ids: torch.Tensor, prompt_len: torch.Tensor, answer_tokens: torch.Tensor, layout: str,
                block_length: int, eos_id: int) -> RemaskRows:
     """Training rows of `layout` from SFT rows.
@@ -90,7 +107,7 @@ def build_rows(input_ids: torch.Tensor, prompt_len: torch.Tensor, answer_tokens:
     b, s = input_ids.shape
     p, a = prompt_len.long()[:, None], padded_answer_len(answer_tokens.long(), block_length)[:, None]  # (B, 1)
     copies = 1 if layout == "sequence" else 2
-    length = (p + copies * a).squeeze(1)  # (B,)
+    length = row_lengths(prompt_len, answer_tokens, layout, block_length)  # (B,)
     n = int(length.max())
     pos = torch.arange(n, device=input_ids.device)[None, :].expand(b, n)  # (B, L)
     real = pos < length[:, None]

@@ -55,7 +55,7 @@ import torch
 
 from remedi_patches import data
 from remedi_patches.backbones import embedded_folder, max_length_of
-from remedi_patches.block_layout import LAYOUTS, build_rows, micro_batch
+from remedi_patches.block_layout import LAYOUTS, build_rows, micro_batch, require_rows_fit
 from remedi_patches.cli import ArgumentParser, UserError, add_config_args, arg, config_from_args, run_main
 from remedi_patches.losses import remask_losses
 from remedi_patches.metrics import Confusion, confusion_at, detection_scores, roc_auc, roc_curve, token_prob_scores
@@ -200,12 +200,7 @@ def measure_detection(model: torch.nn.Module, head: Optional[torch.nn.Module], e
     eos = rows_eos_id(examples) if eos_id is None else eos_id
     rows_all = build_rows(examples.input_ids, examples.prompt_len, examples.answer_tokens, settings.layout,
                           settings.block_length, eos)
-    limit = max_length_of(model)
-    if limit is not None and rows_all.input_ids.shape[1] > limit:
-        raise ValueError(f"held-out rows of the {settings.layout} layout reach {rows_all.input_ids.shape[1]} tokens "
-                         f"(prompt + {'2 x ' if settings.layout == 'block_diffusion' else ''}the answer padded to a "
-                         f"multiple of {settings.block_length}), beyond the model's context of {limit}; lower "
-                         "--seq_len or --block_length")
+    require_rows_fit(rows_all.input_ids.shape[1], settings.layout, settings.block_length, max_length_of(model))
     generator = torch.Generator().manual_seed(settings.seed)  # the only source of randomness, drawn in order
     noise_all = remask_noise(rows_all.input_ids, rows_all.answer_mask, rows_all.block_index, settings.layout, mask_id,
                              settings.r_incorrect, vocab_size, special, generator, settings.eps,

@@ -64,7 +64,8 @@ from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, app
 from remedi_patches import data as sft_data
 from remedi_patches.backbones import (Backbone, backbone_kind, fsdp_block_classes, load_backbone, max_length_of,
                                      unwrap)
-from remedi_patches.block_layout import LAYOUTS, RemaskRows, build_rows, micro_batch, padded_answer_len
+from remedi_patches.block_layout import (LAYOUTS, RemaskRows, build_rows, micro_batch, require_rows_fit,
+                                         row_lengths)
 from remedi_patches.cli import UserError, arg, fill_none, recipe_help
 from remedi_patches.detection import MODEL_META_FILE, DetectionSettings, measure_detection
 from remedi_patches.losses import RemaskLosses, remask_losses
@@ -406,12 +407,6 @@ def remask_forward(model, head: Optional[UPSHead], batch: RemaskBatch, rows: Rem
     return losses, ups_logits
 
 
-def row_length_limit(examples: sft_data.SFTExamples, layout: str, block_length: int) -> int:
-    """Longest training row the examples give: prompt + (1 or 2) x the block-padded answer."""
-    copies = 2 if layout == "block_diffusion" else 1
-    return int((examples.prompt_len + copies * padded_answer_len(examples.answer_tokens, block_length)).max())
-
-
 # ---------------------------------------------------------------- setup
 
 
@@ -616,13 +611,9 @@ def _run(cfg: RemaskConfig, backbone, out_dir: Path) -> dict:
               "special": noise_special_ids(tokenizer, mask_id, eos_id, backbone.eot_id)}
 
     train_ex, eval_ex = split_train_eval(cfg, tokenizer, records)
-    limit = max_length_of(model)
-    longest = max(row_length_limit(ex, cfg.layout, cfg.block_length) for ex in (train_ex, eval_ex) if ex is not None)
-    if limit is not None and longest > limit:
-        raise UserError(f"--layout {cfg.layout} makes rows of up to {longest} tokens (prompt + "
-                        f"{'2 x ' if cfg.layout == 'block_diffusion' else ''}the answer padded to --block_length "
-                        f"{cfg.block_length}), beyond the backbone's context of {limit}; lower --seq_len or "
-                        "--block_length")
+    longest = max(int(row_lengths(ex.prompt_len, ex.answer_tokens, cfg.layout, cfg.block_length).max())
+                  for ex in (train_ex, eval_ex) if ex is not None)
+    require_rows_fit(longest, cfg.layout, cfg.block_length, max_length_of(model))
     global_batch = cfg.batch_size * fabric.world_size * cfg.grad_accum
     max_steps = cfg.max_steps or cfg.epochs * max(1, len(train_ex) // global_batch)
 

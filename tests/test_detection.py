@@ -346,5 +346,5 @@ def test_rows_beyond_the_context_are_refused(dual):
     records = [{"question": "1 + 1?", "answer": " ".join(["2"] * context)}]
     kw = dict(seq_len=context - 16, r_incorrect=0.5, block_length=16)  # padded to a block: at most the context
     assert D.ups_detection_report(dual, None, records, **kw).n_rows == 1  # sequence: fits
-    with pytest.raises(ValueError, match=rf"block_diffusion layout reach \d+ tokens .* context of {context}"):
+    with pytest.raises(ValueError, match=rf"--layout block_diffusion makes rows of up to \d+ tokens .* context of {context}"):
         D.ups_detection_report(dual, None, records, layout="block_diffusion", **kw)

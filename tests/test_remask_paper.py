@@ -387,7 +387,7 @@ def user_error(argv: list[str], capsys) -> str:
     (["--load_ups_head", "HEAD"], "--load_ups_head applies to a UPS head or LoRA; .* drop it"),
     (["--save_path", "OUT/head.safetensors"], "--save_path applies to a UPS head or LoRA"),
     (["--ups_grad_to_lora"], "--ups_grad_to_lora applies to --train_mode joint only \\(got full\\)"),
-    (["--block_length", "64"], "--layout block_diffusion makes rows of up to \\d+ tokens .* beyond the backbone's "
+    (["--block_length", "64"], "--layout block_diffusion makes rows of up to \\d+ tokens .* beyond the model's "
                                "context of 128; lower --seq_len"),
 ], ids=["joint", "alternating", "load_ups_head", "save_path", "ups_grad_to_lora", "row_too_long"])
 def test_paper_recipe_errors_on_a_dual_stream_model_are_one_line(remedi_root, tmp_path, capsys, extra, match):
