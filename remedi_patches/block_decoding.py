@@ -182,7 +182,8 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
         tokens = x[:, start:start + block_length]  # (B, N) all masks
         for i, (n, k) in enumerate(zip(n_per_step, k_per_step)):
             logits, ups_logits = context.read(tokens, positions)  # (B, N, V), (B, N) | None
-            tokens, committed, remasked = rule.step(tokens, logits, ups_logits, n, k, block_length, whole)
+            tokens, committed, remasked = rule.step(tokens, logits, ups_logits, n, k, block_length, whole,
+                                                    None if trajectory is None else trajectory.observer)
             x[:, start:start + block_length] = tokens
             if trajectory is not None:
                 trajectory.record(b, i, start, committed, remasked, (tokens == mask_id).sum(dim=-1), x)

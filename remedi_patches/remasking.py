@@ -15,7 +15,7 @@ All functions here are pure tensor functions; `Trajectory` is the optional per-s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -124,6 +124,10 @@ class Trajectory:
     keep_tokens: bool = False
     steps: list[StepRecord] = field(default_factory=list)
     forwards: int = 0  # model forwards run (NFE), counted by the samplers
+    # called at every step, before the keep / re-mask, with (tokens (B, N) of the block, candidates (B, N), TPS
+    # logits (B, N, V), UPS logits (B, N) or None, confidence (B, N) the ranking used, k_i): what RL rollouts
+    # record (remedi_patches.rl.rollout.PolicyRecorder)
+    observer: Optional[Callable[..., None]] = None
 
     def record(self, block: int, step: int, start: int, committed: torch.Tensor, remasked: torch.Tensor,
                mask_count: torch.Tensor, tokens: torch.Tensor) -> None:

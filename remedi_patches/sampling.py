@@ -167,11 +167,11 @@ class StepRule:
     eot_id: Optional[int]
 
     def step(self, tokens: torch.Tensor, logits: torch.Tensor, ups_logits: Optional[torch.Tensor], n: int, k: int,
-             seq_len: int, block: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             seq_len: int, block: slice, observer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, N) of the block, its logits (B, N, V) (EOS gating writes into them) and UPS logits (B, N) or
         None; n = n_i, k = k_i; seq_len and block place the block in the (B, seq_len) row whose shape the RNG
-        draws take (upstream's whole sequence in generate(); the block itself in block decoding).
-        Returns remasking.remask_block's (new_tokens, committed, remasked)."""
+        draws take (upstream's whole sequence in generate(); the block itself in block decoding); observer: see
+        remasking.Trajectory.observer. Returns remasking.remask_block's (new_tokens, committed, remasked)."""
         if self.source_name == "ups" and ups_logits is None:
             logger.warning("confidence_source='ups' but no UPS head was given and the model returns no "
                            "UPS confidences; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
@@ -193,6 +193,8 @@ class StepRule:
             if self.eot_id is not None:
                 end |= candidates == self.eot_id
             confidence = rank_last(confidence, end)
+        if observer is not None:
+            observer(tokens, candidates, logits, ups_logits, confidence, k)
         if self.remask:
             keep = keep_top_k(confidence, k)
         else:
@@ -295,7 +297,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                                                mask_id)  # (B, N, V), (B, N) | None
             if trajectory is not None:
                 trajectory.forwards += 1
-            new_tokens, committed, remasked = rule.step(x[:, block], logits, ups_logits, n, k, x.shape[1], block)
+            new_tokens, committed, remasked = rule.step(x[:, block], logits, ups_logits, n, k, x.shape[1], block,
+                                                        None if trajectory is None else trajectory.observer)
             x[:, block] = new_tokens
             if trajectory is not None:
                 trajectory.record(b, i, block.start, committed, remasked, (new_tokens == mask_id).sum(dim=-1), x)

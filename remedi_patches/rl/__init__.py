@@ -1,0 +1,1 @@
+"""Reinforcement learning for the RemeDi diffusion LM: rewards, rollouts and the trainer."""
