@@ -46,7 +46,7 @@ CACHE_ARGS = ("position_ids", "past_key_values", "use_cache")
 
 def takes_cache(model: nn.Module) -> bool:
     """Whether model(...) accepts the block-decoding arguments (position_ids, past_key_values, use_cache)."""
-    inner = model.backbone if isinstance(model, UPSModel) else unwrap(model)
+    inner = unwrap(model.backbone if isinstance(model, UPSModel) else model)
     parameters = inspect.signature(type(inner).forward).parameters
     return all(name in parameters for name in CACHE_ARGS)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -44,14 +45,15 @@ import torch
 
 from lit_gpt.diffusion import forward_process, seeded_generator
 from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, apply_gradient_checkpointing,
-                              claim_outputs, csv_logger, fit, hparams_of, num_parameters, require_path, resume_path,
-                              setup_fabric)
+                              claim_outputs, csv_logger, fit, hparams_of, num_parameters, require_finite,
+                              require_path, resume_path, setup_fabric)
 from remedi_patches import data as sft_data
 from remedi_patches.backbones import Backbone, EvalModel, fsdp_block_classes, load_backbone, max_length_of
 from remedi_patches.block_layout import RemaskRows
 from remedi_patches.cli import UserError, arg, fill_none
 from remedi_patches.detection import MODEL_META_FILE
-from remedi_patches.modeling_wrappers import has_ups_stream, ups_input_forward
+from remedi_patches.modeling_wrappers import (HEAD_FILE_NAME, UPSModel, check_head_fits, has_ups_stream, load_ups_head,
+                                              logits_of, save_ups_head)
 from remedi_patches.remasking import Trajectory, commit_schedule
 from remedi_patches.remask_sft import PRECISION_DTYPES, add_lora, export_model, sample_indices
 from remedi_patches.rl.objectives import (clipped_surrogate, dpo_loss, group_advantages, kl_k3,
@@ -61,6 +63,7 @@ from remedi_patches.rl.rollout import (PolicyRecorder, completion_mask, end_bloc
                                        scatter_blocks)
 from remedi_patches.sampling import SamplerSettings, check_schedule, decode_answers, left_pad, sample
 from remedi_patches.trajectory_views import write_text
+from remedi_patches.ups_head import UPSHead
 
 METHODS = ("remask_grpo", "diffu_grpo", "rwd", "dpo")
 TRAIN_WEIGHTS = ("full", "lora")
@@ -89,6 +92,10 @@ class RLConfig(FabricConfig, RunConfig):
     lora_target: str = arg("auto", "'auto' (every block's linear layers) or comma-separated module names",
                            group="model")
     load_lora_dir: Optional[str] = arg(None, "continue from this adapter (--train_weights lora)", group="model")
+    ups_head: Optional[str] = arg(None, "remask_grpo on a single-stream model: the UPS head (train_remedi.py) that "
+                                  "ranks; the policy is backbone + head, and the head trains too (--lr_ups)",
+                                  group="model")
+    lr_ups: Optional[float] = arg(None, "peak learning rate of the --ups_head; default --lr", group="model")
     # data and reward
     dataset: str = arg("embedded", "'embedded', a local .json/.jsonl/.parquet file or folder, or a hub name",
                        group="data")
@@ -224,6 +231,12 @@ class RLConfig(FabricConfig, RunConfig):
             raise UserError(f"{err} (--steps / --eval_steps / --gen_length / --block_length)") from None
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
             raise UserError(f"--prompt_template {self.prompt_template!r} has no {{question}} placeholder; add one")
+        if self.ups_head is not None and self.method != "remask_grpo":
+            raise UserError(f"--ups_head gives remask_grpo its ranking policy; {self.method} does not rank by a UPS: "
+                            "drop --ups_head")
+        if self.lr_ups is not None and not 0 < self.lr_ups < math.inf:
+            raise UserError(f"--lr_ups must be a positive number, got {self.lr_ups}")
+        require_path(self.ups_head, "--ups_head")
         if self.load_lora_dir is not None and self.train_weights != "lora":
             raise UserError("--load_lora_dir continues an adapter: add --train_weights lora")
         if self.model_name not in ("embedded", "embedded_remedi"):
@@ -238,11 +251,12 @@ class RLConfig(FabricConfig, RunConfig):
         return self.confidence_source or ("ups" if has_ups else None)
 
     def rollout_settings(self, has_ups: bool) -> SamplerSettings:
-        """The stochastic sampler of the rollouts."""
+        """The stochastic sampler of the rollouts (block decoding for remask_grpo, whose rows are block-causal)."""
         source = self.source(has_ups)
         return SamplerSettings(steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
                                temperature=self.temperature, confidence_source=source,
-                               ups_temperature=self.ups_temperature if source == "ups" else 0.0)
+                               ups_temperature=self.ups_temperature if source == "ups" else 0.0,
+                               decoding="block" if self.method == "remask_grpo" else None)
 
     def eval_settings(self, has_ups: bool) -> SamplerSettings:
         """The greedy sampler of the held-out evaluation (temperature 0, UPS top-k)."""
@@ -275,10 +289,13 @@ def load_prompts(cfg: RLConfig, split: str, limit: Optional[int]) -> Prompts:
 # ---------------------------------------------------------------- rollouts
 
 
-def policy_forward(model, rows: RemaskRows, need_ups: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One forward of rows -> (TPS logits at the scored positions (M, V), UPS logits there (M,) or None)."""
-    logits, ups = ups_input_forward(model, rows.input_ids, rows.attention_mask, rows.position_ids, need_ups=need_ups)
-    return logits[rows.answer_mask], None if ups is None else ups[rows.answer_mask]
+def policy_forward(model, rows: RemaskRows) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One forward of rows -> (TPS logits at the scored positions (M, V), UPS logits there (M,) or None). `model`:
+    a dual-stream RemeDi, a UPSModel (backbone + head) or a plain backbone."""
+    extra = {} if rows.position_ids is None else {"position_ids": rows.position_ids}
+    out = model(rows.input_ids, attention_mask=rows.attention_mask, **extra)
+    ups = getattr(out, "confidences", None)
+    return logits_of(out)[rows.answer_mask], None if ups is None else ups[rows.answer_mask]
 
 
 class RLStep:
@@ -286,10 +303,11 @@ class RLStep:
     current round lives in state["rollout"] (checkpointed)."""
 
     def __init__(self, fabric, cfg: RLConfig, model, reference, bundle: EvalModel, prompts: Prompts, state: dict):
+        """model: the policy (a dual-stream RemeDi, a UPSModel of backbone + head, or a backbone), as set up by
+        Fabric; reference: a frozen copy of it, or None (LoRA: the adapter disabled; no KL: unused)."""
         self.fabric, self.cfg, self.model, self.reference, self.bundle = fabric, cfg, model, reference, bundle
         self.prompts, self.state = prompts, state
-        self.dual = has_ups_stream(model)
-        self.settings = cfg.rollout_settings(self.dual)
+        self.settings = cfg.rollout_settings(has_ups(model))
         self.rows_per_rank = cfg.prompts_per_step * cfg.group_size
         self.chunks = math.ceil((cfg.prompts_per_step if cfg.method == "dpo" else self.rows_per_rank)
                                 / (max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size))
@@ -356,12 +374,11 @@ class RLStep:
         if cfg.method == "remask_grpo":
             blocks = block_valid(ro["valid_blocks"], cfg.gen_length // cfg.block_length)  # (R, nb)
             counts = [(ro["unmasked"] & blocks[:, :, None, None]).sum(), blocks.sum() * self.steps_per_block]
-        elif cfg.method == "diffu_grpo":
-            extra["old_logp"] = torch.stack([self.one_step_logp(self.model, ro, k, slice(None)) for k in range(cfg.mu)])
+        elif cfg.method == "diffu_grpo":  # (mu, R, G): the old (and reference) policy under each inner mask
+            extra["old_logp"] = self.chunked_logp(self.model, ro)
             if cfg.beta > 0:
                 with self.reference_model() as ref:
-                    extra["ref_logp"] = torch.stack([self.one_step_logp(ref, ro, k, slice(None))
-                                                     for k in range(cfg.mu)])
+                    extra["ref_logp"] = self.chunked_logp(ref, ro)
             counts = [ro["completion"].sum(), torch.tensor(0)]
         elif cfg.method == "rwd":
             counts = [torch.tensor(self.rows_per_rank), torch.tensor(0)]
@@ -383,6 +400,13 @@ class RLStep:
 
     # -- log-probabilities --------------------------------------------------------------------------------------
 
+    def chunked_logp(self, model, ro: dict) -> torch.Tensor:
+        """(mu, R, G) one_step_logp of every rollout under each inner iteration's mask, --micro_batch_size rows at a
+        time, on the CPU."""
+        size, total = self.cfg.micro_batch_size, ro["response"].shape[0]
+        return torch.stack([torch.cat([self.one_step_logp(model, ro, k, slice(s, s + size)).cpu()
+                                       for s in range(0, total, size)]) for k in range(self.cfg.mu)])
+
     def one_step_logp(self, model, ro: dict, inner: int, rows: slice) -> torch.Tensor:
         """d1's estimate: (b, G) log p(response token) from one forward with the response masked and each prompt
         token masked with probability --p_mask_prompt (a mask per (round, inner iteration, prompt))."""
@@ -391,12 +415,14 @@ class RLStep:
         pm = None if pm is None else pm[rows]
         batch = response_rows(prompt, pm, response, self.bundle.eos_id).to(self.fabric.device)
         index = ro["index"].repeat_interleave(cfg.group_size)[rows]
-        draw = torch.stack([torch.rand(batch.input_ids.shape[1], generator=seeded_generator(
-            cfg.seed, STREAM_PROMPT_MASK, int(ro["round"]), inner, int(i))) for i in index]).to(self.fabric.device)
+        width = ro["prompt"].shape[1] + ro["response"].shape[1]  # the widest row: the same draws whatever the chunk
+        draw = torch.stack([torch.rand(width, generator=seeded_generator(
+            cfg.seed, STREAM_PROMPT_MASK, int(ro["round"]), inner, int(i))) for i in index])
+        draw = draw[:, :batch.input_ids.shape[1]].to(self.fabric.device)
         masked = batch.answer_mask | ((draw < cfg.p_mask_prompt) & ~batch.answer_mask & batch.attention_mask)
         noisy = batch._replace(input_ids=batch.input_ids.masked_fill(masked, mask_id))
         with self.fabric.autocast():
-            logits, _ = policy_forward(model, noisy, need_ups=False)
+            logits, _ = policy_forward(model, noisy)
         return token_log_probs(logits, batch.input_ids[batch.answer_mask]).view(response.shape)
 
     def remask_logp(self, model, ro: dict, rows: slice, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +434,7 @@ class RLStep:
         batch = policy_rows(ro["prompt"][rows], None if pm is None else pm[rows], ro["response"][rows],
                             ro["xt"][rows, :, i], valid, n, self.bundle.eos_id).to(self.fabric.device)
         with self.fabric.autocast():
-            logits, ups = policy_forward(model, batch, need_ups=True)
+            logits, ups = policy_forward(model, batch)
         candidates = ro["candidates"][rows, :, i].to(self.fabric.device)  # (b, nb, N)
         used = block_valid(valid, nb).to(self.fabric.device)
         token = token_log_probs(logits, candidates[used].view(-1), cfg.temperature)
@@ -428,6 +454,7 @@ class RLStep:
         chunk, index = divmod(micro, self.grad_accum // self.chunks)
         size = max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size
         rows = slice(chunk * size, (chunk + 1) * size)
+        self.step = step
         loss, metrics = getattr(self, cfg.method)(ro, rows, index, inner)
         scale = fabric.world_size * self.grad_accum  # fit divides by grad_accum and DDP averages over ranks
         rewards = ro["rewards"]
@@ -489,21 +516,22 @@ class RLStep:
         batch = response_rows(ro["prompt"][rows], None if pm is None else pm[rows], ro["response"][rows],
                               self.bundle.eos_id).to(dev)
         b, length = batch.input_ids.shape
+        width = ro["prompt"].shape[1] + ro["response"].shape[1]  # the widest row: the same draws whatever the chunk
         row_ids = torch.arange(ro["response"].shape[0])[rows]
         gens = [seeded_generator(cfg.seed, STREAM_NOISE, step, int(r)) for r in row_ids]
         t = torch.stack([torch.rand((), generator=g) for g in gens])
-        u = torch.stack([torch.rand(length, generator=g) for g in gens])
+        u = torch.stack([torch.rand(width, generator=g)[:length] for g in gens])
         noisy, masked, p_mask = forward_process(batch.input_ids, t.to(dev), u.to(dev), self.bundle.mask_id,
                                                 maskable=batch.answer_mask)
         with self.fabric.autocast():
-            logits, _ = policy_forward(model, batch._replace(input_ids=noisy), need_ups=False)
+            logits, _ = policy_forward(model, batch._replace(input_ids=noisy))
         ce = torch.nn.functional.cross_entropy(logits.float(), batch.input_ids[batch.answer_mask], reduction="none")
         weight = (masked[batch.answer_mask].float() / p_mask[batch.answer_mask])  # (M,)
         per_row = torch.zeros(b, device=dev).index_add_(0, batch.answer_mask.nonzero()[:, 0], ce * weight)
         return per_row / batch.answer_len.to(dev)
 
     def rwd(self, ro: dict, rows: slice, _i: int, _inner: int) -> tuple[torch.Tensor, dict]:
-        nll = self.masked_nll(self.model, ro, rows, self.state["step_count"])
+        nll = self.masked_nll(self.model, ro, rows, self.step)
         weights = reward_weights(self._advantages(ro, rows))
         return (weights * nll).sum() / ro["normaliser"][0], {"nll": nll.mean().detach()}
 
@@ -512,10 +540,9 @@ class RLStep:
         if pairs.numel() == 0:
             return zero_loss(self.model), {"dpo_acc": 0.0}
         index = pairs.reshape(-1)
-        step = self.state["step_count"]
-        nll = self.masked_nll(self.model, ro, index, step).view(-1, 2)
+        nll = self.masked_nll(self.model, ro, index, self.step).view(-1, 2)
         with torch.no_grad(), self.reference_model() as ref:
-            ref_nll = self.masked_nll(ref, ro, index, step).view(-1, 2)
+            ref_nll = self.masked_nll(ref, ro, index, self.step).view(-1, 2)
         losses = dpo_loss(nll[:, 0], nll[:, 1], ref_nll[:, 0], ref_nll[:, 1], self.cfg.dpo_beta)
         margin = (ref_nll[:, 0] - nll[:, 0]) - (ref_nll[:, 1] - nll[:, 1])
         return losses.sum() / ro["normaliser"][0], {"dpo_acc": (margin > 0).float().mean()}
@@ -551,6 +578,11 @@ def zero_loss(model) -> torch.Tensor:
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
+def has_ups(model) -> bool:
+    """Whether the policy gives UPS confidences: a dual-stream RemeDi, or backbone + head (UPSModel)."""
+    return has_ups_stream(model) or isinstance(getattr(model, "module", model), UPSModel)
+
+
 def unwrap_peft(model):
     """The PEFT model under Fabric's wrapper (for disable_adapter)."""
     inner = getattr(model, "module", model)
@@ -577,15 +609,13 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
         backbone = load_backbone(cfg.model_name, device=fabric.device, tokenizer=cfg.tokenizer,
                                  dtype=PRECISION_DTYPES.get(cfg.precision or ""))
     model = backbone.model.to(fabric.device)
-    dual = has_ups_stream(model)
-    if cfg.method == "remask_grpo" and not dual:
-        raise UserError(f"remask_grpo trains the UPS ranking policy; {cfg.model_name} has no UPS stream. Use a "
-                        "dual-stream RemeDi (e.g. --model_name embedded_remedi), or --method diffu_grpo / rwd / dpo")
+    head = load_head(cfg, model, fabric.device)
     window = max_length_of(model)
     fabric.seed_everything(cfg.seed)
     reference = None
-    if (cfg.beta > 0 or cfg.method == "dpo") and cfg.train_weights == "full":
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
+    if (cfg.beta > 0 or cfg.method == "dpo") and (cfg.train_weights == "full" or head is not None):
+        start = model if head is None else UPSModel(model, head)
+        reference = copy.deepcopy(start).requires_grad_(False).eval()
     model.requires_grad_(cfg.train_weights == "full")
     peft_model = None
     if cfg.train_weights == "lora":
@@ -606,7 +636,19 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
     hparams = hparams_of(cfg)
     state = {"model": model if cfg.train_weights == "full" else torch.nn.ParameterList(params), "optimizer": opt,
              "step_count": 0, "iter_num": 0, "hparams": hparams, "rollout": {}}
-    step = RLStep(fabric, cfg, model, reference, bundle, prompts, state)
+    groups = [TrainGroup(model, opt, lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio)]
+    policy, raw_head = model, head
+    if head is not None:  # its own module, optimizer and learning rate; the policy runs backbone + head
+        lr_ups = cfg.lr_ups or cfg.lr
+        head = fabric.setup_module(head.requires_grad_(True).train())
+        opt_head = fabric.setup_optimizers(torch.optim.AdamW(head.parameters(), lr=lr_ups,
+                                                             weight_decay=cfg.weight_decay))
+        state.update(head=head, opt_head=opt_head)
+        groups.append(TrainGroup(head, opt_head, lr=lr_ups, min_lr=lr_ups * cfg.min_lr_ratio, name="ups",
+                                 flag="--lr_ups" if cfg.lr_ups else "--lr"))
+        policy = UPSModel(model, head)
+    bundle = dataclasses.replace(bundle, model=policy)
+    step = RLStep(fabric, cfg, policy, reference, bundle, prompts, state)
     fabric.print(f"RL ({cfg.method}) on {backbone.name}: {num_parameters(model):,} parameters "
                  f"({num_parameters(model, trainable=True):,} trainable, {cfg.train_weights}); {len(prompts.texts)} "
                  f"prompts, {cfg.max_steps} updates of {cfg.prompts_per_step * fabric.world_size} prompts x "
@@ -615,21 +657,41 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
                  f"{step.grad_accum} micro-batches per update")
 
     def evaluate() -> dict:
-        return held_out_accuracy(fabric, bundle, held, cfg, dual)
+        return held_out_accuracy(fabric, bundle, held, cfg)
 
     schedule = Schedule(max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, grad_accum=step.grad_accum,
                         grad_clip=cfg.grad_clip, save_interval=cfg.save_every, eval_interval=cfg.eval_every,
                         divergence_factor=0.0)  # an RL loss has no floor to diverge from; NaN/inf still stops
-    group = TrainGroup(model, opt, lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio)
-    result = fit(fabric, state, step, [group], schedule, out_dir, evaluate if held is not None else None,
-                 resume=resume_path(out_dir, cfg.resume), hparams=hparams)
-    return save_outputs(cfg, fabric, state, result, backbone, peft_model, out_dir)
+    resume = resume_path(out_dir, cfg.resume)
+    if held is not None and resume is None:  # the starting point of the held-out curve
+        start = evaluate()
+        fabric.log_dict(start, step=0)
+        fabric.print("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+    result = fit(fabric, state, step, groups, schedule, out_dir, evaluate if held is not None else None,
+                 resume=resume, hparams=hparams)
+    return save_outputs(cfg, fabric, state, result, backbone, peft_model, raw_head, out_dir)
+
+
+def load_head(cfg: RLConfig, model, device) -> Optional[UPSHead]:
+    """The --ups_head (checked to fit the model), or None; UserError when remask_grpo would have no UPS."""
+    dual = has_ups_stream(model)
+    if cfg.ups_head is not None and dual:
+        raise UserError(f"{cfg.model_name} has its own UPS stream (a dual-stream RemeDi); drop --ups_head")
+    if cfg.method == "remask_grpo" and not dual and cfg.ups_head is None:
+        raise UserError(f"remask_grpo trains the UPS ranking policy; {cfg.model_name} has no UPS stream. Use a "
+                        "dual-stream RemeDi (e.g. --model_name embedded_remedi), give the model a head with "
+                        "--ups_head PATH, or use --method diffu_grpo / rwd / dpo")
+    if cfg.ups_head is None:
+        return None
+    head, _ = load_ups_head(cfg.ups_head)
+    check_head_fits(head, model)
+    return head.to(device)
 
 
 @torch.no_grad()
-def held_out_accuracy(fabric, bundle: EvalModel, held: Prompts, cfg: RLConfig, dual: bool) -> dict:
+def held_out_accuracy(fabric, bundle: EvalModel, held: Prompts, cfg: RLConfig) -> dict:
     """Greedy accuracy (the reward's correctness part) on the held-out prompts, this rank's share, averaged."""
-    settings = cfg.eval_settings(dual)
+    settings = cfg.eval_settings(has_ups(bundle.model))
     correct = load_reward(cfg.reward)
     share = list(range(fabric.global_rank, len(held.texts), fabric.world_size))
     hits = torch.zeros(2, device=fabric.device)
@@ -646,8 +708,10 @@ def held_out_accuracy(fabric, bundle: EvalModel, held: Prompts, cfg: RLConfig, d
     return {f"eval_accuracy@{settings.steps}": float(hits[0] / hits[1].clamp(min=1))}
 
 
-def save_outputs(cfg: RLConfig, fabric, state: dict, result, backbone: Backbone, peft_model, out_dir: Path) -> dict:
-    """The trained model folder (full) or adapter (lora), with the run's settings beside it; the summary."""
+def save_outputs(cfg: RLConfig, fabric, state: dict, result, backbone: Backbone, peft_model, head: Optional[UPSHead],
+                 out_dir: Path) -> dict:
+    """The trained model folder (full) or adapter (lora), with the UPS head when one trained and the run's
+    settings beside it; the summary."""
     target = cfg.output_dir
     if cfg.train_weights == "full":
         export_model(fabric, out_dir, backbone, target)
@@ -659,6 +723,9 @@ def save_outputs(cfg: RLConfig, fabric, state: dict, result, backbone: Backbone,
                 sft_data.render_prompt("{question}"), "rl_args": state["hparams"], "updates": state["step_count"],
                 **result.evaluation}
         write_text(target / MODEL_META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
+        if head is not None:
+            require_finite(head, f"the UPS head for {target}", "Train again with a lower --lr_ups.")
+            save_ups_head(target / HEAD_FILE_NAME, head, meta)
         fabric.print(f"{'model' if cfg.train_weights == 'full' else 'LoRA adapter'} -> {target}")
     fabric.barrier()
     summary = {"updates": state["step_count"], "output": str(target),
