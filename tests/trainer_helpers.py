@@ -80,13 +80,16 @@ def mdm_args(data: Path, out_dir: Path, **kw) -> list[str]:
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
-def killed_after_first_checkpoint(cfg, load):
-    """Run Remask SFT with `cfg` on the backbone `load()` gives until its first checkpoint is written, then die
-    (KeyboardInterrupt) as a killed run does."""
+def killed_after_first_checkpoint(cfg, load, run=None):
+    """Run a trainer (`run(cfg, backbone=...)`, default Remask SFT's remedi_patches.remask_sft.run) with `cfg` on the
+    backbone `load()` gives until its first checkpoint is written, then die (KeyboardInterrupt) as a killed run
+    does."""
     import pytest
 
     import lit_gpt.training as training
-    from remedi_patches.remask_sft import run
+
+    if run is None:
+        from remedi_patches.remask_sft import run
 
     real_save = training.save_checkpoint
 
