@@ -51,7 +51,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     if scale:
         std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(adv)
         adv = adv / (std + ADV_EPS)
-    return adv.view(-1)
+    equal = r.amax(dim=1) == r.amin(dim=1)  # exactly zero, not the rounding residue of the float mean / 1e-4
+    return adv.masked_fill(equal[:, None], 0.0).view(-1)
 
 
 def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor,

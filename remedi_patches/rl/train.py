@@ -74,6 +74,7 @@ EMBEDDED_RL = {"group_size": 8, "prompts_per_step": 8, "micro_batch_size": 64, "
                "gen_length": 32, "eval_samples": 200, "warmup_steps": 5}
 GENERAL_RL = {"group_size": 16, "prompts_per_step": 1, "micro_batch_size": 2, "max_steps": 100, "lr": 3e-6,
               "gen_length": 256, "eval_samples": 64, "warmup_steps": 10}
+SUMMED = ("token_loss", "pl_loss", "kl")  # metrics that are parts of the loss: global sums like it
 SCALE_REWARDS = {"remask_grpo": True, "diffu_grpo": False, "rwd": True, "dpo": True}  # d1 uses r - mean
 
 
@@ -195,9 +196,9 @@ class RLConfig(FabricConfig, RunConfig):
         for name in ("group_size", "prompts_per_step", "micro_batch_size", "mu", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.group_size < 2 and self.method != "rwd":
-            raise UserError(f"--group_size must be >= 2 for {self.method} (advantages compare rollouts of one "
-                            f"prompt), got {self.group_size}")
+        if self.group_size < 2:
+            raise UserError(f"--group_size must be >= 2 (advantages compare the rollouts of one prompt: a group of "
+                            f"one has none), got {self.group_size}")
         for name in ("max_steps", "eval_every", "save_every", "warmup_steps", "eval_samples"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -313,6 +314,7 @@ class RLStep:
                                 / (max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size))
         self.steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
         self.grad_accum = self.chunks * (self.steps_per_block if cfg.method == "remask_grpo" else 1)
+        self.scale = fabric.world_size * self.grad_accum
         self.k = commit_schedule(cfg.block_length, self.steps_per_block)
         self.encoded = [bundle.tokenizer(t)["input_ids"] for t in prompts.texts]
         self.reward = load_reward(cfg.reward, cfg.format_reward)
@@ -385,8 +387,13 @@ class RLStep:
         else:
             extra["pairs"] = preference_pairs(ro["rewards"], cfg.group_size)
             counts = [torch.tensor(len(extra["pairs"])), torch.tensor(0)]
-        total = fabric.all_reduce(torch.stack(counts).float().to(fabric.device), reduce_op="sum").cpu()
-        extra["normaliser"] = total.clamp(min=1)
+        r = ro["rewards"].double()
+        sums = torch.stack([*(torch.as_tensor(c).double() for c in counts), r.sum(), (r * r).sum(),
+                            torch.tensor(float(r.numel()), dtype=torch.float64)])
+        total = fabric.all_reduce(sums.to(fabric.device), reduce_op="sum").cpu()
+        extra["normaliser"] = total[:2].float().clamp(min=1)
+        mean = total[2] / total[4]  # the reward mean / std of the whole global batch (every rank logs the same)
+        extra["reward_stats"] = torch.stack([mean, (total[3] / total[4] - mean * mean).clamp(min=0).sqrt()]).float()
         return extra
 
     @contextlib.contextmanager
@@ -446,7 +453,7 @@ class RLStep:
     # -- the step function --------------------------------------------------------------------------------------
 
     def __call__(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
-        cfg, fabric = self.cfg, self.fabric
+        cfg = self.cfg
         round_, inner = divmod(step, cfg.mu)
         if self.state.get("rollout", {}).get("round") != round_:
             self.state["rollout"] = self.rollout(round_)
@@ -456,11 +463,13 @@ class RLStep:
         rows = slice(chunk * size, (chunk + 1) * size)
         self.step = step
         loss, metrics = getattr(self, cfg.method)(ro, rows, index, inner)
-        scale = fabric.world_size * self.grad_accum  # fit divides by grad_accum and DDP averages over ranks
-        rewards = ro["rewards"]
-        metrics.update(reward=rewards.mean(), reward_std=rewards.std() if rewards.numel() > 1 else 0.0,
-                       accuracy=ro["correct"].mean(), adv_abs=ro["advantages"].abs().mean(),
-                       response_len=ro["completion"].float().sum(dim=1).mean(), loss=loss.detach() * scale)
+        # fit divides the loss by grad_accum and DDP averages gradients over ranks; the sums above are already
+        # divided by global counts, so scale them back (logged parts too: fit averages metrics over both)
+        scale = self.scale
+        metrics = {k: v * scale if k in SUMMED else v for k, v in metrics.items()}
+        metrics.update(reward=ro["reward_stats"][0], reward_std=ro["reward_stats"][1], accuracy=ro["correct"].mean(),
+                       adv_abs=ro["advantages"].abs().mean(), response_len=ro["completion"].float().sum(dim=1).mean(),
+                       loss=loss.detach() * scale)
         return loss * scale, metrics
 
     def _advantages(self, ro: dict, rows: slice) -> torch.Tensor:
@@ -479,8 +488,8 @@ class RLStep:
         pl_loss, pl_ratio, pl_clip = clipped_surrogate(pl - ro["pl_logp"][rows, :, i].to(dev), adv[:, None],
                                                        cfg.clip_eps)
         loss = tok_loss[unmasked].sum() / n_tok + pl_loss[blocks].sum() / n_pl
-        metrics = {"token_loss": tok_loss[unmasked].sum() / n_tok * self.grad_accum,
-                   "pl_loss": pl_loss[blocks].sum() / n_pl * self.grad_accum,
+        metrics = {"token_loss": tok_loss[unmasked].sum().detach() / n_tok,
+                   "pl_loss": pl_loss[blocks].sum().detach() / n_pl,
                    "clip_frac": tok_clip[unmasked].float().mean() if unmasked.any() else 0.0,
                    "pl_clip_frac": pl_clip[blocks].float().mean() if blocks.any() else 0.0,
                    "ratio_mean": tok_ratio[unmasked].mean() if unmasked.any() else 1.0,
@@ -490,7 +499,7 @@ class RLStep:
                 ref_token, ref_pl = self.remask_logp(ref, ro, rows, i)
             kl = kl_k3(token, ref_token)[unmasked].sum() / n_tok + kl_k3(pl, ref_pl)[blocks].sum() / n_pl
             loss = loss + cfg.beta * kl
-            metrics["kl"] = kl.detach() * self.grad_accum
+            metrics["kl"] = kl.detach()
         return loss, metrics
 
     def diffu_grpo(self, ro: dict, rows: slice, _i: int, inner: int) -> tuple[torch.Tensor, dict]:
@@ -505,7 +514,7 @@ class RLStep:
         if cfg.beta > 0:
             kl = kl_k3(logp, ro["ref_logp"][inner, rows].to(dev))[mask].sum() / n_tok
             loss = loss + cfg.beta * kl
-            metrics["kl"] = kl.detach() * self.grad_accum
+            metrics["kl"] = kl.detach()
         return loss, metrics
 
     def masked_nll(self, model, ro: dict, rows, step: int) -> torch.Tensor:
