@@ -113,18 +113,24 @@ def policy_rows(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], respo
     ids, real = joined(prompt, prompt_mask, response, eos_id)
     rows = build_rows(ids, real, valid_blocks.to(real.device) * block_length, "block_diffusion", block_length, eos_id)
     flat = xt.reshape(xt.shape[0], -1).to(rows.input_ids.device)  # (B, nb * N)
-    used = torch.arange(flat.shape[1], device=flat.device)[None, :] < (valid_blocks.to(flat.device) * block_length)[:, None]
     input_ids = rows.input_ids.clone()
-    input_ids[rows.answer_mask] = flat[used]
+    input_ids[rows.answer_mask] = flat[positions_valid(valid_blocks, xt.shape[1], block_length).to(flat.device)]
     return rows._replace(input_ids=input_ids)
 
 
 def scatter_blocks(values: torch.Tensor, valid_blocks: torch.Tensor, nb: int, block_length: int,
                    fill: float = 0.0) -> torch.Tensor:
     """Values of the scored positions (M, ...) in row-major order -> (B, nb, N, ...), `fill` in undecoded blocks."""
-    b = valid_blocks.shape[0]
-    used = torch.arange(nb * block_length, device=values.device)[None, :] < \
-        (valid_blocks.to(values.device) * block_length)[:, None]  # (B, nb * N)
-    out = values.new_full((b, nb * block_length, *values.shape[1:]), fill)
-    out[used] = values
-    return out.view(b, nb, block_length, *values.shape[1:])
+    out = values.new_full((valid_blocks.shape[0], nb * block_length, *values.shape[1:]), fill)
+    out[positions_valid(valid_blocks, nb, block_length).to(values.device)] = values
+    return out.view(valid_blocks.shape[0], nb, block_length, *values.shape[1:])
+
+
+def blocks_valid(valid_blocks: torch.Tensor, nb: int) -> torch.Tensor:
+    """(B,) decoded blocks per row -> (B, nb) bool: the blocks a row decoded (up to its EOS block)."""
+    return torch.arange(nb, device=valid_blocks.device)[None, :] < valid_blocks[:, None]
+
+
+def positions_valid(valid_blocks: torch.Tensor, nb: int, block_length: int) -> torch.Tensor:
+    """(B, nb * block_length) bool: the positions of the decoded blocks."""
+    return blocks_valid(valid_blocks, nb).repeat_interleave(block_length, dim=1)

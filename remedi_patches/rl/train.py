@@ -59,8 +59,8 @@ from remedi_patches.remask_sft import PRECISION_DTYPES, add_lora, export_model, 
 from remedi_patches.rl.objectives import (clipped_surrogate, dpo_loss, group_advantages, kl_k3,
                                           plackett_luce_log_prob, reward_weights, token_log_probs)
 from remedi_patches.rl.rewards import load_reward, score
-from remedi_patches.rl.rollout import (PolicyRecorder, completion_mask, end_blocks, policy_rows, response_rows,
-                                       scatter_blocks)
+from remedi_patches.rl.rollout import (PolicyRecorder, blocks_valid, completion_mask, end_blocks, policy_rows,
+                                       response_rows, scatter_blocks)
 from remedi_patches.sampling import SamplerSettings, check_schedule, decode_answers, left_pad, sample
 from remedi_patches.trajectory_views import write_text
 from remedi_patches.ups_head import UPSHead
@@ -374,7 +374,7 @@ class RLStep:
         cfg, fabric = self.cfg, self.fabric
         extra: dict = {}
         if cfg.method == "remask_grpo":
-            blocks = block_valid(ro["valid_blocks"], cfg.gen_length // cfg.block_length)  # (R, nb)
+            blocks = blocks_valid(ro["valid_blocks"], cfg.gen_length // cfg.block_length)  # (R, nb)
             counts = [(ro["unmasked"] & blocks[:, :, None, None]).sum(), blocks.sum() * self.steps_per_block]
         elif cfg.method == "diffu_grpo":  # (mu, R, G): the old (and reference) policy under each inner mask
             extra["old_logp"] = self.chunked_logp(self.model, ro)
@@ -443,7 +443,7 @@ class RLStep:
         with self.fabric.autocast():
             logits, ups = policy_forward(model, batch)
         candidates = ro["candidates"][rows, :, i].to(self.fabric.device)  # (b, nb, N)
-        used = block_valid(valid, nb).to(self.fabric.device)
+        used = blocks_valid(valid, nb).to(self.fabric.device)
         token = token_log_probs(logits, candidates[used].view(-1), cfg.temperature)
         token = scatter_blocks(token, valid, nb, n)  # (b, nb, N)
         order = ro["order"][rows, :, i, :self.k[i]].to(self.fabric.device)  # (b, nb, k_i)
@@ -481,7 +481,7 @@ class RLStep:
         token, pl = self.remask_logp(self.model, ro, rows, i)
         adv = self._advantages(ro, rows)
         unmasked = ro["unmasked"][rows, :, i].to(dev)  # (b, nb, N)
-        blocks = block_valid(ro["valid_blocks"][rows], cfg.gen_length // cfg.block_length).to(dev)  # (b, nb)
+        blocks = blocks_valid(ro["valid_blocks"][rows], cfg.gen_length // cfg.block_length).to(dev)  # (b, nb)
         unmasked = unmasked & blocks[:, :, None]
         tok_loss, tok_ratio, tok_clip = clipped_surrogate(token - ro["token_logp"][rows, :, i].to(dev),
                                                           adv[:, None, None], cfg.clip_eps)
@@ -565,11 +565,6 @@ def pad_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     if x.shape[1] == nb:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], nb - x.shape[1], *x.shape[2:]))], dim=1)
-
-
-def block_valid(valid_blocks: torch.Tensor, nb: int) -> torch.Tensor:
-    """(B,) decoded blocks -> (B, nb) bool."""
-    return torch.arange(nb)[None, :].to(valid_blocks.device) < valid_blocks[:, None]
 
 
 def preference_pairs(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
