@@ -626,8 +626,8 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
         peft_model = add_lora(cfg, model, backbone.kind, trainable=True)
         model = peft_model
     apply_gradient_checkpointing(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
     model = fabric.setup_module(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # after setup: FSDP's sharded parameters
     opt = fabric.setup_optimizers(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     tokenizer = backbone.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else backbone.eos_id
@@ -638,7 +638,9 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
         raise UserError(f"prompts of up to {longest - 2 * cfg.gen_length} tokens + 2 x --gen_length {cfg.gen_length} "
                         f"exceed the model's window of {window}; lower --gen_length")
     hparams = hparams_of(cfg)
-    state = {"model": model if cfg.train_weights == "full" else torch.nn.ParameterList(params), "optimizer": opt,
+    # checkpoints hold the LoRA weights only (the frozen base comes from --model_name); FSDP saves the module whole
+    lora_only = cfg.train_weights == "lora" and cfg.strategy != "fsdp"
+    state = {"model": torch.nn.ParameterList(params) if lora_only else model, "optimizer": opt,
              "step_count": 0, "iter_num": 0, "hparams": hparams, "rollout": {}}
     groups = [TrainGroup(model, opt, lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio)]
     policy, raw_head = model, head
