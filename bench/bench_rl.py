@@ -34,6 +34,8 @@ from remedi_patches.run_lock import RunLock
 from remedi_patches.sampling import SamplerSettings
 from remedi_patches.trajectory_views import pyplot, write_text
 
+SMOOTH = 10  # updates in the reward curve's moving average
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n")[0])
@@ -59,13 +61,21 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values (fewer at the start)."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
 def plot_rewards(runs: dict[str, list[dict]], path: Path) -> None:
     """Rollout reward mean and accuracy per update, and the held-out accuracy at the evaluated updates."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in runs.items():
         steps = [int(r["step"]) for r in rows if "reward" in r]
-        line, = axes[0].plot(steps, [float(r["reward"]) for r in rows if "reward" in r], label=f"{label} reward", lw=1)
+        rewards = [float(r["reward"]) for r in rows if "reward" in r]
+        line, = axes[0].plot(steps, rewards, lw=0.8, alpha=0.35)
+        axes[0].plot(steps, moving_average(rewards, SMOOTH), color=line.get_color(), lw=2,
+                     label=f"{label} (mean of the last {SMOOTH} updates)")
         held = [(int(r["step"]), float(v)) for r in rows for k, v in r.items() if k.startswith("eval_accuracy")]
         if held:
             axes[1].plot(*zip(*held), marker="o", color=line.get_color(), label=label)
