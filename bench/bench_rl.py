@@ -115,11 +115,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     items = make_items([{"question": p.question, "answer": p.solution} for p in problems], "gsm8k")
     out_dir = Path(args.out_dir)
     t0 = time.perf_counter()
-    results, curves = {}, {}
+    results, curves, starts = {}, {}, {}
     with RunLock(out_dir):
         for label, start, run_dir in args.run:
-            before, dual = accuracy_rows(ModelSpec(model_name=start, device="cpu").check(), items, args.steps,
-                                         args.seed, args.batch_size)
+            if start not in starts:  # runs from the same start share its figures
+                starts[start] = accuracy_rows(ModelSpec(model_name=start, device="cpu").check(), items, args.steps,
+                                              args.seed, args.batch_size)
+            before, dual = starts[start]
             after, _ = accuracy_rows(ModelSpec(model_name=str(Path(run_dir) / "model"), device="cpu").check(), items,
                                      args.steps, args.seed, args.batch_size)
             cells = {}
