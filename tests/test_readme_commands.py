@@ -47,6 +47,9 @@ TINY: list[tuple[str, str]] = [
     (r"(python SMDM/pretrain/train_remedi\.py --model_name embedded --add_ups_stream .*)$", r"\1 --max_steps 3"),
     (r"^(python SMDM/pretrain/train_mdm\.py)$", r"\1 --max_steps 2 --eval_iters 1 --eval_mc 1"),
     (r"^(python SMDM/sft/train_sft\.py --pretrained_path out/train_mdm/final)$", r"\1 --max_steps 2 --limit 500"),
+    (r"^(python SMDM/rl/train_rl\.py .*--out_dir out/rl_\w+)$",
+     r"\1 --max_steps 2 --prompts_per_step 1 --group_size 2 --steps 4 --eval_samples 4"),
+    (r"^(python bench/bench_rl\.py .*)$", r"\1 --n_problems 4 --steps 32"),
 ]
 
 
@@ -183,8 +186,11 @@ CHECKS: list[tuple[str, Check]] = [
     (r"remedi_patches\.embedded\.remedi", wrote("out/embedded_remedi/model.safetensors")),
     (r"train_mdm\.py", wrote("out/train_mdm/final/model.safetensors")),
     (r"train_sft\.py", wrote("out/train_sft/final/model.safetensors")),
+    (r"train_rl\.py .*--out_dir out/rl_remask", wrote("out/rl_remask/model/model.safetensors")),
+    (r"train_rl\.py .*--out_dir out/rl_diffu", wrote("out/rl_diffu/model/model.safetensors")),
+    (r"bench_rl\.py", wrote("out/bench_rl/rewards.png", "out/bench_rl/results.md")),
     # a model trained for a few steps may answer nothing yet: the answer section is enough
-    (r"generate\.py --model out/(embedded_build|train_sft|embedded_remedi|my_remedi)", prints("### answer")),
+    (r"generate\.py --model out/(embedded_build|train_sft|embedded_remedi|my_remedi|rl_remask)", prints("### answer")),
     (r"generate\.py", generated_answer),
     (r"eval_gsm_math\.py --predictions", prints("accuracy")),
     (r"eval_gsm_math\.py", wrote("out/eval_gsm_math/summary.json")),

@@ -1,7 +1,7 @@
 r"""RL for diffusion LMs with Lightning Fabric: Remask GRPO (RemeDi), diffu-GRPO (d1), reward-weighted denoising, DPO.
 
     python SMDM/rl/train_rl.py                 # Remask GRPO on the shipped embedded RemeDi and the embedded task:
-                                               # 100 updates of 8 prompts x 8 rollouts, lr 1e-5 (CPU)
+                                               # 120 updates of 8 prompts x 8 rollouts, lr 1e-5 (~1 h on a CPU)
     python SMDM/rl/train_rl.py --method diffu_grpo --model_name embedded --mu 2 --beta 0.04
     python SMDM/rl/train_rl.py --model_name path/to/RemeDi-9B --dataset data/gsm8k --reward gsm8k \
         --gen_length 256 --steps 128 --devices 8 --strategy fsdp --gradient_checkpointing

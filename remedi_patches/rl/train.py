@@ -68,9 +68,10 @@ from remedi_patches.ups_head import UPSHead
 METHODS = ("remask_grpo", "diffu_grpo", "rwd", "dpo")
 TRAIN_WEIGHTS = ("full", "lora")
 STREAM_ROLLOUT, STREAM_PROMPT_MASK, STREAM_NOISE, STREAM_EVAL = 20, 21, 22, 23
-# defaults resolved by RLConfig.check(): the embedded model on the embedded task (a CPU-sized run), or the
-# official Remask RL's settings (reference/remedi_official.md E) for any other model
-EMBEDDED_RL = {"group_size": 8, "prompts_per_step": 8, "micro_batch_size": 64, "max_steps": 100, "lr": 1e-5,
+# defaults resolved by RLConfig.check(): the embedded model on the embedded task (a CPU-sized run: BENCHMARKS.md
+# section 6; lr 1e-5 chosen on the val split), or the official Remask RL's settings (reference/remedi_official.md E)
+# for any other model
+EMBEDDED_RL = {"group_size": 8, "prompts_per_step": 8, "micro_batch_size": 64, "max_steps": 120, "lr": 1e-5,
                "gen_length": 32, "eval_samples": 200, "warmup_steps": 5}
 GENERAL_RL = {"group_size": 16, "prompts_per_step": 1, "micro_batch_size": 2, "max_steps": 100, "lr": 3e-6,
               "gen_length": 256, "eval_samples": 64, "warmup_steps": 10}
@@ -146,7 +147,8 @@ class RLConfig(FabricConfig, RunConfig):
                                            "model with a UPS stream (remask_grpo needs it), else upstream LLaDA "
                                            "low-confidence", group="rollouts")
     # optimisation
-    max_steps: Optional[int] = arg(None, "optimizer updates; default 100", group="optimisation")
+    max_steps: Optional[int] = arg(None, "optimizer updates; default 120 on the embedded task, else 100",
+                                   group="optimisation")
     lr: Optional[float] = arg(None, "peak learning rate; default 1e-5 on the embedded model, else 3e-6 (the "
                               "official)", group="optimisation")
     min_lr_ratio: float = arg(1.0, "cosine decay ends at ratio x peak (1: constant after warmup)",
