@@ -342,7 +342,8 @@ class RLStep:
                 if cfg.method == "remask_grpo" else None
             with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
                 torch.manual_seed(int(seeded_generator(cfg.seed, STREAM_ROLLOUT, round_, idx).initial_seed()))
-                out = sample(bundle, ids, am, self.settings, Trajectory(observer=recorder))
+                trajectory = None if recorder is None else Trajectory(observer=recorder)
+                out = sample(bundle, ids, am, self.settings, trajectory)
             response = out[:, ids.shape[1]:].cpu()
             answers = decode_answers(bundle.tokenizer, out, ids.shape[1], bundle.stop_ids)
             prompts, refs = [self.prompts.texts[idx]] * cfg.group_size, [self.prompts.references[idx]] * cfg.group_size
