@@ -22,13 +22,13 @@ from safetensors.torch import load_file
 
 from cli_helpers import assert_user_error, run_cli
 from remedi_patches.backbones import EvalModel, load_backbone
-from remedi_patches.cli import run_main
+from remedi_patches.cli import UserError, run_main
 from remedi_patches.remasking import plackett_luce_keys
 from remedi_patches.rl import train as rl_train
 from remedi_patches.rl.objectives import clipped_surrogate, group_advantages, kl_k3, plackett_luce_log_prob
 from remedi_patches.rl.rollout import end_blocks, policy_rows
-from remedi_patches.rl.train import RLConfig, RLStep, load_prompts, preference_pairs, run
-from trainer_helpers import REPO, killed_after_first_checkpoint, load_script
+from remedi_patches.rl.train import Prompts, RLConfig, RLStep, load_prompts, preference_pairs, run
+from trainer_helpers import REPO, killed_after_first_checkpoint, load_script, make_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 train_rl = load_script("SMDM/rl/train_rl.py")
@@ -83,8 +83,8 @@ def make_step(cfg: RLConfig, backbone) -> RLStep:
     bundle = EvalModel(model=backbone.model, tokenizer=tok, ups_head=None, mask_id=backbone.mask_id,
                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else backbone.eos_id,
                        eos_id=backbone.eos_id, eot_id=backbone.eot_id, device=fabric.device)
-    return RLStep(fabric, cfg, backbone.model.eval(), None, bundle, load_prompts(cfg, cfg.split, cfg.max_records),
-                  {"step_count": 0})
+    prompts = load_prompts(cfg, cfg.split, cfg.max_records).encoded(tok, cfg.chat, cfg.prompt_template)
+    return RLStep(fabric, cfg, backbone.model.eval(), None, bundle, prompts, {"step_count": 0})
 
 
 # ---------------------------------------------------------------- Plackett-Luce
@@ -420,3 +420,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys, extra, fragments):
 def test_cli_error_exits_2_without_traceback_in_a_subprocess(tmp_path):
     result = run_cli(["SMDM/rl/train_rl.py", "--group_size", "1", "--out_dir", str(tmp_path / "out")])
     assert_user_error(result, "--group_size")
+
+
+def test_prompts_follow_the_one_prompt_rule_chat_template_or_plain(tmp_path):
+    """RL prompts are built as the evaluators build them: the chat template (one user turn, its special tokens
+    already in the text) when the tokenizer has one and --chat is auto / on, else the plain 'Question: ...' rule."""
+    raw = Prompts(["what is 2+3?"], ["#### 5"])
+    chat_tok = make_char_tokenizer(tmp_path / "chat", chat_template=True)
+    chat = raw.encoded(chat_tok, "auto", None)
+    assert chat.texts == ["<user>what is 2+3?<bot>"] and chat.references == ["#### 5"]
+    assert chat.ids == [chat_tok("<user>what is 2+3?<bot>", add_special_tokens=False)["input_ids"]]
+    plain = raw.encoded(chat_tok, "off", None)
+    assert plain.texts == ["Question: what is 2+3?\nAnswer:"]
+    with pytest.raises(UserError, match="--chat"):
+        raw.encoded(make_char_tokenizer(tmp_path / "plain"), "on", None)

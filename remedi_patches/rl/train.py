@@ -61,7 +61,8 @@ from remedi_patches.rl.objectives import (clipped_surrogate, dpo_loss, group_adv
 from remedi_patches.rl.rewards import load_reward, score
 from remedi_patches.rl.rollout import (PolicyRecorder, blocks_valid, completion_mask, end_blocks, policy_rows,
                                        response_rows, scatter_blocks)
-from remedi_patches.sampling import SamplerSettings, check_schedule, decode_answers, left_pad, sample
+from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, TEMPLATE_HELP, SamplerSettings, check_schedule,
+                                     decode_answers, left_pad, prompt_texts, sample)
 from remedi_patches.trajectory_views import write_text
 from remedi_patches.ups_head import UPSHead
 
@@ -105,8 +106,8 @@ class RLConfig(FabricConfig, RunConfig):
     subset: Optional[str] = arg(None, "dataset config / sub-folder", group="data")
     prompt_field: Optional[str] = arg(None, "prompt field; None: auto-detected", group="data")
     answer_field: Optional[str] = arg(None, "reference answer field; None: auto-detected", group="data")
-    prompt_template: Optional[str] = arg(None, "plain prompt around {question}; default 'Question: {question}\\n"
-                                         "Answer:' (the embedded task's and the evaluators' format)", group="data")
+    chat: str = arg("auto", CHAT_HELP, choices=CHAT_CHOICES, group="data")
+    prompt_template: Optional[str] = arg(None, TEMPLATE_HELP, group="data")
     max_records: Optional[int] = arg(None, "use at most this many training prompts", group="data")
     eval_split: Optional[str] = arg(None, "held-out split for --eval_every; default 'val' on the embedded task, "
                                     "else none (no evaluation)", group="data")
@@ -232,6 +233,8 @@ class RLConfig(FabricConfig, RunConfig):
             self.rollout_settings(has_ups=True)
         except ValueError as err:
             raise UserError(f"{err} (--steps / --eval_steps / --gen_length / --block_length)") from None
+        if self.chat not in CHAT_CHOICES:
+            raise UserError(f"--chat must be one of {CHAT_CHOICES}, got {self.chat!r}")
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
             raise UserError(f"--prompt_template {self.prompt_template!r} has no {{question}} placeholder; add one")
         if self.ups_head is not None and self.method != "remask_grpo":
@@ -271,8 +274,18 @@ class RLConfig(FabricConfig, RunConfig):
 
 @dataclass(frozen=True)
 class Prompts:
-    texts: list[str]  # model-input prompts
+    texts: list[str]  # the questions as read (load_prompts); the model-input texts after `encoded`
     references: list[str]  # what the reward compares with (the dataset's answer field)
+    ids: Optional[list[list[int]]] = None  # token ids of the model-input texts (after `encoded`)
+
+    def encoded(self, tokenizer, chat: str, template: Optional[str]) -> "Prompts":
+        """Model inputs by the project's one prompt rule (sampling.prompt_texts: the chat template, or the plain
+        'Question: ...\\nAnswer:' / --prompt_template), as the evaluators build them."""
+        try:
+            texts, applied = prompt_texts(tokenizer, self.texts, chat, template)
+        except ValueError as err:
+            raise UserError(f"{err} (--chat)") from None
+        return Prompts(texts, self.references, tokenizer(texts, add_special_tokens=not applied)["input_ids"])
 
 
 def load_prompts(cfg: RLConfig, split: str, limit: Optional[int]) -> Prompts:
@@ -285,8 +298,7 @@ def load_prompts(cfg: RLConfig, split: str, limit: Optional[int]) -> Prompts:
     records = list(records)
     if not records:
         raise UserError(f"--dataset {cfg.dataset} --split {split} holds no records")
-    return Prompts([sft_data.render_prompt(str(r[fields.prompt]), cfg.prompt_template) for r in records],
-                   [str(r[fields.answer]) for r in records])
+    return Prompts([str(r[fields.prompt]) for r in records], [str(r[fields.answer]) for r in records])
 
 
 # ---------------------------------------------------------------- rollouts
@@ -318,7 +330,6 @@ class RLStep:
         self.grad_accum = self.chunks * (self.steps_per_block if cfg.method == "remask_grpo" else 1)
         self.scale = fabric.world_size * self.grad_accum
         self.k = commit_schedule(cfg.block_length, self.steps_per_block)
-        self.encoded = [bundle.tokenizer(t)["input_ids"] for t in prompts.texts]
         self.reward = load_reward(cfg.reward, cfg.format_reward)
         self.correct = load_reward(cfg.reward) if cfg.format_reward else self.reward
 
@@ -337,7 +348,7 @@ class RLStep:
         cfg, fabric, bundle = self.cfg, self.fabric, self.bundle
         groups, traces = [], []
         for idx in self.prompt_indices(round_):
-            ids, am = left_pad([self.encoded[idx]] * cfg.group_size, bundle.pad_id)
+            ids, am = left_pad([self.prompts.ids[idx]] * cfg.group_size, bundle.pad_id)
             recorder = PolicyRecorder(bundle.mask_id, cfg.temperature, cfg.ups_temperature) \
                 if cfg.method == "remask_grpo" else None
             with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
@@ -636,7 +647,9 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else backbone.eos_id
     bundle = EvalModel(model=model, tokenizer=tokenizer, ups_head=None, mask_id=backbone.mask_id, pad_id=pad_id,
                        eos_id=backbone.eos_id, eot_id=backbone.eot_id, device=fabric.device)
-    longest = max(len(ids) for ids in tokenizer(prompts.texts)["input_ids"]) + 2 * cfg.gen_length
+    prompts = prompts.encoded(tokenizer, cfg.chat, cfg.prompt_template)
+    held = None if held is None else held.encoded(tokenizer, cfg.chat, cfg.prompt_template)
+    longest = max(len(ids) for ids in prompts.ids) + 2 * cfg.gen_length
     if window is not None and longest > window:
         raise UserError(f"prompts of up to {longest - 2 * cfg.gen_length} tokens + 2 x --gen_length {cfg.gen_length} "
                         f"exceed the model's window of {window}; lower --gen_length")
@@ -708,7 +721,7 @@ def held_out_accuracy(fabric, bundle: EvalModel, held: Prompts, cfg: RLConfig) -
         torch.manual_seed(cfg.seed)
         for start in range(0, len(share), 64):
             idx = share[start:start + 64]
-            ids, am = left_pad([bundle.tokenizer(held.texts[i])["input_ids"] for i in idx], bundle.pad_id)
+            ids, am = left_pad([held.ids[i] for i in idx], bundle.pad_id)
             out = sample(bundle, ids, am, settings)
             answers = decode_answers(bundle.tokenizer, out, ids.shape[1], bundle.stop_ids)
             rewards = score(correct, [held.texts[i] for i in idx], answers, [held.references[i] for i in idx])
@@ -729,8 +742,8 @@ def save_outputs(cfg: RLConfig, fabric, state: dict, result, backbone: Backbone,
     if fabric.global_rank == 0:
         meta = {"mask_id": backbone.mask_id, "backbone": str(target) if cfg.train_weights == "full" else backbone.name,
                 "backbone_kind": backbone.kind, "prompt_template": cfg.prompt_template or
-                sft_data.render_prompt("{question}"), "rl_args": state["hparams"], "updates": state["step_count"],
-                **result.evaluation}
+                sft_data.render_prompt("{question}"), "chat": cfg.chat, "rl_args": state["hparams"],
+                "updates": state["step_count"], **result.evaluation}
         write_text(target / MODEL_META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
         if head is not None:
             require_finite(head, f"the UPS head for {target}", "Train again with a lower --lr_ups.")
