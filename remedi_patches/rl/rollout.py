@@ -51,17 +51,16 @@ class PolicyRecorder:
               else torch.zeros(tokens.shape[0], device=tokens.device))
         self.steps.append({"xt": tokens.clone(), "candidates": candidates, "order": order,
                            "token_logp": token_log_probs(logits, candidates, self.temperature), "pl_logp": pl,
-                           "unmasked": kept & (tokens == self.mask_id), "k": k})
+                           "unmasked": kept & (tokens == self.mask_id)})
 
     def stacked(self, steps_per_block: int) -> dict[str, torch.Tensor]:
-        """The recorded steps as (B, nb, S, ...) CPU tensors (module doc) plus "k" (S,) the schedule k_i."""
+        """The recorded steps as (B, nb, S, ...) CPU tensors (module doc)."""
         if not self.steps or len(self.steps) % steps_per_block:
             raise RuntimeError(f"recorded {len(self.steps)} steps, not whole blocks of {steps_per_block}")
         out = {}
         for key in TRACE_KEYS:
             per_step = torch.stack([s[key].cpu() for s in self.steps], dim=1)  # (B, nb * S, ...)
             out[key] = per_step.view(per_step.shape[0], -1, steps_per_block, *per_step.shape[2:])
-        out["k"] = torch.tensor([s["k"] for s in self.steps[:steps_per_block]])
         return out
 
 
@@ -89,12 +88,13 @@ def joined(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], response: 
     """Left-padded prompts (B, Lp) and responses (B, G) -> ((B, Lp + G) rows [real prompt | response | EOS],
     real prompt lengths (B,))."""
     b, lp = prompt.shape
-    real = torch.full((b,), lp, dtype=torch.long) if prompt_mask is None else prompt_mask.long().sum(dim=1).cpu()
-    rows = torch.full((b, lp + response.shape[1]), eos_id, dtype=torch.long, device=prompt.device)
-    for r in range(b):
-        p = int(real[r])
-        rows[r, :p + response.shape[1]] = torch.cat([prompt[r, lp - p:], response[r]])
-    return rows, real.to(prompt.device)
+    real = (torch.full((b,), lp, dtype=torch.long, device=prompt.device) if prompt_mask is None
+            else prompt_mask.long().sum(dim=1).to(prompt.device))
+    full = torch.cat([prompt, response], dim=1)  # (B, Lp + G), each row's real tokens at its end
+    width = full.shape[1]
+    source = torch.arange(width, device=full.device)[None, :] + (lp - real)[:, None]  # shift out the left padding
+    rows = full.gather(1, source.clamp(max=width - 1)).masked_fill(source >= width, eos_id)
+    return rows, real
 
 
 def response_rows(prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], response: torch.Tensor,

@@ -324,8 +324,9 @@ class RLStep:
         self.prompts, self.state = prompts, state
         self.settings = cfg.rollout_settings(has_ups(model))
         self.rows_per_rank = cfg.prompts_per_step * cfg.group_size
-        self.chunks = math.ceil((cfg.prompts_per_step if cfg.method == "dpo" else self.rows_per_rank)
-                                / (max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size))
+        # a micro-batch takes `chunk` rollouts (dpo: `chunk` pairs, two rollouts each)
+        self.chunk = max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size
+        self.chunks = math.ceil((cfg.prompts_per_step if cfg.method == "dpo" else self.rows_per_rank) / self.chunk)
         self.steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
         self.grad_accum = self.chunks * (self.steps_per_block if cfg.method == "remask_grpo" else 1)
         self.scale = fabric.world_size * self.grad_accum
@@ -377,8 +378,6 @@ class RLStep:
         if traces:
             nb = cfg.gen_length // cfg.block_length
             for key in traces[0]:
-                if key == "k":
-                    continue
                 ro[key] = torch.cat([pad_blocks(t[key], nb) for t in traces])
         ro.update(self.prepare(ro))
         return ro
@@ -473,8 +472,7 @@ class RLStep:
             self.state["rollout"] = self.rollout(round_)
         ro = self.state["rollout"]
         chunk, index = divmod(micro, self.grad_accum // self.chunks)
-        size = max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size
-        rows = slice(chunk * size, (chunk + 1) * size)
+        rows = slice(chunk * self.chunk, (chunk + 1) * self.chunk)
         self.step = step
         loss, metrics = getattr(self, cfg.method)(ro, rows, index, inner)
         # fit divides the loss by grad_accum and DDP averages gradients over ranks; the sums above are already
