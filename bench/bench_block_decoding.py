@@ -15,9 +15,9 @@ Models (random weights: the speed does not depend on them; both have their own U
 Runs per model, interleaved round-robin, median over --repeats after one warm-up each; every run decodes the same
 batch with the same settings (ranking by the model's UPS, confidence_source 'ups'; EOS stop off, so every block is
 decoded and all runs do the same work):
-    block+cache    block_decoding.block_generate(cache=True): prompt once into the KV cache, one forward of the
+    block+cache    block_decoding.block_generate(kv_cache=True): prompt once into the KV cache, one forward of the
                    block per step, one forward to append each finished block
-    block          block_generate(cache=False): prompt + finished blocks + block recomputed every step
+    block          block_generate(kv_cache=False): prompt + finished blocks + block recomputed every step
                    (block-causal mask); the same tokens as block+cache
     llada          sampling.generate(): LLaDA-style, the whole sequence every step (different tokens: another regime)
 NFE = model forwards per call (Trajectory.forwards); tokens/s = batch * gen_length / median seconds.
@@ -82,8 +82,8 @@ def bench_model(name: str, args, settings) -> list[dict]:
     prompt = prompt.to(args.device)
     kw = dict(**settings.generate_kwargs(), mask_id=mask_id, eos_id=None, eot_id=None)
     cases = {
-        "block+cache": lambda tr: block_generate(model, prompt, trajectory=tr, cache=True, **kw),
-        "block": lambda tr: block_generate(model, prompt, trajectory=tr, cache=False, **kw),
+        "block+cache": lambda tr: block_generate(model, prompt, trajectory=tr, kv_cache=True, **kw),
+        "block": lambda tr: block_generate(model, prompt, trajectory=tr, kv_cache=False, **kw),
         "llada": lambda tr: generate(model, prompt, trajectory=tr, **kw),
     }
     now = timer(args.device, args.clock)

@@ -2,18 +2,19 @@
 
     out = block_generate(model, prompt, attention_mask, steps=32, gen_length=128, block_length=32,
                          confidence_source="ups", mask_id=..., eos_id=...)        # (B, Lp + gen_length)
-    out = block_generate(..., cache=False)     # the reference: no cache, the same tokens (tests compare them)
+    out = block_generate(..., kv_cache=False)  # the reference: no cache, the same tokens (tests compare them)
     sample(bundle, ids, am, SamplerSettings(..., decoding="block"))      # the same through remedi_patches.sampling
 
 The prompt is encoded once into a `KVCache` (remedi_patches.kv_cache). Then, block after block, `block_length`
 masks are denoised in steps / (gen_length / block_length) steps: each step one forward of the block alone, which
 attends to the cache (prompt + finished blocks) and to itself, then one `StepRule.step` (the k_i schedule of
 remasking.commit_schedule, remainder early as LLaDA; candidates by argmax or temperature sampling; ranking by the
-confidence source, `ups_temperature` > 0 = Plackett-Luce draws from the UPS). A finished block is appended to the
-cache by one more forward with use_cache=True. A model decoding by blocks implements the forward contract of
+confidence source, `ups_temperature` > 0 = Plackett-Luce draws from the UPS; or a parallel-decoding rule,
+`threshold` / `factor`, as in generate). A finished block is appended to the cache by one more forward with
+use_cache=True. This cache is exact, so LLaDA-style decoding's approximate `cache` settings do not apply here. A model decoding by blocks implements the forward contract of
 kv_cache (position_ids, past_key_values, use_cache, 2-D or 4-D attention_mask).
 
-`cache=False` recomputes the prompt, the finished blocks and the current block at every step, with the
+`kv_cache=False` recomputes the prompt, the finished blocks and the current block at every step, with the
 block-causal mask the model is trained with (prompt -> prompt; block j -> prompt + blocks <= j; padding never
 attended). Every cached key is what that forward computes at its position, so both paths give the same tokens
 (up to float rounding), drawing the RNG in the same order.
@@ -29,35 +30,18 @@ the earliest steps (no precedence bug); EOS stops decoding; pads are never atten
 """
 from __future__ import annotations
 
-import inspect
+import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from remedi_patches.backbones import unwrap
-from remedi_patches.kv_cache import KVCache
-from remedi_patches.modeling_wrappers import UPSModel, logits_of
-from remedi_patches.remasking import Trajectory, commit_counts, commit_schedule
-from remedi_patches.sampling import BLOCK_CFG_ERROR, _check_inputs, check_rules, check_schedule, step_rule
-
-CACHE_ARGS = ("position_ids", "past_key_values", "use_cache")
-
-
-def takes_cache(model: nn.Module) -> bool:
-    """Whether model(...) accepts the block-decoding arguments (position_ids, past_key_values, use_cache)."""
-    inner = unwrap(model.backbone if isinstance(model, UPSModel) else model)
-    parameters = inspect.signature(type(inner).forward).parameters
-    return all(name in parameters for name in CACHE_ARGS)
-
-
-def prompt_positions(attention_mask: Optional[torch.Tensor], batch: int, length: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions (B, Lp) counting each row's real tokens from 0 (pads 0), real_len (B,))."""
-    if attention_mask is None:
-        return torch.arange(length, device=device).expand(batch, length), torch.full((batch,), length, device=device)
-    real = attention_mask.long()
-    return (real.cumsum(dim=-1) - 1).clamp(min=0), real.sum(dim=-1)
+from remedi_patches.kv_cache import KVCache, prompt_positions
+from remedi_patches.llada_cache import CACHE_ARGS, takes_cache
+from remedi_patches.modeling_wrappers import logits_of
+from remedi_patches.remasking import Trajectory
+from remedi_patches.sampling import (BLOCK_CACHE_ERROR, BLOCK_CFG_ERROR, _check_inputs, check_parallel, check_rules,
+                                     check_schedule, step_rule)
 
 
 def block_causal_mask(key_real: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -70,16 +54,16 @@ def block_causal_mask(key_real: torch.Tensor, group: torch.Tensor) -> torch.Tens
 class BlockContext:
     """What the block being denoised attends to: the prompt and the finished blocks.
 
-    cache=True: kept as keys/values in a KVCache (the prompt is written by the constructor's forward).
-    cache=False: kept as tokens and recomputed at every forward with block_causal_mask (the reference).
+    kv_cache=True: kept as keys/values in a KVCache (the prompt is written by the constructor's forward).
+    kv_cache=False: kept as tokens and recomputed at every forward with block_causal_mask (the reference).
     `forwards` counts the model calls (NFE)."""
 
     def __init__(self, model: nn.Module, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 cache: bool) -> None:
+                 kv_cache: bool) -> None:
         batch, length = prompt.shape
         self.model, self.forwards = model, 0
         positions, self.real_len = prompt_positions(attention_mask, batch, length, prompt.device)
-        self.cache = KVCache() if cache else None
+        self.cache = KVCache() if kv_cache else None
         if self.cache is not None:
             self._forward(prompt, attention_mask=attention_mask, position_ids=positions,
                           past_key_values=self.cache, use_cache=True)
@@ -137,8 +121,9 @@ def fill_after_end(x: torch.Tensor, end_block: torch.Tensor, prompt_len: int, bl
 def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=32, temperature=0.,
                    cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
                    confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
-                   eos_id=126081, eot_id=126348, ups_temperature=0., trajectory: Optional[Trajectory] = None,
-                   cache: bool = True) -> torch.Tensor:
+                   eos_id=126081, eot_id=126348, ups_temperature=0., threshold=None, factor=None, cache=None,
+                   cache_interval=None, trajectory: Optional[Trajectory] = None, kv_cache: bool = True
+                   ) -> torch.Tensor:
     """Fill gen_length masked positions after `prompt` by block diffusion (module docstring).
 
     The arguments mean what they mean in remedi_patches.sampling.generate (same names, same checks; one
@@ -147,20 +132,25 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
             SMDM TransEncoder, or any of them under a UPS head via ups_head=).
         cfg_scale: must be 0 (classifier-free guidance is not implemented for block decoding).
         eos_id: stops decoding after the first block in which every row has written it (None: no stop).
-        cache: False = recompute prompt + finished blocks every step with the block-causal mask (reference).
-        trajectory: one StepRecord per step (`start` = the block's first position in the output) and the
-            forwards run (trajectory.forwards), as generate() records them.
+        cache, cache_interval: must be None (the approximate caches of LLaDA-style decoding; this one is exact).
+        kv_cache: False = recompute prompt + finished blocks every step with the block-causal mask (reference).
+        trajectory: one StepRecord per step (`start` = the block's first position in the output), the forwards
+            run, answer tokens and seconds, as generate() records them.
     Returns (B, Lp + gen_length) token ids: the prompt unchanged, no mask left.
     """
+    started = time.perf_counter()
     _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
     steps_per_block = check_schedule(steps, gen_length, block_length)
     check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
+    check_parallel(threshold, factor)
     if cfg_scale > 0:
         raise ValueError(BLOCK_CFG_ERROR)
+    if cache is not None or cache_interval is not None:
+        raise ValueError(BLOCK_CACHE_ERROR)
     model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
                             logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                             confidence_source=confidence_source, ups_head=ups_head, remask=remask, eos_id=eos_id,
-                            eot_id=eot_id, ups_temperature=ups_temperature)
+                            eot_id=eot_id, ups_temperature=ups_temperature, threshold=threshold, factor=factor)
     if not takes_cache(model):
         raise ValueError(f"block decoding needs a model whose forward takes {', '.join(CACHE_ARGS)} "
                          f"(remedi_patches.kv_cache); {type(model).__name__} does not: use decoding 'llada' "
@@ -169,9 +159,7 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :prompt_len] = prompt
-    n_per_step = commit_counts(block_length, steps_per_block)  # n_1..n_S
-    k_per_step = commit_schedule(block_length, steps_per_block)  # k_1..k_S, k_i = n_1 + ... + n_i
-    context = BlockContext(model, prompt, attention_mask, cache)
+    context = BlockContext(model, prompt, attention_mask, kv_cache)
     end_block = torch.full((batch,), -1, dtype=torch.long, device=prompt.device)  # first block with EOS, per row
     num_blocks = gen_length // block_length
     whole = slice(0, block_length)  # the RNG draws and ranking rows take the block's own shape (B, N)
@@ -180,21 +168,24 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
         start = prompt_len + b * block_length
         positions = context.block_positions(b, block_length)  # (B, N)
         tokens = x[:, start:start + block_length]  # (B, N) all masks
-        for i, (n, k) in enumerate(zip(n_per_step, k_per_step)):
+        for i, (n, k) in enumerate(rule.schedule(block_length, steps_per_block)):  # n_i, k_i (None: parallel)
             logits, ups_logits = context.read(tokens, positions)  # (B, N, V), (B, N) | None
             tokens, committed, remasked = rule.step(tokens, logits, ups_logits, n, k, block_length, whole,
                                                     None if trajectory is None else trajectory.observer)
             x[:, start:start + block_length] = tokens
+            left = (tokens == mask_id).sum(dim=-1)  # (B,)
             if trajectory is not None:
-                trajectory.record(b, i, start, committed, remasked, (tokens == mask_id).sum(dim=-1), x)
+                trajectory.record(b, i, start, committed, remasked, left, x)
+            if rule.parallel and not bool(left.any()):
+                break
         if eos_id is not None:
             end_block = torch.where((end_block < 0) & (tokens == eos_id).any(dim=-1), b, end_block)
             if bool((end_block >= 0).all()):
                 break
         if b + 1 < num_blocks:
             context.append(tokens, positions)
+    if eos_id is not None:
+        x = fill_after_end(x, end_block, prompt_len, block_length, eos_id)
     if trajectory is not None:
-        trajectory.forwards += context.forwards
-    if eos_id is None:
-        return x
-    return fill_after_end(x, end_block, prompt_len, block_length, eos_id)
+        trajectory.add_call(x[:, prompt_len:], context.forwards, started)
+    return x

@@ -10,10 +10,19 @@ after step i (DESIGN.md 3.2).
 Ranking by the UPS may also be sampled (`plackett_luce_keys`): the RL sampler of RemeDi draws the k_i kept
 positions from softmax(confidences / tau) without replacement, in Plackett-Luce order.
 
+Parallel decoding (Fast-dLLM, DESIGN.md 12) replaces the fixed schedule by a count per row and step
+(`parallel_counts`): `threshold` counts the confident positions, `factor` the longest prefix of the sorted
+confidences whose n-th value reaches 1 - factor / (n + 1). Without re-masking that many masked positions are
+committed (at least one). With re-masking the count runs over the whole block, committed tokens included, and the
+block keeps k = max(count, held + 1) positions (held = tokens it holds before the step): the top-k by confidence,
+so a committed token whose confidence fell below newer candidates' is re-masked exactly as under the fixed k_i, and
+every step adds at least one token (a block of N takes at most N steps).
+
 All functions here are pure tensor functions; `Trajectory` is the optional per-step record.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -51,14 +60,48 @@ def rank_last(confidence: torch.Tensor, gated: torch.Tensor) -> torch.Tensor:
     return torch.where(gated & finite, confidence - (hi - lo + 1), confidence)
 
 
-def keep_top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """(B, M) scores -> (B, M) bool, True at the k largest values of each row.
+
+    k: one int for every row (one batched torch.topk, which breaks ties as upstream's per-row top-k), or a (B,)
+    tensor of per-row counts (parallel decoding; ties broken by a stable descending sort).
+    """
+    if isinstance(k, int):
+        index = scores.topk(k, dim=-1).indices  # (B, k)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices  # (B, M)
+    ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    chosen = ranks < k.to(scores.device)[:, None]  # (B, M) True at the first k ranks
+    return torch.zeros_like(chosen).scatter_(-1, order, chosen)
+
+
+def keep_top_k(confidence: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """RemeDi rule: (B, N) confidence -> (B, N) bool, True at the k largest values of each row.
 
-    k is the same for every row: each block starts fully masked in every row, so the schedule
-    does not depend on the row and one batched top-k replaces upstream's per-row loop.
+    Under the fixed schedule k is the same for every row: each block starts fully masked in every row, so one
+    batched top-k replaces upstream's per-row loop. Parallel decoding gives a (B,) tensor (`parallel_counts`).
     """
-    index = confidence.topk(k, dim=-1).indices  # (B, k)
-    return torch.zeros_like(confidence, dtype=torch.bool).scatter_(-1, index, True)
+    return top_k_mask(confidence, k)
+
+
+def parallel_counts(confidence: torch.Tensor, eligible: torch.Tensor, threshold: Optional[float] = None,
+                    factor: Optional[float] = None) -> torch.Tensor:
+    """How many `eligible` positions a parallel-decoding rule accepts: (B, N) confidence, (B, N) bool -> (B,) long.
+
+    threshold: the eligible positions with confidence >= threshold (in the confidence source's own scale).
+    factor: sort the eligible confidences descending; the n-th (1-based) needs confidence >= 1 - factor / (n + 1);
+        the count is the longest prefix that passes (Fast-dLLM's rule, whose eq. bound makes greedy parallel
+        decoding equal greedy sequential decoding; unlike its code, a last position that fails is not taken).
+    Exactly one of the two is given. The floor of one token per step is the caller's (the step rule).
+    """
+    if (threshold is None) == (factor is None):
+        raise ValueError("give exactly one of threshold and factor")
+    if threshold is not None:
+        return (eligible & (confidence >= threshold)).sum(dim=-1)
+    ranked = confidence.masked_fill(~eligible, -torch.inf).sort(dim=-1, descending=True).values  # (B, N)
+    n = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device)
+    passes = ranked >= 1 - factor / (n + 1)  # (B, N); -inf (not eligible) never passes
+    return passes.long().cumprod(dim=-1).sum(dim=-1)
 
 
 def plackett_luce_keys(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,8 +120,9 @@ def plackett_luce_keys(scores: torch.Tensor, temperature: float) -> torch.Tensor
     return scores.double() / temperature + gumbel
 
 
-def commit_top_n(confidence: torch.Tensor, masked: torch.Tensor, n: int, seq_len: int, start: int) -> torch.Tensor:
-    """Upstream rule: (B, N) bool, True at the n most confident masked positions of the block.
+def commit_top_n(confidence: torch.Tensor, masked: torch.Tensor, n: int | torch.Tensor, seq_len: int,
+                 start: int) -> torch.Tensor:
+    """Upstream rule: (B, N) bool, True at the n most confident masked positions of the block (n: int, or (B,)).
 
     The top-n runs on the (B, seq_len) row upstream ranks: the masked positions' confidences at
     their sequence positions start + j, -inf everywhere else. Equal confidences (frequent in
@@ -87,8 +131,7 @@ def commit_top_n(confidence: torch.Tensor, masked: torch.Tensor, n: int, seq_len
     b, width = confidence.shape
     row = confidence.new_full((b, seq_len), -torch.inf)  # (B, L)
     row[:, start:start + width] = confidence.masked_fill(~masked, -torch.inf)
-    chosen = torch.zeros_like(row, dtype=torch.bool).scatter_(-1, row.topk(n, dim=-1).indices, True)
-    return chosen[:, start:start + width]
+    return top_k_mask(row, n)[:, start:start + width]
 
 
 def remask_block(block: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor,
@@ -119,11 +162,19 @@ class StepRecord:
 
 @dataclass
 class Trajectory:
-    """Pass one as `generate(..., trajectory=Trajectory())` to record every denoising step."""
+    """Pass one as `generate(..., trajectory=Trajectory())` to record every denoising step and the calls' cost.
+
+    The samplers add to the counters at every call, so one Trajectory may sum a whole evaluation:
+    `nfe` (forwards per call) and `tokens_per_second` (answer positions filled per wall-clock second).
+    record_steps=False keeps only the counters (no per-step copies: what the evaluators use)."""
 
     keep_tokens: bool = False
+    record_steps: bool = True
     steps: list[StepRecord] = field(default_factory=list)
-    forwards: int = 0  # model forwards run (NFE), counted by the samplers
+    forwards: int = 0     # model forwards run (NFE), counted by the samplers
+    calls: int = 0        # sampler calls
+    tokens: int = 0       # answer positions filled: batch * gen_length per call
+    seconds: float = 0.0  # wall-clock seconds of the sampler calls
     # called at every step, before the keep / re-mask, with (tokens (B, N) of the block, candidates (B, N), TPS
     # logits (B, N, V), UPS logits (B, N) or None, confidence (B, N) the ranking used, k_i): what RL rollouts
     # record (remedi_patches.rl.rollout.PolicyRecorder)
@@ -131,7 +182,32 @@ class Trajectory:
 
     def record(self, block: int, step: int, start: int, committed: torch.Tensor, remasked: torch.Tensor,
                mask_count: torch.Tensor, tokens: torch.Tensor) -> None:
+        if not self.record_steps:
+            return
         self.steps.append(StepRecord(
             block=block, step=step, start=start, committed=committed.cpu(), remasked=remasked.cpu(),
             mask_count=mask_count.cpu(), tokens=tokens.cpu().clone() if self.keep_tokens else None,
         ))
+
+    def add_call(self, answer: torch.Tensor, forwards: int, start: float) -> None:
+        """Count one sampler call: answer (B, gen_length) it filled, its forwards, its time.perf_counter() start
+        (read after the device finished: CUDA work is asynchronous)."""
+        if answer.is_cuda:
+            torch.cuda.synchronize(answer.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.forwards += forwards
+        self.tokens += answer.numel()
+
+    @property
+    def nfe(self) -> float:
+        """Model forwards per sampler call."""
+        return self.forwards / self.calls if self.calls else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def cost(self) -> str:
+        """'NFE 18, 412.3 tokens/s' (per call, averaged over the calls recorded)."""
+        return f"NFE {self.nfe:g}, {self.tokens_per_second:.1f} tokens/s"

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -38,9 +40,10 @@ from remedi_patches.cli import add_config_args, arg, config_from_args
 from remedi_patches.data import render_prompt
 from remedi_patches.confidence import CONFIDENCE_SOURCES, ConfidenceInputs, get_confidence_source
 from remedi_patches.backbones import unwrap
-from remedi_patches.modeling_wrappers import UPSModel, has_ups_stream, logits_of
+from remedi_patches.llada_cache import CACHES, SequenceReader, check_cache
+from remedi_patches.modeling_wrappers import UPSModel, has_ups_stream
 from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k,
-                                     plackett_luce_keys, rank_last, remask_block)
+                                     parallel_counts, plackett_luce_keys, rank_last, remask_block)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ UPSTREAM_RULES = {"low_confidence": "tps_prob", "random": "random"}
 DECODINGS = ("llada", "block")  # SamplerSettings.decoding: generate() | block_decoding.block_generate()
 BLOCK_CFG_ERROR = ("block decoding does not implement classifier-free guidance (cfg_scale > 0): use cfg_scale 0, or "
                    "decoding 'llada'")
+BLOCK_CACHE_ERROR = ("block decoding already caches exactly (the prompt and finished blocks); cache and cache_interval "
+                     "choose LLaDA-style decoding's approximate caches: drop them, or use decoding 'llada'")
 
 
 # ---------------------------------------------------------------- validation (one place)
@@ -73,6 +78,18 @@ def check_schedule(steps: int, gen_length: int, block_length: int) -> int:
         raise ValueError(f"steps={steps} > gen_length={gen_length}: some steps would commit no token "
                          "(and steps per block would exceed block_length); use steps <= gen_length")
     return steps // num_blocks
+
+
+def check_parallel(threshold: Optional[float], factor: Optional[float]) -> None:
+    """The parallel-decoding rules: at most one, a finite threshold, a positive factor."""
+    for name, value in (("threshold", threshold), ("factor", factor)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number or None, got {value!r}")
+    if threshold is not None and factor is not None:
+        raise ValueError(f"threshold={threshold} and factor={factor} are two parallel-decoding rules; give one")
+    if factor is not None and factor <= 0:
+        raise ValueError(f"factor must be > 0 (Fast-dLLM uses 1), got {factor}")
 
 
 def check_rules(temperature: float, cfg_scale: float, remasking: str, confidence_source: Optional[str],
@@ -133,28 +150,13 @@ def sample_candidates(block_logits: torch.Tensor, temperature: float, seq_len: i
     return (block_logits.double().exp() / (-u.log()) ** temperature).argmax(dim=-1)
 
 
-def _block_scores(model: nn.Module, x: torch.Tensor, attention_mask: Optional[torch.Tensor], block: slice,
-                  cfg_scale: float, uncond_positions: torch.Tensor,
-                  mask_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One forward -> (TPS logits of the block after CFG (B, N, V), UPS logits of the block (B, N) or None)."""
-    b = x.shape[0]
-    if cfg_scale > 0:  # unconditional copy: prompt masked; logits = un + (cfg + 1)(cond - un)
-        output = model(torch.cat([x, x.masked_fill(uncond_positions, mask_id)]), attention_mask=attention_mask)
-        logits = logits_of(output)
-        cond, uncond = logits[:b, block], logits[b:, block]
-        block_logits = uncond + (cfg_scale + 1) * (cond - uncond)
-    else:
-        output = model(x, attention_mask=attention_mask)
-        block_logits = logits_of(output)[:, block]
-    ups_logits = getattr(output, "confidences", None)  # from the conditional half under CFG
-    return block_logits, None if ups_logits is None else ups_logits[:b, block]
-
-
 @dataclass
 class StepRule:
     """One denoising step of a block, the same in LLaDA-style decoding (generate) and block diffusion
     (remedi_patches.block_decoding): candidates at masked positions, a confidence per position, then keep the
-    top-k_i (re-masking) or commit the top-n_i masked positions (no re-masking). Built by `step_rule`."""
+    top-k_i (re-masking) or commit the top-n_i masked positions (no re-masking). With a parallel-decoding rule
+    (threshold or factor) the counts come from the confidences instead (remasking.parallel_counts). Built by
+    `step_rule`."""
 
     source_name: str        # a confidence source (upstream rules mapped to theirs)
     remask: bool
@@ -165,13 +167,28 @@ class StepRule:
     confidence_eos_eot_inf: bool
     eos_id: Optional[int]
     eot_id: Optional[int]
+    threshold: Optional[float] = None  # parallel decoding (remasking.parallel_counts); None with factor None:
+    factor: Optional[float] = None     # the fixed schedule n_i / k_i
 
-    def step(self, tokens: torch.Tensor, logits: torch.Tensor, ups_logits: Optional[torch.Tensor], n: int, k: int,
-             seq_len: int, block: slice, observer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def parallel(self) -> bool:
+        return self.threshold is not None or self.factor is not None
+
+    def schedule(self, block_length: int, steps_per_block: int) -> list[tuple[Optional[int], Optional[int]]]:
+        """(n_i, k_i) of each step of a block: the fixed schedule, or (None, None) for each of the at most
+        block_length steps of parallel decoding (the caller stops at the first step that leaves no mask)."""
+        if self.parallel:
+            return [(None, None)] * block_length
+        return list(zip(commit_counts(block_length, steps_per_block), commit_schedule(block_length, steps_per_block)))
+
+    def step(self, tokens: torch.Tensor, logits: torch.Tensor, ups_logits: Optional[torch.Tensor],
+             n: Optional[int], k: Optional[int], seq_len: int, block: slice,
+             observer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, N) of the block, its logits (B, N, V) (EOS gating writes into them) and UPS logits (B, N) or
-        None; n = n_i, k = k_i; seq_len and block place the block in the (B, seq_len) row whose shape the RNG
-        draws take (upstream's whole sequence in generate(); the block itself in block decoding); observer: see
-        remasking.Trajectory.observer. Returns remasking.remask_block's (new_tokens, committed, remasked)."""
+        None; n = n_i, k = k_i (None under a parallel rule); seq_len and block place the block in the (B, seq_len)
+        row whose shape the RNG draws take (upstream's whole sequence in generate(); the block itself in block
+        decoding); observer: see remasking.Trajectory.observer. Returns remasking.remask_block's (new_tokens,
+        committed, remasked)."""
         if self.source_name == "ups" and ups_logits is None:
             logger.warning("confidence_source='ups' but no UPS head was given and the model returns no "
                            "UPS confidences; falling back to 'tps_prob'. Pass ups_head= (CLI: --ups_head).")
@@ -193,6 +210,15 @@ class StepRule:
             if self.eot_id is not None:
                 end |= candidates == self.eot_id
             confidence = rank_last(confidence, end)
+        if self.parallel:  # n (B,) masked positions to commit, or k (B,) block positions to keep
+            held = (~masked).sum(dim=-1)
+            eligible = torch.ones_like(masked) if self.remask else masked  # re-masking ranks the whole block
+            passing = parallel_counts(confidence, eligible, self.threshold, self.factor)
+            if self.remask:
+                k = torch.maximum(passing, held + 1).clamp(max=tokens.shape[1])
+            else:
+                n = passing.clamp(min=1).minimum(masked.sum(dim=-1))
+                k = held + n
         if observer is not None:
             observer(tokens, candidates, logits, ups_logits, confidence, k)
         if self.remask:
@@ -205,7 +231,8 @@ class StepRule:
 def step_rule(model: nn.Module, *, temperature: float, remasking: str, mask_id: int, logits_eos_inf: bool,
               confidence_eos_eot_inf: bool, confidence_source: Optional[str], ups_head: Optional[nn.Module],
               remask: Optional[bool], eos_id: Optional[int], eot_id: Optional[int],
-              ups_temperature: float) -> tuple[nn.Module, StepRule]:
+              ups_temperature: float, threshold: Optional[float] = None,
+              factor: Optional[float] = None) -> tuple[nn.Module, StepRule]:
     """(the model to call, the StepRule) of a sampler's arguments: upstream rules mapped to their sources, the
     UPS head wrapped around the model when the 'ups' source needs it (UPSModel: one forward gives both)."""
     if ups_head is not None and has_ups_stream(model):
@@ -221,17 +248,18 @@ def step_rule(model: nn.Module, *, temperature: float, remasking: str, mask_id: 
             raise ValueError("model is already a UPSModel with its own head; do not also pass ups_head")
         model = UPSModel(model, ups_head)
     return model, StepRule(source_name, remask, temperature, ups_temperature, mask_id, logits_eos_inf,
-                           confidence_eos_eot_inf, eos_id, eot_id)
+                           confidence_eos_eot_inf, eos_id, eot_id, threshold, factor)
 
 
 @torch.no_grad()  # not inference_mode: callers may feed the tokens to a training forward
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.,
              cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
              confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
-             eos_id=126081, eot_id=126348, ups_temperature=0., trajectory: Optional[Trajectory] = None
-             ) -> torch.Tensor:
+             eos_id=126081, eot_id=126348, ups_temperature=0., threshold=None, factor=None, cache=None,
+             cache_interval=None, trajectory: Optional[Trajectory] = None) -> torch.Tensor:
     """Fill gen_length masked positions after `prompt` by masked-diffusion denoising (LLaDA-style: every step
-    runs the whole sequence; block diffusion with a KV cache is remedi_patches.block_decoding.block_generate).
+    runs the whole sequence, or part of it over an approximate KV cache; block diffusion with an exact KV cache is
+    remedi_patches.block_decoding.block_generate).
 
     Args:
         model: mask predictor; model(x, attention_mask=am) returns logits (B, L, V), an object with
@@ -265,19 +293,32 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         ups_temperature: with confidence_source 'ups': 0 ranks greedily; > 0 draws the kept positions
             from softmax(UPS logits / ups_temperature) without replacement (Plackett-Luce, as RemeDi's RL
             sampler; remasking.plackett_luce_keys), among the masked ones when remask=False.
+        threshold, factor: parallel decoding (Fast-dLLM; at most one): instead of n_i per step, commit every
+            masked position of the block whose confidence is >= threshold (in the source's scale: a probability
+            for 'tps_prob' / 'ups'), or under `factor` the longest run of the sorted confidences whose n-th reaches
+            1 - factor / (n + 1); at least one per step, so a block takes 1 to block_length steps and `steps`
+            only has to pass the schedule checks. With re-masking the rule counts over the whole block and the
+            block keeps the top max(count, held + 1) positions (module docstring of remedi_patches.remasking).
+        cache, cache_interval: None = every step one forward of the whole sequence (exact); 'prefix' / 'dual' =
+            Fast-dLLM's approximate KV caches, refreshed by a whole-sequence forward at the block's first step and
+            every cache_interval steps of it (None = once per block); see remedi_patches.llada_cache. Need a model
+            taking the cache arguments (native LLaDA, SMDM, dual-stream RemeDi).
         trajectory: a remedi_patches.remasking.Trajectory to append one StepRecord per step to (and count
-            the forwards in).
+            the forwards, answer tokens and seconds in).
     Returns:
         (B, Lp + gen_length) token ids; the prompt is returned unchanged and no mask is left.
     Same model, inputs and seed as upstream LLaDA give the same tokens (global torch RNG, same order).
     """
+    started = time.perf_counter()
     _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
     steps_per_block = check_schedule(steps, gen_length, block_length)
     check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
+    check_parallel(threshold, factor)
+    check_cache(cache, cache_interval)
     model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
                             logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                             confidence_source=confidence_source, ups_head=ups_head, remask=remask, eos_id=eos_id,
-                            eot_id=eot_id, ups_temperature=ups_temperature)
+                            eot_id=eot_id, ups_temperature=ups_temperature, threshold=threshold, factor=factor)
 
     batch, prompt_len = prompt.shape
     x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=prompt.device)
@@ -287,21 +328,22 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
         if cfg_scale > 0:
             attention_mask = torch.cat([attention_mask, attention_mask])
-    n_per_step = commit_counts(block_length, steps_per_block)  # n_1..n_S
-    k_per_step = commit_schedule(block_length, steps_per_block)  # k_1..k_S, k_i = n_1 + ... + n_i
+    reader = SequenceReader(model, attention_mask, cache, cache_interval, cfg_scale, uncond_positions, mask_id)
 
     for b in range(gen_length // block_length):
         block = slice(prompt_len + b * block_length, prompt_len + (b + 1) * block_length)
-        for i, (n, k) in enumerate(zip(n_per_step, k_per_step)):
-            logits, ups_logits = _block_scores(model, x, attention_mask, block, cfg_scale, uncond_positions,
-                                               mask_id)  # (B, N, V), (B, N) | None
-            if trajectory is not None:
-                trajectory.forwards += 1
+        for i, (n, k) in enumerate(rule.schedule(block_length, steps_per_block)):  # n_i, k_i (None: parallel)
+            logits, ups_logits = reader.read(x, block, i)  # (B, N, V), (B, N) | None
             new_tokens, committed, remasked = rule.step(x[:, block], logits, ups_logits, n, k, x.shape[1], block,
                                                         None if trajectory is None else trajectory.observer)
             x[:, block] = new_tokens
+            left = (new_tokens == mask_id).sum(dim=-1)  # (B,)
             if trajectory is not None:
-                trajectory.record(b, i, block.start, committed, remasked, (new_tokens == mask_id).sum(dim=-1), x)
+                trajectory.record(b, i, block.start, committed, remasked, left, x)
+            if rule.parallel and not bool(left.any()):
+                break
+    if trajectory is not None:
+        trajectory.add_call(x[:, prompt_len:], reader.forwards, started)
     return x
 
 
@@ -342,6 +384,23 @@ class SamplerSettings:
         "finished blocks in a KV cache, one block of masks at a time, stopping after the block where every row has "
         "written EOS; None = by the model: block for a model with its own UPS stream (dual-stream RemeDi), else "
         "llada", choices=DECODINGS)
+    threshold: Optional[float] = arg(
+        None, "parallel decoding (Fast-dLLM): per step commit every masked position of the block whose confidence "
+        "is >= this (a probability for tps_prob / ups; Fast-dLLM uses 0.9), at least one; a block then takes 1 to "
+        "block_length steps and --steps only has to pass its checks. With re-masking the block keeps its top "
+        "max(count over the whole block, held + 1) positions. None = the fixed schedule", metavar="CONF")
+    factor: Optional[float] = arg(
+        None, "parallel decoding, Fast-dLLM's factor rule: the n-th most confident masked position is committed "
+        "when its confidence is >= 1 - factor / (n + 1) (and all before it were); at least one per step. "
+        "Exclusive with --threshold", metavar="F")
+    cache: Optional[str] = arg(
+        None, "LLaDA-style decoding's approximate KV cache (Fast-dLLM): prefix = later steps of a block feed the "
+        "block and the suffix over the cached prefix; dual = they feed the block alone over the cached prefix and "
+        "suffix; refreshed by one whole-sequence forward per block. None = exact (every step the whole sequence)",
+        choices=CACHES)
+    cache_interval: Optional[int] = arg(
+        None, "with --cache: also refresh every this many steps within a block (1 = every step: exact); None = "
+        "once per block, as Fast-dLLM", metavar="STEPS")
 
     def __post_init__(self):
         self.check()
@@ -366,6 +425,10 @@ class SamplerSettings:
                     self.ups_temperature)
         if self.decoding == "block" and self.cfg_scale > 0:
             raise ValueError(BLOCK_CFG_ERROR)
+        check_parallel(self.threshold, self.factor)
+        check_cache(self.cache, self.cache_interval)
+        if self.decoding == "block" and self.cache is not None:
+            raise ValueError(BLOCK_CACHE_ERROR)
 
     @property
     def remasks(self) -> bool:
@@ -577,6 +640,8 @@ def sample(bundle, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
     input_ids = input_ids.to(bundle.device)
     attention_mask = None if attention_mask is None else attention_mask.to(bundle.device)
     decode = block_generate if decoding_of(bundle.model, settings.decoding) == "block" else generate
+    if decode is block_generate and settings.cache is not None:
+        raise ValueError(f"{BLOCK_CACHE_ERROR} (this model decodes by blocks by default: it has its own UPS stream)")
     return decode(bundle.model, input_ids, attention_mask, mask_id=bundle.mask_id, ups_head=bundle.ups_head,
                   eos_id=bundle.eos_id, eot_id=bundle.eot_id, trajectory=trajectory, **settings.generate_kwargs())
 
@@ -677,15 +742,16 @@ def fit_prompt(prompt: list[int], max_len: int) -> list[int]:
 
 
 def generate_answer_ids(bundle, prompts: Sequence[Sequence[int]], settings: SamplerSettings,
-                        micro_batch: int = 1) -> list[list[int]]:
+                        micro_batch: int = 1, trajectory: Optional[Trajectory] = None) -> list[list[int]]:
     """Sample an answer for each token-id prompt, micro_batch prompts per sample() call (left-padded with the
-    bundle's pad_id); each answer is cut before its first EOS / EoT token."""
+    bundle's pad_id); each answer is cut before its first EOS / EoT token. `trajectory` sums the calls' cost
+    (NFE, tokens/s)."""
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     answers = []
     for start in range(0, len(prompts), micro_batch):
         ids, attention_mask = left_pad(prompts[start:start + micro_batch], bundle.pad_id)
-        out = sample(bundle, ids, attention_mask, settings)  # (b, Lp + gen_length)
+        out = sample(bundle, ids, attention_mask, settings, trajectory)  # (b, Lp + gen_length)
         answers += [cut_at_stop(row, bundle.stop_ids) for row in out[:, ids.shape[1]:].tolist()]
     return answers
 

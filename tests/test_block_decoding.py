@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from remedi_patches.backbones import EvalModel
-from remedi_patches.block_decoding import block_causal_mask, block_generate, prompt_positions
+from remedi_patches.block_decoding import block_causal_mask, block_generate
+from remedi_patches.kv_cache import prompt_positions
 from remedi_patches.confidence import CONFIDENCE_SOURCES
 from remedi_patches.kv_cache import KVCache
 from remedi_patches.modeling_wrappers import UPSModel, hidden_size_of
@@ -36,7 +37,7 @@ def decode(model, prompt, am, shape, cache=True, **kw):
     trajectory = Trajectory(keep_tokens=True)
     kw.setdefault("eos_id", EOS)
     out = block_generate(model, prompt, am, steps=steps, gen_length=gen_length, block_length=block_length,
-                         mask_id=MASK, eot_id=EOT, trajectory=trajectory, cache=cache, **kw)
+                         mask_id=MASK, eot_id=EOT, trajectory=trajectory, kv_cache=cache, **kw)
     return out, trajectory
 
 
@@ -398,7 +399,7 @@ def test_cached_equals_uncached_on_the_project_models(name, kw):
         for cache in (True, False):
             torch.manual_seed(7)
             outs.append(block_generate(model, prompt, am, steps=8, gen_length=16, block_length=8, mask_id=mask_id,
-                                       eos_id=None, ups_head=head, cache=cache, **kw))
+                                       eos_id=None, ups_head=head, kv_cache=cache, **kw))
         assert torch.equal(*outs)
 
 

@@ -242,6 +242,8 @@ class TransEncoder(nn.Module):
         """Check the forward's inputs against each other and the context; RoPE angles, key mask and cache use."""
         B, T = idx.shape
         cached = 0 if past_key_values is None else len(past_key_values)
+        if past_key_values is not None and past_key_values.window is not None:
+            cached -= T  # the current tokens overwrite cached positions (KVCache.replacing)
         if cached + T > self.config.block_size:
             raise ValueError(f"Sequence length {T}{f' + {cached} cached' if cached else ''} exceeds block_size "
                              f"{self.config.block_size}; crop the input or build the config with a larger block_size.")
