@@ -16,9 +16,13 @@ with --remasking). Every source runs with the same sampler settings and starts f
 Prompts are sorted by length before batching (--infer_bs) to waste little on left padding.
 
 Writes to --out_dir: predictions.jsonl (one row per problem and source: index, source, format, prompt, output,
-extracted, gold, correct, seconds), summary.json and summary.md (accuracy, coverage = share of outputs with an
-extractable answer, n, mean seconds per problem, per source). The summary is computed from the rows alone, so
-re-grading the predictions file with the same graders reproduces it exactly.
+extracted, gold, correct, seconds, nfe = model forwards of the sampler call that answered it, tokens = its answer
+positions, i.e. gen_length), summary.json and summary.md (accuracy, coverage = share of outputs with an
+extractable answer, n, mean seconds per problem, NFE = mean nfe per problem, tokens/s = sum of tokens / sum of
+seconds, per source; summary.json also holds the settings, the fast-decoding ones --threshold, --factor, --cache,
+--cache_interval included). The summary is computed from the rows alone, so re-grading the predictions file with
+the same graders reproduces it exactly; rows written before nfe / tokens existed re-grade too (NFE and tokens/s
+then None, '-' in the table).
 
 Flags are checked before any model is loaded; a second run on the same --out_dir refuses while the first holds it
 (remedi_patches.run_lock). Files are written to a temporary file of this process and renamed into place.
@@ -50,18 +54,20 @@ from remedi_patches.data import column_names, json_records, load_records, render
 from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import has_ups_stream
+from remedi_patches.remasking import Trajectory
 from remedi_patches.run_lock import RunLock
 from remedi_patches.trajectory_views import write_text
-from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, LENGTH_DEFAULTS, TEMPLATE_HELP, PromptWindow,
-                                     SamplerSettings, add_sampler_args, decode_answers, encode_texts, needs_ups_head,
-                                     check_sampler_args, prompt_texts, sample, settings_from_args,
-                                     uses_chat)
+from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, FAST_DECODING_FIELDS, LENGTH_DEFAULTS, TEMPLATE_HELP,
+                                     PromptWindow, SamplerSettings, add_sampler_args, check_sampler_args,
+                                     decode_answers, encode_texts, needs_ups_head, prompt_texts, sample,
+                                     settings_from_args, uses_chat)
 
 FORMATS = ("gsm8k", "math")
 NOREMASK = ":noremask"
 UPSTREAM = "upstream"
 BOXED_HINT = "Put the final answer in \\boxed{}."
 PREDICTION_KEYS = ("index", "source", "format", "prompt", "output", "extracted", "gold", "correct", "seconds")
+COST_KEYS = ("nfe", "tokens")  # written by every run since fast decoding; absent from older predictions files
 EVAL_DEFAULTS = LENGTH_DEFAULTS  # None = from the model's window (remedi_patches.sampling.default_lengths)
 DEFAULT_SOURCES = ("ups", "tps_prob", "random")  # without --ups_head: the same minus 'ups'
 
@@ -209,7 +215,8 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
     """Sample and grade every item under every run -> (prediction rows, summary).
 
     Runs share `settings` and each starts from torch.manual_seed(seed). Items are batched by prompt length;
-    rows come back in item order per run. `seconds` is the batch's wall time divided by its size. Prompts longer
+    rows come back in item order per run. `seconds` is the batch's wall time divided by its size, `nfe` the model
+    forwards of the batch's sampler call and `tokens` the row's answer positions (gen_length). Prompts longer
     than the model's window leaves after gen_length are left-cropped, with one warning for the whole run.
     """
     if batch_size < 1:
@@ -233,15 +240,17 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
         run_rows = []
         with tqdm(total=len(items), desc=run.label, disable=not progress, file=sys.stderr) as bar:
             for batch in batches:
+                cost = Trajectory(record_steps=False)  # the call's forwards (NFE), no per-step record
                 start = time.perf_counter()
-                answers, _ = sample_texts(em, [texts[i] for i in batch], rs, applied, fit)
+                answers, _ = sample_texts(em, [texts[i] for i in batch], rs, applied, fit, cost)
                 seconds = (time.perf_counter() - start) / len(batch)
                 for i, output in zip(batch, answers):
                     item = items[i]
                     extracted, correct = grade(fmt, output, item.gold)
                     run_rows.append({"index": item.index, "source": run.label, "format": fmt, "prompt": texts[i],
                                      "output": output, "extracted": extracted, "gold": item.gold,
-                                     "correct": correct, "seconds": seconds})
+                                     "correct": correct, "seconds": seconds, "nfe": cost.forwards,
+                                     "tokens": rs.gen_length})
                 bar.update(len(batch))
         rows += sorted(run_rows, key=lambda r: r["index"])
     return rows, summarise(rows)
@@ -251,7 +260,9 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """Per source, in order of first appearance: n, correct, accuracy, coverage, mean seconds per problem."""
+    """Per source, in order of first appearance: n, correct, accuracy, coverage, mean seconds per problem, nfe (mean
+    per problem) and tokens_per_second (sum of tokens / sum of seconds); the last two are None when a row of the
+    source lacks nfe / tokens (a predictions file written before they existed)."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["source"], []).append(row)
@@ -259,17 +270,26 @@ def summarise(rows: Sequence[dict]) -> dict:
     for source, group in groups.items():
         n = len(group)
         correct = sum(bool(r["correct"]) for r in group)
+        seconds = sum(r["seconds"] for r in group)
+        nfe = [r.get("nfe") for r in group]
+        tokens = [r.get("tokens") for r in group]
         results.append({"source": source, "n": n, "correct": correct, "accuracy": correct / n,
                         "coverage": sum(r["extracted"] is not None for r in group) / n,
-                        "mean_seconds": sum(r["seconds"] for r in group) / n})
+                        "mean_seconds": seconds / n,
+                        "nfe": None if None in nfe else sum(nfe) / n,
+                        "tokens_per_second": None if None in tokens or seconds <= 0 else sum(tokens) / seconds})
     return {"results": results}
 
 
 def markdown_table(summary: dict) -> str:
-    lines = ["| source | accuracy | coverage | n | s / problem |", "|---|---:|---:|---:|---:|"]
+    """The summary as a Markdown table, one row per source ('-' for a cost an older predictions file lacks)."""
+    lines = ["| source | accuracy | coverage | n | s / problem | NFE | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["results"]:
+        nfe, speed = r.get("nfe"), r.get("tokens_per_second")
         lines.append(f"| {r['source']} | {r['accuracy']:.3f} | {r['coverage']:.3f} | {r['n']} | "
-                     f"{r['mean_seconds']:.3f} |")
+                     f"{r['mean_seconds']:.3f} | {'-' if nfe is None else f'{nfe:.1f}'} | "
+                     f"{'-' if speed is None else f'{speed:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -305,6 +325,10 @@ def read_predictions(path: str | Path) -> list[dict]:
                              "eval_gsm_math.py")
         if isinstance(row["seconds"], bool) or not isinstance(row["seconds"], (int, float)):
             raise ValueError(f"{path}, {where}: seconds must be a number, got {row['seconds']!r}")
+        for key in COST_KEYS:  # optional: older files lack them
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{path}, {where}: {key} must be a number >= 0 (or absent), got {value!r}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no predictions; pass the predictions.jsonl of a finished run")
@@ -435,8 +459,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs,
                                  seed=args.seed, chat=args.chat, progress=not args.no_progress)
         write_jsonl(out_dir / "predictions.jsonl", rows)
+        used = {k: getattr(settings, k) for k in (*EVAL_DEFAULTS, *FAST_DECODING_FIELDS) if getattr(settings, k) is not None}
         write_summary(out_dir, {**summary, "settings": {**vars(args), "confidence_sources": [r.label for r in runs],
-                                                         **{k: getattr(settings, k) for k in EVAL_DEFAULTS}}})
+                                                         **used}})
     print(markdown_table(summary))
     print(f"\nwrote {out_dir / 'predictions.jsonl'} and {out_dir / 'summary.json'}")
     return summary

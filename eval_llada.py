@@ -7,10 +7,16 @@
         --model_args model_path=GSAI-ML/LLaDA-8B-Base,confidence_source=ups,ups_head_path=checkpoints/ups.safetensors
     python eval_llada.py --model llada_dist --tasks hellaswag --batch_size 8 \\
         --model_args model_path=GSAI-ML/LLaDA-8B-Base,mc_num=128     # likelihood tasks
+    python eval_llada.py --model llada_dist --tasks gsm8k --num_fewshot 5 \\
+        --model_args model_path=GSAI-ML/LLaDA-8B-Base,gen_length=256,steps=256,block_length=32,threshold=0.9,cache=dual
+                                     # Fast-dLLM's parallel decoding and dual cache (or use_cache=true,dual_cache=true)
 
 generate_until samples through remedi_patches.sampling.sample (batch_size prompts per call, left-padded), so
-confidence_source / ups_head_path / lora_path / remask act as in `python generate.py` (`ups_head` is accepted as
-the older name of ups_head_path). loglikelihood is LLaDA's Monte Carlo estimator (remedi_patches.likelihood):
+confidence_source / ups_head_path / lora_path / remask / threshold / factor / cache / cache_interval act as in
+`python generate.py` (`ups_head` is accepted as the older name of ups_head_path; Fast-dLLM's use_cache / dual_cache
+as aliases of cache). After each generate_until call one INFO line gives the sampler's cost so far ('NFE 6, 812.4
+tokens/s': model forwards per sampler call, answer positions filled per second), kept in `sampler_cost` (a
+remedi_patches.remasking.Trajectory). loglikelihood is LLaDA's Monte Carlo estimator (remedi_patches.likelihood):
 mc_num masked copies of the answer in minibatches of
 batch_size, CE divided by the mask ratio, averaged. Seeded with --seed's torch seed as lm-eval sets it.
 `python eval_llada.py` runs lm-eval's own command line with this model registered. Launched as several
@@ -20,6 +26,7 @@ the results.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -33,8 +40,13 @@ from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.likelihood import mc_loglikelihood
 from remedi_patches.model_args import resolve_device
 from remedi_patches.modeling_wrappers import backbone_forward
-from remedi_patches.sampling import (PromptWindow, SamplerSettings, decode_answer, generate_answer_ids,
-                                     harness_settings, harness_window, optional_value, sample)
+from remedi_patches.remasking import Trajectory
+from remedi_patches.sampling import (PromptWindow, SamplerSettings, check_decoding, decode_answer,
+                                     generate_answer_ids, harness_settings, harness_window, optional_number,
+                                     optional_value, sample)
+
+logger = logging.getLogger("lm_eval.llada_dist")  # under lm-eval's logger: shown by its command line
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def distributed_accelerator():
@@ -50,6 +62,38 @@ def distributed_accelerator():
                            "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 "
                            "eval_llada.py ...), so every process does not evaluate everything")
     return accelerator
+
+
+def flag_arg(key: str, value) -> Optional[bool]:
+    """A bool-ish --model_args value (True / False, 'true' / 'false', 1 / 0, yes / no, on / off) as a bool; None
+    for None, '' and 'none' (not given); a one-line ValueError naming the key for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "none"):
+        return None
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def cache_arg(cache, use_cache=None, dual_cache=None) -> Optional[str]:
+    """The SamplerSettings cache of llada_dist's keys: `cache` ('prefix' | 'dual' | none), or Fast-dLLM's harness
+    flags use_cache=true (= 'prefix') and use_cache=true,dual_cache=true (= 'dual'); use_cache=false = no cache.
+    A cache that disagrees with use_cache, and dual_cache without use_cache, are refused in one line."""
+    cache = optional_value(cache)
+    use, dual = flag_arg("use_cache", use_cache), flag_arg("dual_cache", dual_cache)
+    if dual and not use:
+        raise ValueError("dual_cache=true needs use_cache=true (Fast-dLLM's flags: use_cache=true,dual_cache=true "
+                         "means cache=dual); add use_cache=true, or give cache=dual instead")
+    if use is None:
+        return cache
+    alias = ("dual" if dual else "prefix") if use else None
+    if cache != alias and cache is not None:
+        raise ValueError(f"cache={cache} conflicts with use_cache={str(use).lower()}"
+                         f"{',dual_cache=true' if dual else ''} (= cache={alias or 'none'}); give cache alone, or "
+                         "Fast-dLLM's use_cache / dual_cache alone")
+    return alias
 
 
 def split_pair(context: str, continuation: str) -> tuple[str, str]:
@@ -69,7 +113,10 @@ class LLaDAEvalHarness(LM):
                  padding_id: Optional[int] = None,
                  tokenizer: Optional[str] = None, smdm_size: Optional[str] = None, device: Optional[str] = None,
                  dtype: Optional[str] = "auto", max_batch_size: Optional[int] = None,
-                 ups_head: Optional[str] = None, ups_temperature: float = 0.0, decoding: Optional[str] = None):
+                 ups_head: Optional[str] = None, ups_temperature: float = 0.0, decoding: Optional[str] = None,
+                 threshold: Optional[float] = None, factor: Optional[float] = None, cache: Optional[str] = None,
+                 cache_interval: Optional[int] = None, use_cache: Optional[bool] = None,
+                 dual_cache: Optional[bool] = None):
         """
         Args (upstream llada_dist's, then RemeDi's):
             model_path: model folder / hub name / SMDM export; None or 'embedded' = the embedded tiny model.
@@ -86,6 +133,15 @@ class LLaDAEvalHarness(LM):
                 None = dynamic sources re-mask, upstream never does. ups_head: older name of ups_head_path.
             ups_temperature, decoding: generate.py's --ups_temperature ('ups' ranking by Plackett-Luce draws when
                 > 0) and --decoding (None = block diffusion for a dual-stream RemeDi, LLaDA's sampler otherwise).
+            threshold, factor: parallel decoding (generate.py's --threshold / --factor, at most one; Fast-dLLM uses
+                threshold=0.9 or factor=1): per step commit every masked position whose confidence passes, at least
+                one. None (or 'none') = the fixed schedule.
+            cache, cache_interval: LLaDA-style decoding's approximate KV cache (generate.py's --cache /
+                --cache_interval): 'prefix' | 'dual' | None = exact; refreshed once per block, or every
+                cache_interval steps of it. Not with block decoding (which caches exactly).
+            use_cache, dual_cache: Fast-dLLM's harness flags, accepted as aliases of cache: use_cache=true =
+                cache=prefix, use_cache=true,dual_cache=true = cache=dual; refused with a cache that says otherwise,
+                and dual_cache=true without use_cache=true.
             padding_id: left-padding id (None = the tokenizer's pad, else EOS). tokenizer: when the model has none.
             smdm_size: architecture of an SMDM iter-*-ckpt.pth checkpoint (e.g. Diff_LLaMA_170M).
             device: None / 'auto' = cuda if available else cpu.
@@ -108,7 +164,11 @@ class LLaDAEvalHarness(LM):
                               temperature=temperature, cfg_scale=cfg, remasking=remasking,
                               logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                               confidence_source=optional_value(confidence_source), remask=remask,
-                              ups_temperature=float(ups_temperature), decoding=optional_value(decoding))
+                              ups_temperature=float(ups_temperature), decoding=optional_value(decoding),
+                              threshold=optional_number("threshold", threshold),
+                              factor=optional_number("factor", factor),
+                              cache=cache_arg(cache, use_cache, dual_cache),
+                              cache_interval=optional_number("cache_interval", cache_interval, int))
         harness_settings(sampler_fields, early=True)  # every value checked before the model loads
         self.accelerator = distributed_accelerator()
         if self.accelerator is not None:  # lm-eval shards the requests by rank and gathers the results
@@ -121,8 +181,10 @@ class LLaDAEvalHarness(LM):
                                   mask_id=mask_id, pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
         self.settings = harness_settings(sampler_fields, max_length_of(self.em.model), max_length)
+        check_decoding(self.em.model, self.settings)
         self.model_path = optional_value(model_path) or "embedded"
         self._window: Optional[PromptWindow] = None
+        self.sampler_cost = Trajectory(record_steps=False)  # NFE and tokens/s of every generate_until sampler call
 
     @property
     def window(self) -> PromptWindow:
@@ -196,12 +258,16 @@ class LLaDAEvalHarness(LM):
         for start in tqdm(range(0, len(requests), self.batch_size), desc="llada_dist generate_until"):
             chunk = requests[start:start + self.batch_size]
             prompts = self.window.crop([self.tokenizer(r.args[0])["input_ids"] for r in chunk])
-            answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.batch_size)
+            answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.batch_size,
+                                          trajectory=self.sampler_cost)
             for request, answer in zip(chunk, answers):
                 gen_kwargs = request.args[1]
                 until = gen_kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else until
                 out.append(decode_answer(self.tokenizer, answer, gen_kwargs.get("max_gen_toks"), until))
+        if requests:
+            logger.info("llada_dist sampler: %s (%d sampler calls so far)", self.sampler_cost.cost(),
+                        self.sampler_cost.calls)
         return out
 
 

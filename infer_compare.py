@@ -14,8 +14,11 @@ Prompts come from --prompt (repeatable) or, without one, from --dataset (answers
 by the one prompt rule of generate.py and eval_gsm_math.py (--chat, --prompt_template; remedi_patches.sampling.
 prompt_texts), so `--prompt P --confidence_sources S` answers exactly as `generate.py --prompt P --confidence_source
 S` with the same flags and seed. Every source starts from torch.manual_seed(--seed) with the same settings.
-Printed per prompt: each source's answer with its re-masking events by kind (same / changed; with a reference:
-corrected / broken, see remedi_patches.trajectory_views.revisions); then per source and step the tokens committed
+Printed first: the settings with the decoding and its fast-decoding settings (--threshold, --factor, --cache,
+--cache_interval when set); then per prompt each source's answer with its re-masking events by kind (same /
+changed; with a reference: corrected / broken, see remedi_patches.trajectory_views.revisions) and its run's cost
+(NFE = model forwards of the sampler call, tokens/s = answer positions filled per second; all prompts are one call
+per source, and recording the trajectory slows it a little); then per source and step the tokens committed
 (+pos:'tok') and re-masked (-pos:'tok'), with the masks left in the current block and in the whole answer.
 --html writes one self-contained page with every trajectory (step x position tables); --png_dir writes per
 prompt the mask-count curves of all sources and one trajectory picture per source (remedi_patches.trajectory_views).
@@ -91,14 +94,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     references = [diag.reference_ids(em.tokenizer, it.reference, settings.gen_length, em.eos_id) if use_reference
                   else None for it in items]
 
-    answers, traces = {}, {}
+    answers, traces, costs = {}, {}, {}
     for run in runs:
         torch.manual_seed(args.seed)
         trajectory = Trajectory(keep_tokens=True)
         answers[run.label], prompt_len = sample_texts(em, texts, run.settings(settings), chat_applied, fit,
                                                       trajectory)
         traces[run.label] = [diag.row_trace(trajectory, row, prompt_len, em.mask_id) for row in range(len(items))]
+        costs[run.label] = {"nfe": trajectory.nfe, "tokens_per_second": trajectory.tokens_per_second,
+                            "text": trajectory.cost()}
 
+    decoding = diag.decoding_text(settings, decoding_of(em.model, settings.decoding))
+    print(f"(steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length}) "
+          f"{decoding}\n")
     views, files = [], []
     width = max(len(label) for label in answers)
     for i, item in enumerate(items):
@@ -109,8 +117,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             verdict = "" if correct is None else ("[correct] " if correct else "[wrong] ")
             kinds = Counter(r.kind for r in diag.revisions(traces[label][i], references[i]))
             remasks = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
-            print(f"{label:<{width}}  {verdict}{answers[label][i]!r}  (re-maskings: {remasks})")
-            views.append(diag.TraceView(title=f"prompt {i}, {label}", trace=traces[label][i], text=text,
+            print(f"{label:<{width}}  {verdict}{answers[label][i]!r}  (re-maskings: {remasks}; "
+                  f"{costs[label]['text']})")
+            views.append(diag.TraceView(title=f"prompt {i}, {label} ({costs[label]['text']})",
+                                        trace=traces[label][i], text=text,
                                         answer=answers[label][i], reference=references[i], verdict=correct))
         if not args.quiet_steps:
             for label in answers:
@@ -126,12 +136,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print()
     if args.html:
         intro = (f"steps {settings.steps}, gen_length {settings.gen_length}, block_length {settings.block_length}, "
-                 f"temperature {settings.temperature}, ups_temperature {args.ups_temperature}, decoding "
-                 f"{decoding_of(em.model, settings.decoding)}, seed {args.seed}")
+                 f"temperature {settings.temperature}, ups_temperature {args.ups_temperature}, {decoding}, "
+                 f"seed {args.seed}")
         files.append(write_text(args.html, diag.trajectory_html(views, intro=intro)))
     if files:
         print("wrote " + ", ".join(str(f) for f in files))
-    return {"answers": answers, "traces": traces, "files": files}
+    return {"answers": answers, "traces": traces, "costs": costs, "files": files}
 
 
 if __name__ == "__main__":

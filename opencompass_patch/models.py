@@ -27,6 +27,12 @@ max_out_len, batch_size, run_cfg):
     ups_temperature        'ups' ranking: 0 = greedy top-k_i, > 0 = Plackett-Luce draws from softmax(UPS / temperature)
     decoding               None = by the model (block diffusion with a KV cache for a dual-stream RemeDi, LLaDA's
                            sampler otherwise) | 'llada' | 'block' (generate.py --decoding)
+    threshold, factor      parallel decoding (generate.py --threshold / --factor, at most one; Fast-dLLM uses 0.9 /
+                           1): per step commit every masked position whose confidence passes, at least one; None =
+                           the fixed schedule
+    cache, cache_interval  LLaDA-style decoding's approximate KV cache (generate.py --cache / --cache_interval):
+                           'prefix' | 'dual' | None = exact; refreshed once per block, or every cache_interval steps
+                           of it; not with block decoding (which caches exactly)
     ups_head_path, lora_path   UPS head .safetensors and PEFT LoRA folder (train_remedi.py outputs);
                            `ups_head` is accepted as the older name of ups_head_path; a dual-stream RemeDi
                            (path = its folder or hub name) has its own UPS and takes no head
@@ -38,6 +44,10 @@ max_out_len, batch_size, run_cfg):
     stop_words             the answer text is cut at the earliest one (also OpenCompass's stopping_criteria)
     meta_template          OpenCompass prompt meta template
     chat                   'auto' | 'on' | 'off'; None = the class's ('on' for LLaDAModel, 'off' for LLaDABaseModel)
+
+After each generate() call one INFO line gives the sampler's cost so far ('NFE 6, 812.4 tokens/s': model forwards
+per sampler call, answer positions filled per second); the model keeps it in `sampler_cost` (a
+remedi_patches.remasking.Trajectory counting every sampler call).
 
 max_out_len: the sampler always fills a canvas of gen_length tokens (its block / step schedule depends on
 it); the answer is then cut at its first EOS / EoT token and to at most max_out_len tokens. Set
@@ -58,8 +68,10 @@ from opencompass.utils.prompt import PromptList
 
 from remedi_patches.backbones import load_eval_model, max_length_of
 from remedi_patches.model_args import resolve_device
-from remedi_patches.sampling import (CHAT_CHOICES, PromptWindow, SamplerSettings, decode_answer, generate_answer_ids,
-                                     harness_settings, harness_window, optional_value, uses_chat)
+from remedi_patches.remasking import Trajectory
+from remedi_patches.sampling import (CHAT_CHOICES, PromptWindow, SamplerSettings, check_decoding, decode_answer,
+                                     generate_answer_ids, harness_settings, harness_window, optional_number,
+                                     optional_value, uses_chat)
 
 logger = get_logger()
 PromptType = Union[PromptList, str]
@@ -73,6 +85,8 @@ CHAT_META_TEMPLATE = dict(
     round=[dict(role="HUMAN", api_role="HUMAN"), dict(role="BOT", api_role="BOT", generate=True)],
     reserved_roles=[dict(role="SYSTEM", api_role="SYSTEM")],
 )
+
+IN_CONFIG = " in the model config"  # where a bad value was given (optional_number)
 
 
 def chat_messages(prompt: PromptType) -> list[dict]:
@@ -112,8 +126,9 @@ class LLaDAModel(BaseModel):
                  diff_logits_eos_inf: bool = False, confidence_source: Optional[str] = None,
                  remask: Optional[bool] = None, ups_head_path: Optional[str] = None, lora_path: Optional[str] = None,
                  smdm_size: Optional[str] = None, chat: Optional[str] = None, ups_temperature: float = 0.0,
-                 decoding: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = "auto",
-                 **other):
+                 decoding: Optional[str] = None, threshold: Optional[float] = None, factor: Optional[float] = None,
+                 cache: Optional[str] = None, cache_interval: Optional[int] = None, device: Optional[str] = None,
+                 dtype: Optional[str] = "auto", **other):
         if "ups_head" in other:  # the older name of the key
             if ups_head_path is not None:
                 raise ValueError("both ups_head and ups_head_path are set; keep ups_head_path (the head file) only")
@@ -133,7 +148,12 @@ class LLaDAModel(BaseModel):
                                     logits_eos_inf=diff_logits_eos_inf,
                                     confidence_eos_eot_inf=diff_confidence_eos_eot_inf,
                                     confidence_source=optional_value(confidence_source), remask=remask,
-                                    ups_temperature=ups_temperature, decoding=optional_value(decoding))
+                                    ups_temperature=ups_temperature, decoding=optional_value(decoding),
+                                    threshold=optional_number("threshold", threshold, where=IN_CONFIG),
+                                    factor=optional_number("factor", factor, where=IN_CONFIG),
+                                    cache=optional_value(cache),
+                                    cache_interval=optional_number("cache_interval", cache_interval, int,
+                                                                   where=IN_CONFIG))
         self._settings(None, early=True)  # every value checked before the model loads
         self.chat = optional_value(chat) or self.default_chat
         if self.chat not in CHAT_CHOICES:
@@ -153,7 +173,9 @@ class LLaDAModel(BaseModel):
                                   pad_id=padding_id, smdm_size=optional_value(smdm_size))
         self.tokenizer = self.em.tokenizer
         self.settings = self._settings(max_length_of(self.em.model))
+        check_decoding(self.em.model, self.settings)
         self._window: Optional[PromptWindow] = None
+        self.sampler_cost = Trajectory(record_steps=False)  # NFE and tokens/s of every generate() sampler call
         logger.info("%s sampler: %s, mask_id=%s, padding_id=%s, ups_head_path=%s, lora_path=%s",
                     type(self).__name__, self.settings, self.em.mask_id, self.em.pad_id, ups_head_path, lora_path)
 
@@ -193,7 +215,11 @@ class LLaDAModel(BaseModel):
                  stopping_criteria: Sequence[str] = ()) -> list[str]:
         """Answers for a list of prompts, cut at EOS / EoT, to max_out_len tokens and at the first stop word."""
         prompts = self.window.crop([self.encode_prompt(p) for p in inputs])
-        answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.micro_batch)
+        answers = generate_answer_ids(self.em, prompts, self.settings, micro_batch=self.micro_batch,
+                                      trajectory=self.sampler_cost)
+        if inputs:
+            logger.info("%s sampler: %s (%d sampler calls so far)", type(self).__name__, self.sampler_cost.cost(),
+                        self.sampler_cost.calls)
         stops = list(dict.fromkeys([*self.stop_words, *stopping_criteria]))
         return [decode_answer(self.tokenizer, a, max_out_len, stops) for a in answers]
 

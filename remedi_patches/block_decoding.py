@@ -11,8 +11,9 @@ attends to the cache (prompt + finished blocks) and to itself, then one `StepRul
 remasking.commit_schedule, remainder early as LLaDA; candidates by argmax or temperature sampling; ranking by the
 confidence source, `ups_temperature` > 0 = Plackett-Luce draws from the UPS; or a parallel-decoding rule,
 `threshold` / `factor`, as in generate). A finished block is appended to the cache by one more forward with
-use_cache=True. This cache is exact, so LLaDA-style decoding's approximate `cache` settings do not apply here. A model decoding by blocks implements the forward contract of
-kv_cache (position_ids, past_key_values, use_cache, 2-D or 4-D attention_mask).
+use_cache=True. This cache is exact, so LLaDA-style decoding's approximate `cache` settings do not apply here. A
+model decoding by blocks implements the forward contract of kv_cache (position_ids, past_key_values, use_cache, 2-D
+or 4-D attention_mask).
 
 `kv_cache=False` recomputes the prompt, the finished blocks and the current block at every step, with the
 block-causal mask the model is trained with (prompt -> prompt; block j -> prompt + blocks <= j; padding never
@@ -142,7 +143,7 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
     _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
     steps_per_block = check_schedule(steps, gen_length, block_length)
     check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
-    check_parallel(threshold, factor)
+    check_parallel(threshold, factor, ups_temperature)
     if cfg_scale > 0:
         raise ValueError(BLOCK_CFG_ERROR)
     if cache is not None or cache_interval is not None:

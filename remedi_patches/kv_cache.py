@@ -61,8 +61,8 @@ class KVCache:
                 raise ValueError(f"the KV cache was filled for batch size {past[0].shape[0]} but this forward has "
                                  f"{k.shape[0]} rows; use one KVCache per prompt batch")
             k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
-        if write:
-            self._kv[layer_id] = (k, v)
+        if write:  # owned tensors (a first write may be a view of the qkv projection): `replacing` writes into them
+            self._kv[layer_id] = (k, v) if past is not None else (k.clone(), v.clone())
         return k, v
 
     def truncate(self, length: int) -> None:

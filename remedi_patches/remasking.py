@@ -64,8 +64,11 @@ def top_k_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """(B, M) scores -> (B, M) bool, True at the k largest values of each row.
 
     k: one int for every row (one batched torch.topk, which breaks ties as upstream's per-row top-k), or a (B,)
-    tensor of per-row counts (parallel decoding; ties broken by a stable descending sort).
+    tensor of per-row counts (parallel decoding; ties broken by a stable descending sort unless every row has the
+    same count, which takes the int path so ties fall as under the fixed schedule).
     """
+    if not isinstance(k, int) and bool((k == k[0]).all()):
+        k = int(k[0])  # one count for every row: break ties as the fixed schedule does
     if isinstance(k, int):
         index = scores.topk(k, dim=-1).indices  # (B, k)
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # upstream `remasking=` rule -> the confidence source that reproduces it on masked positions only
 UPSTREAM_RULES = {"low_confidence": "tps_prob", "random": "random"}
 DECODINGS = ("llada", "block")  # SamplerSettings.decoding: generate() | block_decoding.block_generate()
+FAST_DECODING_FIELDS = ("cache", "cache_interval", "threshold", "factor")  # SamplerSettings' fast-decoding fields
 BLOCK_CFG_ERROR = ("block decoding does not implement classifier-free guidance (cfg_scale > 0): use cfg_scale 0, or "
                    "decoding 'llada'")
 BLOCK_CACHE_ERROR = ("block decoding already caches exactly (the prompt and finished blocks); cache and cache_interval "
@@ -80,8 +81,8 @@ def check_schedule(steps: int, gen_length: int, block_length: int) -> int:
     return steps // num_blocks
 
 
-def check_parallel(threshold: Optional[float], factor: Optional[float]) -> None:
-    """The parallel-decoding rules: at most one, a finite threshold, a positive factor."""
+def check_parallel(threshold: Optional[float], factor: Optional[float], ups_temperature: float = 0.0) -> None:
+    """The parallel-decoding rules: at most one, a finite threshold, a positive factor, not with sampled rankings."""
     for name, value in (("threshold", threshold), ("factor", factor)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value)):
@@ -90,6 +91,10 @@ def check_parallel(threshold: Optional[float], factor: Optional[float]) -> None:
         raise ValueError(f"threshold={threshold} and factor={factor} are two parallel-decoding rules; give one")
     if factor is not None and factor <= 0:
         raise ValueError(f"factor must be > 0 (Fast-dLLM uses 1), got {factor}")
+    if (threshold is not None or factor is not None) and ups_temperature > 0:
+        raise ValueError(f"ups_temperature={ups_temperature} ranks by random Plackett-Luce keys, which a threshold or "
+                         "factor cannot compare with confidences; use ups_temperature 0 with a parallel rule, or the "
+                         "fixed schedule (no threshold / factor)")
 
 
 def check_rules(temperature: float, cfg_scale: float, remasking: str, confidence_source: Optional[str],
@@ -313,7 +318,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     _check_inputs(prompt, attention_mask, mask_id, logits_eos_inf, confidence_eos_eot_inf, eos_id)
     steps_per_block = check_schedule(steps, gen_length, block_length)
     check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
-    check_parallel(threshold, factor)
+    check_parallel(threshold, factor, ups_temperature)
     check_cache(cache, cache_interval)
     model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
                             logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
@@ -425,7 +430,7 @@ class SamplerSettings:
                     self.ups_temperature)
         if self.decoding == "block" and self.cfg_scale > 0:
             raise ValueError(BLOCK_CFG_ERROR)
-        check_parallel(self.threshold, self.factor)
+        check_parallel(self.threshold, self.factor, self.ups_temperature)
         check_cache(self.cache, self.cache_interval)
         if self.decoding == "block" and self.cache is not None:
             raise ValueError(BLOCK_CACHE_ERROR)
@@ -624,6 +629,13 @@ def decoding_of(model: nn.Module, decoding: Optional[str] = None) -> str:
     return "block" if has_ups_stream(model) else "llada"
 
 
+def check_decoding(model: nn.Module, settings: SamplerSettings) -> None:
+    """Settings that only the model can refuse: an approximate cache on a model that decodes by blocks by default
+    (the harness adapters check it when the model is loaded; sample() at every call)."""
+    if decoding_of(model, settings.decoding) == "block" and settings.cache is not None:
+        raise ValueError(f"{BLOCK_CACHE_ERROR} (this model decodes by blocks by default: it has its own UPS stream)")
+
+
 def sample(bundle, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], settings: SamplerSettings,
            trajectory: Optional[Trajectory] = None) -> torch.Tensor:
     """One sampler call with `settings` on a loaded model bundle -> (B, Lp + gen_length) token ids on the bundle's
@@ -639,9 +651,8 @@ def sample(bundle, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
     input_ids = input_ids.to(bundle.device)
     attention_mask = None if attention_mask is None else attention_mask.to(bundle.device)
+    check_decoding(bundle.model, settings)
     decode = block_generate if decoding_of(bundle.model, settings.decoding) == "block" else generate
-    if decode is block_generate and settings.cache is not None:
-        raise ValueError(f"{BLOCK_CACHE_ERROR} (this model decodes by blocks by default: it has its own UPS stream)")
     return decode(bundle.model, input_ids, attention_mask, mask_id=bundle.mask_id, ups_head=bundle.ups_head,
                   eos_id=bundle.eos_id, eot_id=bundle.eot_id, trajectory=trajectory, **settings.generate_kwargs())
 
@@ -768,6 +779,20 @@ def decode_answer(tokenizer, answer_ids: Sequence[int], max_new_tokens: Optional
     if max_new_tokens is not None:
         answer_ids = answer_ids[:max_new_tokens]
     return trim_at_stop_words(tokenizer.decode(list(answer_ids), skip_special_tokens=True), stop_words)
+
+
+def optional_number(key: str, value, kind: type = float, where: str = "") -> Optional[float | int]:
+    """A numeric config value (a number, or a string from a harness's command line) as `kind` (float or int); None
+    for None, '' and 'none'; a one-line ValueError naming the key (and `where` it was given) for anything else."""
+    text = optional_value(value)
+    if text is None:
+        return None
+    if not isinstance(value, bool):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'} or none, got {value!r}{where}")
 
 
 def optional_value(value) -> Optional[str]:

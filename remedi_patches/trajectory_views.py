@@ -5,7 +5,10 @@ Record a run with `generate(..., trajectory=Trajectory(keep_tokens=True))`, then
     answer_mask_counts(trace)      masks left in the answer per step (non-increasing: the monotone-noise check)
     step_changes(trace)            per step: tokens committed, tokens re-masked, masks left (block / answer)
     step_lines(trace, text)        the same as text: `+pos:'tok'` committed, `-pos:'tok'` re-masked, per step
-    trajectory_text(trajectory, answer_start, tokenizer, mask_id)   every row as text (generate --show_trajectory)
+    trajectory_text(trajectory, answer_start, tokenizer, mask_id)   every row as text, then the calls' cost
+                                   (NFE, tokens/s: generate --show_trajectory)
+    decoding_text(settings, decoding)   'decoding: llada, cache: dual, threshold 0.9': the decoding and the fast-
+                                   decoding settings that are set (the header of generate.py / infer_compare.py)
     revisions(trace, reference)    every re-masked token and what replaced it; with a reference answer the
                                    "wrong -> re-masked -> corrected" cases are marked `corrected`
     plot_mask_counts / plot_trajectory (PNG, matplotlib Agg), trajectory_html (one self-contained HTML page)
@@ -25,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from remedi_patches.remasking import Trajectory
+from remedi_patches.sampling import FAST_DECODING_FIELDS
 
 MASK_TEXT = "\u25a2"  # a small empty square stands for [MASK]
 COLOURS = {  # cell colours of the trajectory pictures
@@ -191,14 +195,29 @@ def step_lines(trace: RowTrace, text: Callable[[int], str]) -> list[str]:
 
 def trajectory_text(trajectory: Trajectory, answer_start: int, tokenizer, mask_id: int) -> str:
     """Every row of a run recorded with Trajectory(keep_tokens=True), as text: a `row N` header, then
-    step_lines with the tokens decoded by `tokenizer` (what `generate.py --show_trajectory` prints)."""
+    step_lines with the tokens decoded by `tokenizer`, and last the sampler calls' cost (`cost: NFE 6, 812.4
+    tokens/s`, remasking.Trajectory.cost) when the trajectory counted a call (what `generate.py --show_trajectory`
+    prints)."""
     text = token_texts(tokenizer, mask_id)
     rows = trajectory.steps[0].tokens.shape[0] if trajectory.steps and trajectory.steps[0].tokens is not None else 1
     lines = []
     for row in range(rows):
         lines.append(f"row {row}:")
         lines.extend(step_lines(row_trace(trajectory, row, answer_start, mask_id), text))
+    if trajectory.calls:
+        lines.append(f"cost: {trajectory.cost()}")
     return "\n".join(lines)
+
+
+def decoding_text(settings, decoding: str) -> str:
+    """'decoding: llada, cache: dual, threshold 0.9': the decoding a sampler call uses (sampling.decoding_of) and
+    the fast-decoding settings of `settings` (a sampling.SamplerSettings) that are set."""
+    parts = [f"decoding: {decoding}"]
+    for name in FAST_DECODING_FIELDS:
+        value = getattr(settings, name, None)
+        if value is not None:
+            parts.append(f"cache: {value}" if name == "cache" else f"{name} {value:g}")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------- pictures (matplotlib, Agg)

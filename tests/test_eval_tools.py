@@ -36,7 +36,8 @@ def test_gsm8k_end_to_end_and_regrade_reproduces_summary(tiny, data_dir, tmp_pat
                                          "--infer_bs", "4", "--confidence_sources", "ups", "tps_prob", "random",
                                          "--out_dir", str(out), "--no_progress"] + SAMPLER)
     rows = read_jsonl(out / "predictions.jsonl")
-    assert len(rows) == 30 and all(set(E.PREDICTION_KEYS) <= set(r) for r in rows)
+    assert len(rows) == 30 and all(set(E.PREDICTION_KEYS) | set(E.COST_KEYS) <= set(r) for r in rows)
+    assert all(r["nfe"] == 4 and r["tokens"] == 8 for r in rows)  # the fixed schedule: 2 blocks x 2 steps
     assert [r["source"] for r in rows] == ["ups"] * 10 + ["tps_prob"] * 10 + ["random"] * 10
     assert [r["index"] for r in rows[:10]] == list(range(10))
     assert rows[0]["gold"] == "18" and rows[0]["prompt"].startswith("Question: Janet")
@@ -66,10 +67,13 @@ def test_regrade_recomputes_every_verdict(tmp_path):
     ]
     path = E.write_jsonl(tmp_path / "predictions.jsonl", rows)
     summary = E.main(["--predictions", str(path)])
-    assert summary["results"] == [
-        {"source": "ups", "n": 2, "correct": 1, "accuracy": 0.5, "coverage": 0.5, "mean_seconds": 1.0},
-        {"source": "random", "n": 1, "correct": 1, "accuracy": 1.0, "coverage": 1.0, "mean_seconds": 0.25},
+    assert summary["results"] == [  # rows written before nfe / tokens existed: no cost
+        {"source": "ups", "n": 2, "correct": 1, "accuracy": 0.5, "coverage": 0.5, "mean_seconds": 1.0,
+         "nfe": None, "tokens_per_second": None},
+        {"source": "random", "n": 1, "correct": 1, "accuracy": 1.0, "coverage": 1.0, "mean_seconds": 0.25,
+         "nfe": None, "tokens_per_second": None},
     ]
+    assert "| ups | 0.500 | 0.500 | 2 | 1.000 | - | - |" in E.markdown_table(summary)
     new = read_jsonl(tmp_path / "regraded_predictions.jsonl")
     assert [(r["extracted"], r["correct"]) for r in new] == [("1800", True), (None, False), ("\\dfrac{1}{2}", True)]
     assert json.loads((tmp_path / "regraded_summary.json").read_text())["changed"] == 3
@@ -87,6 +91,57 @@ def test_math_format_end_to_end(tiny, data_dir, tmp_path):
     assert all(r["format"] == "math" and "\\boxed{}" in r["prompt"] for r in rows)
     assert summary["results"][0]["n"] == 3
     assert E.summarise(E.regrade(rows)) == summary
+
+
+def test_summary_cost_per_source_and_old_rows():
+    """nfe: the mean per problem; tokens/s: sum of tokens / sum of seconds; None when a row of the source lacks them."""
+    row = {"index": 0, "format": "gsm8k", "prompt": "q", "output": "#### 2", "extracted": "2", "gold": "2",
+           "correct": True}
+    rows = [{**row, "source": "fast", "seconds": 0.5, "nfe": 3, "tokens": 8},
+            {**row, "source": "fast", "seconds": 1.5, "nfe": 6, "tokens": 8},
+            {**row, "source": "mixed", "seconds": 1.0, "nfe": 4, "tokens": 8},
+            {**row, "source": "mixed", "seconds": 1.0}]
+    fast, mixed = E.summarise(rows)["results"]
+    assert (fast["nfe"], fast["tokens_per_second"]) == (4.5, 8.0)
+    assert (mixed["nfe"], mixed["tokens_per_second"]) == (None, None)
+    table = E.markdown_table(E.summarise(rows)).splitlines()
+    assert table[0] == "| source | accuracy | coverage | n | s / problem | NFE | tokens/s |"
+    assert table[2] == "| fast | 1.000 | 1.000 | 2 | 1.000 | 4.5 | 8.0 |" and table[3].endswith("| - | - |")
+
+
+def test_bad_cost_fields_name_file_and_line(tmp_path):
+    row = {"index": 0, "source": "ups", "format": "gsm8k", "prompt": "q", "output": "#### 2", "extracted": "2",
+           "gold": "2", "correct": True, "seconds": 0.5}
+    path = E.write_jsonl(tmp_path / "p.jsonl", [{**row, "nfe": 4, "tokens": 8}, {**row, "nfe": "four"}])
+    with pytest.raises(ValueError, match="p.jsonl, line 2: nfe must be a number >= 0"):
+        E.read_predictions(path)
+
+
+def test_rows_carry_their_sampler_calls_cost(tiny, tmp_path):
+    """Fast decoding (threshold over the dual cache): each row's nfe is the forwards of the sampler call that
+    answered it, tokens its gen_length; the summary averages them and its settings name the fast-decoding flags."""
+    from remedi_patches.remasking import Trajectory
+
+    em = load_eval_model(str(tiny), device="cpu")
+    items = E.make_items(load_records("embedded", "test", limit=3), "gsm8k")
+    settings = SamplerSettings(steps=4, gen_length=8, block_length=4, threshold=0.3, cache="dual")
+    rows, summary = E.evaluate(em, items, E.parse_runs(["tps_prob"]), settings, batch_size=1, progress=False)
+    texts, applied = E.item_texts(em.tokenizer, items)
+    for row, text in zip(rows, texts):
+        alone = Trajectory(record_steps=False)
+        E.sample_texts(em, [text], settings.replace(confidence_source="tps_prob"), applied, trajectory=alone)
+        assert (row["nfe"], row["tokens"]) == (alone.forwards, 8) and 2 <= row["nfe"] <= 8
+    (result,) = summary["results"]
+    assert result["nfe"] == pytest.approx(sum(r["nfe"] for r in rows) / 3)
+    assert result["tokens_per_second"] == pytest.approx(3 * 8 / sum(r["seconds"] for r in rows))
+
+    out = tmp_path / "run"
+    E.main(model_args(tiny) + ["--max_samples", "2", "--confidence_sources", "tps_prob", "--threshold", "0.3",
+                               "--cache", "dual", "--out_dir", str(out), "--no_progress"] + SAMPLER)
+    saved = json.loads((out / "summary.json").read_text())
+    assert (saved["settings"]["threshold"], saved["settings"]["cache"]) == (0.3, "dual")
+    assert saved["settings"]["factor"] is None and saved["results"][0]["nfe"] >= 2
+    assert "| NFE | tokens/s |" in (out / "summary.md").read_text()
 
 
 def test_make_items_fields_and_prompts(data_dir):
@@ -174,6 +229,12 @@ def test_infer_compare_side_by_side_with_trajectories(tiny, tmp_path, capsys):
             assert int((trace.states[-1] == trace.mask_id).sum()) == 0
     out = capsys.readouterr().out
     assert out.count("=== prompt") == 2 and out.count("--- trajectory: ups") == 2
+    assert out.startswith("(steps 4, gen_length 8, block_length 4) decoding: llada\n")
+    for label, cost in result["costs"].items():  # one sampler call per source: 2 blocks x 2 steps
+        assert cost["nfe"] == 4 and cost["tokens_per_second"] > 0
+        answer_lines = [line for line in out.splitlines() if line.split(" ", 1)[0] == label]
+        assert len(answer_lines) == 2 and all(line.endswith(f"; {cost['text']})") for line in answer_lines)
+        assert cost["text"].startswith("NFE 4, ")
     assert out.count("masks 0 in block, 0 in answer") == 4 and "re-masked" in out and "[wrong]" in out
     names = {f.name for f in result["files"]}
     assert {"t.html", "mask_counts_p0.png", "trajectory_p1_tps_prob.png"} <= names

@@ -1,8 +1,11 @@
 """lm-evaluation-harness model (eval_llada.py, `llada_dist`): LLaDA's Monte Carlo log-likelihood against a direct
-computation with the same random draws, generation through generate(), and `python eval_llada.py` offline on
+computation with the same random draws, generation through generate() (fast decoding's keys and Fast-dLLM's
+use_cache / dual_cache included, with the sampler's cost logged), and `python eval_llada.py` offline on
 5 local GSM8K problems."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,8 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval", reason="needs the [lmeval] extra: pip install -e .[lmeval]")
 
 from eval_fixtures import reference_answer, tiny_llada_dir, tiny_ups_head  # noqa: E402
-from eval_llada import LLaDAEvalHarness  # noqa: E402
+from eval_llada import LLaDAEvalHarness, cache_arg, flag_arg  # noqa: E402
+from remedi_patches.sampling import optional_number  # noqa: E402
 from generate import generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +197,70 @@ def test_dual_stream_remedi_generates_by_blocks(tmp_path, data_dir):
                        for c in contexts]
     ((logprob, _),) = lm.loglikelihood([request("loglikelihood", "Janet has 16 eggs", " eggs")])
     assert logprob < 0  # the likelihood reads the TPS logits of the dual-stream output
+
+
+# ---------------------------------------------------------------- fast decoding: keys, aliases, cost
+
+
+def test_model_args_values_parse_as_lm_eval_passes_them():
+    """lm-eval's --model_args give numbers, bools, None or strings: each key's parser takes them all."""
+    values = (0.9, 1, "0.9", "none", "", None)
+    assert [optional_number("threshold", v) for v in values] == [0.9, 1.0, 0.9, None, None, None]
+    assert [optional_number("cache_interval", v, int) for v in (2, "2", "None")] == [2, 2, None]
+    assert [flag_arg("use_cache", v) for v in (True, "true", "False", 1, "0", "yes", "none", None)] == [
+        True, True, False, True, False, True, None, None]
+    # Fast-dLLM's harness flags as aliases of cache
+    assert cache_arg(None, True) == "prefix" and cache_arg(None, "true", "true") == "dual"
+    assert cache_arg(None, False, False) is None and cache_arg("none", None, None) is None
+    assert cache_arg("dual", True, True) == "dual" and cache_arg("prefix") == "prefix"
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"threshold": "high"}, "threshold must be a number or none, got 'high'"),
+    ({"factor": True}, "factor must be a number or none, got True"),
+    ({"cache": "dual", "cache_interval": "2.5"}, "cache_interval must be an integer or none, got '2.5'"),
+    ({"threshold": 0.9, "factor": 1}, "threshold=0.9 and factor=1.0 are two parallel-decoding rules"),
+    ({"threshold": "nan"}, "threshold must be a finite number"),
+    ({"cache": "fast"}, "unknown cache 'fast'"),
+    ({"cache_interval": 2}, "cache_interval=2 refreshes a KV cache, but cache is None"),
+    ({"cache": "prefix", "use_cache": True, "dual_cache": True}, "cache=prefix conflicts with use_cache=true,"
+                                                                 "dual_cache=true (= cache=dual)"),
+    ({"cache": "dual", "use_cache": "false"}, "cache=dual conflicts with use_cache=false (= cache=none)"),
+    ({"dual_cache": "true"}, "dual_cache=true needs use_cache=true"),
+    ({"cache": "dual", "dual_cache": True}, "dual_cache=true needs use_cache=true"),
+    ({"use_cache": "maybe"}, "use_cache must be true or false, got 'maybe'"),
+])
+def test_fast_decoding_keys_are_checked_in_one_line_before_loading(keys, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        LLaDAEvalHarness(model_path=str(tmp_path / "never_loaded"), **keys)
+    assert "\n" not in str(err.value)
+
+
+def test_fast_decoding_reaches_the_sampler_and_its_cost_is_logged(model_dir):
+    """Fast-dLLM's flags from an lm-eval --model_args string: threshold decoding over the dual cache, answers as
+    generate() gives them, and one INFO line with the cost kept in `sampler_cost`."""
+    lm = LLaDAEvalHarness.create_from_arg_string(
+        f"model_path={model_dir},gen_length=8,steps=4,block_length=4,confidence_source=tps_prob,threshold=0.5,"
+        "use_cache=True,dual_cache=true,cache_interval=none,batch_size=1,mc_num=1", {"device": "cpu"})
+    assert (lm.settings.threshold, lm.settings.cache, lm.settings.cache_interval) == (0.5, "dual", None)
+    contexts = ["Question: Janet has 16 eggs .", "How many ?"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("lm_eval.llada_dist")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        answers = lm.generate_until([request("generate_until", c, {"until": []}) for c in contexts])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    fast = {**SAMPLER, "threshold": 0.5, "cache": "dual"}
+    assert answers == [reference_answer(model_dir, lm.tokenizer(c)["input_ids"], fast, "tps_prob") for c in contexts]
+    cost = lm.sampler_cost
+    assert (cost.calls, cost.tokens, cost.steps) == (2, 2 * 8, [])  # one call per prompt (batch_size 1), no record
+    assert 2 <= cost.nfe <= 8 and cost.tokens_per_second > 0  # 1 to block_length forwards per block of 4
+    assert cost.nfe != 4  # not the fixed schedule's 2 blocks x 2 steps
+    (line,) = [r.getMessage() for r in records]
+    assert line == f"llada_dist sampler: {cost.cost()} (2 sampler calls so far)"

@@ -5,7 +5,9 @@ checked against eval_gsm_math.py's on the same problems."""
 import csv
 import inspect
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,11 +20,13 @@ pytest.importorskip("opencompass", reason="needs the [opencompass] extra: pip in
 
 from eval_fixtures import reference_answer, tiny_llada_dir, tiny_ups_head  # noqa: E402
 from generate import generate  # noqa: E402
+from opencompass_patch import models as oc_models  # noqa: E402
 from opencompass_patch.models import LLaDABaseModel, LLaDAModel, chat_messages  # noqa: E402
 from opencompass_patch.prepare_data import embedded_records, main as prepare_data_main, prepare  # noqa: E402
 from remedi_patches.backbones import load_backbone  # noqa: E402
 from remedi_patches.block_decoding import block_generate  # noqa: E402
 from remedi_patches.modeling_wrappers import load_lora  # noqa: E402
+from remedi_patches.sampling import optional_number  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "opencompass_patch" / "configs"
@@ -208,6 +212,56 @@ def test_bad_config_values_fail_clearly(tiny_llada, tmp_path):
         LLaDABaseModel(path=str(model_dir), remask=True, **TINY)
     with pytest.raises(ValueError, match="steps=16 > gen_length=8.*steps = gen_steps"):
         LLaDABaseModel(path=str(model_dir), **{**TINY, "gen_steps": 16})
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"threshold": "high"}, "threshold must be a number or none, got 'high' in the model config"),
+    ({"cache": "dual", "cache_interval": 1.5}, "cache_interval must be an integer or none, got 1.5"),
+    ({"threshold": 0.9, "factor": 1}, "threshold=0.9 and factor=1.0 are two parallel-decoding rules"),
+    ({"factor": 0}, "factor must be > 0"),
+    ({"cache": "fast"}, "unknown cache 'fast'"),
+    ({"cache_interval": 2}, "cache_interval=2 refreshes a KV cache, but cache is None"),
+    ({"decoding": "block", "cache": "prefix"}, "block decoding already caches exactly"),
+])
+def test_fast_decoding_keys_are_checked_in_one_line_before_loading(keys, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        LLaDABaseModel(path=str(tmp_path / "never_loaded"), **keys)
+    assert "\n" not in str(err.value)
+
+
+def test_fast_decoding_keys_parse_config_values():
+    values = (0.9, 1, "0.9", "none", "", None)
+    assert [optional_number("threshold", v) for v in values] == [0.9, 1.0, 0.9, None, None, None]
+    assert [optional_number("cache_interval", v, int) for v in (2, "3", None)] == [2, 3, None]
+    params = inspect.signature(LLaDAModel.__init__).parameters
+    assert {"threshold", "factor", "cache", "cache_interval"} <= set(params)
+
+
+def test_fast_decoding_reaches_the_sampler_and_its_cost_is_logged(tiny_llada):
+    """threshold decoding over the prefix cache: the answers of generate() with the same settings, and after each
+    generate() call one INFO line with the cost so far, kept in `sampler_cost`."""
+    model_dir, _ = tiny_llada
+    model = LLaDABaseModel(path=str(model_dir), batch_size_=2, confidence_source="tps_prob", threshold="0.5",
+                           cache="prefix", cache_interval="1", **TINY)
+    assert (model.settings.threshold, model.settings.cache, model.settings.cache_interval) == (0.5, "prefix", 1)
+    prompts = ["Question: Janet has 16 eggs .", "How many ?"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    oc_models.logger.addHandler(handler)
+    try:
+        answers = model.generate(prompts, max_out_len=None)
+        model.generate(prompts[:1], max_out_len=None)
+    finally:
+        oc_models.logger.removeHandler(handler)
+    fast = {**SAMPLER, "threshold": 0.5, "cache": "prefix", "cache_interval": 1}
+    assert answers == [reference_answer(model_dir, model.tokenizer(p)["input_ids"], fast, "tps_prob")
+                       for p in prompts]
+    cost = model.sampler_cost
+    assert (cost.calls, cost.tokens, cost.steps) == (2, 3 * 8, [])  # a batch of 2, then 1 prompt; no step record
+    assert 2 <= cost.nfe <= 8 and cost.tokens_per_second > 0
+    lines = [r.getMessage() for r in records if "sampler:" in r.getMessage()]
+    assert len(lines) == 2 and lines[-1] == f"LLaDABaseModel sampler: {cost.cost()} (2 sampler calls so far)"
 
 
 def test_prepare_data_writes_the_cache_layout(data_dir, tmp_path):

@@ -50,6 +50,8 @@ TINY: list[tuple[str, str]] = [
     (r"^(python SMDM/rl/train_rl\.py .*--out_dir out/rl_\w+)$",
      r"\1 --max_steps 2 --prompts_per_step 1 --group_size 2 --steps 4 --eval_samples 4"),
     (r"^(python bench/bench_rl\.py .*)$", r"\1 --n_problems 4 --steps 32"),
+    (r"^(python bench/bench_fast_decoding\.py)$",
+     r"\1 --n_problems 4 --batch 2 --repeats 1 --prompt_len 16 --gen_length 32 --embedded_gen_length 32"),
 ]
 
 

@@ -7,9 +7,13 @@ One run per bad-input class and CLI (each costs a few seconds of imports):
                       a second run on an --out_dir another run holds
     infer_compare.py  a bad flag value, a missing local --model
     demo.py           a bad flag value, an --out_dir that is a file
+    fast decoding     conflicting --threshold / --factor (generate.py), --cache_interval without --cache
+                      (eval_gsm_math.py), --cache with --decoding block (infer_compare.py)
+Also generate.py's header line (the decoding, the fast-decoding settings, the cost) on a tiny model, in process.
 """
 import json
 import os
+import re
 
 import pytest
 
@@ -96,6 +100,44 @@ def test_infer_compare_bad_flag_value():
 def test_infer_compare_missing_local_model(tmp_path):
     result = run_cli(["infer_compare.py", "--model", str(tmp_path / "ckpt.pth"), "--confidence_sources", "random"])
     assert_user_error(result, "--model", "ckpt.pth", "does not exist")
+
+
+# ---------------------------------------------------------------- fast decoding flags
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["generate.py", "--threshold", "0.9", "--factor", "1"], ["threshold=0.9 and factor=1.0", "give one"]),
+    (["eval_gsm_math.py", "--cache_interval", "2"], ["cache_interval=2 refreshes a KV cache", "cache is None"]),
+    (["infer_compare.py", "--decoding", "block", "--cache", "dual"], ["block decoding already caches exactly"]),
+])
+def test_bad_fast_decoding_flags(argv, fragments, out_dir):
+    with unchanged(out_dir):
+        result = run_cli(argv + (["--out_dir", str(out_dir)] if argv[0] == "eval_gsm_math.py" else []))
+    assert_user_error(result, *fragments)
+
+
+def test_generate_prints_the_decoding_and_the_cost(tiny, capsys):
+    """The header names the fast-decoding settings that are set and the call's cost; --show_trajectory ends with
+    the cost too. Without fast decoding the header stays as it was, plus the cost."""
+    import generate
+
+    flags = ["--model", str(tiny), "--device", "cpu", "--steps", "4", "--gen_length", "8", "--block_length", "4",
+             "--prompt", "Tom has 3 pens."]
+    generate.main(flags + ["--confidence_source", "tps_prob", "--threshold", "0.3", "--cache", "dual",
+                           "--cache_interval", "2", "--show_trajectory"])
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert re.fullmatch(r"\(steps 4, gen_length 8, block_length 4\) decoding: llada, cache: dual, cache_interval 2, "
+                        r"threshold 0\.3 \| NFE \d+, \d+\.\d tokens/s", header), header
+    nfe = int(header.split("NFE ")[1].split(",")[0])
+    assert 2 <= nfe <= 8  # 1 to block_length (4) forwards per block
+    assert out.rstrip().splitlines()[-1] == "cost: " + header.split(" | ")[1]
+    assert out.count("\nrow 0:\n") == 1 and out.count("  step ") == nfe  # one line per forward (one row)
+    generate.main(flags)
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"\(steps 4, gen_length 8, block_length 4\) decoding: llada \| NFE 4, \d+\.\d tokens/s",
+                        out.splitlines()[0]), out
+    assert "row 0:" not in out and "cost:" not in out
 
 
 # ---------------------------------------------------------------- demo.py

@@ -152,10 +152,32 @@ def test_step_lines_and_trajectory_text_show_the_tokens(run, tiny):
     shown = D.trajectory_text(trajectory, 6, tokenizer, backbone.mask_id)
     rows = shown.split("row 1:\n")
     assert rows[0].startswith("row 0:\n") and len(rows) == 2
-    assert rows[1].count("\n") == 5 and "committed +" in rows[1]
+    steps, cost = rows[1].rsplit("\n", 1)
+    assert steps.count("\n") == 5 and "committed +" in rows[1]
+    assert cost == f"cost: {trajectory.cost()}" and cost.startswith("cost: NFE 6, ")  # 6 forwards, one call
     first_token = D.token_texts(tokenizer, backbone.mask_id)(int(out[1, 6]))
     assert f":{first_token!r}" in rows[1]
     with pytest.raises(ValueError, match="keep_tokens=True"):
         bare = Trajectory()
         bare.steps = [type(trajectory.steps[0])(**{**trajectory.steps[0].__dict__, "tokens": None})]
         D.trajectory_text(bare, 6, tokenizer, backbone.mask_id)
+
+
+def test_trajectory_text_without_a_counted_call_has_no_cost_line(run, tiny):
+    from transformers import AutoTokenizer
+
+    backbone, _, trajectory, _ = run
+    uncounted = Trajectory(keep_tokens=True)
+    uncounted.steps = trajectory.steps
+    shown = D.trajectory_text(uncounted, 6, AutoTokenizer.from_pretrained(str(tiny)), backbone.mask_id)
+    assert "cost:" not in shown and shown.splitlines()[-1].startswith("  step")
+
+
+def test_decoding_text_shows_the_fast_decoding_settings_that_are_set():
+    from remedi_patches.sampling import SamplerSettings
+
+    plain = SamplerSettings(steps=8, gen_length=8, block_length=8)
+    assert D.decoding_text(plain, "llada") == "decoding: llada"
+    fast = plain.replace(threshold=0.9, cache="dual", cache_interval=4)
+    assert D.decoding_text(fast, "llada") == "decoding: llada, cache: dual, cache_interval 4, threshold 0.9"
+    assert D.decoding_text(plain.replace(factor=1.0), "block") == "decoding: block, factor 1"
