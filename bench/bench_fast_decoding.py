@@ -9,10 +9,11 @@ rule commits more), ranked by upstream's low_confidence rule (or --confidence_so
     upstream        upstream LLaDA's sampler loop (tests/toy_models.reference_generate: whole-sequence softmax,
                     per-row top-k), the baseline of every ratio
     ours            sampling.generate without acceleration (same tokens as upstream: checked when the ranking is)
-    +threshold      --threshold (Fast-dLLM's 0.9): every masked position of the block at least that confident
+    +threshold T    --threshold T (default 0.9, Fast-dLLM's, and 0.99): every masked position of the block at
+                    least that confident
     +prefix         cache 'prefix': per block one whole-sequence forward, then the block + suffix over cached prefix
     +dual           cache 'dual': the same refresh, then the block alone over the cached prefix and suffix
-    +threshold+prefix, +threshold+dual   both accelerations (Fast-dLLM's "parallel + cache")
+    +threshold T+prefix, +threshold T+dual   both accelerations (Fast-dLLM's "parallel + cache")
 
 Models:
     embedded   the shipped embedded backbone (remedi_patches.embedded, 1.7M parameters); --n_problems held-out test
@@ -53,11 +54,21 @@ MODELS = ("embedded", "llada20m")
 UPSTREAM = "upstream"
 
 
-def cases(threshold: float) -> dict[str, dict]:
-    """Case name -> generate() arguments added to the shared settings (upstream: the reference loop)."""
-    return {UPSTREAM: {}, "ours": {}, "+threshold": {"threshold": threshold}, "+prefix": {"cache": "prefix"},
-            "+dual": {"cache": "dual"}, "+threshold+prefix": {"threshold": threshold, "cache": "prefix"},
-            "+threshold+dual": {"threshold": threshold, "cache": "dual"}}
+CASES = (UPSTREAM, "ours", "+threshold", "+prefix", "+dual", "+threshold+prefix", "+threshold+dual")
+
+
+def cases(kinds: list[str], thresholds: list[float]) -> dict[str, dict]:
+    """Case name -> generate() arguments added to the shared settings (upstream: the reference loop), for the case
+    kinds of CASES asked for; each threshold kind once per threshold ('+threshold 0.9+dual')."""
+    runs = {}
+    for kind in kinds:
+        cache = {"cache": kind.rsplit("+", 1)[1]} if kind.endswith(("+prefix", "+dual")) else {}
+        if kind.startswith("+threshold"):
+            for t in thresholds:
+                runs[kind.replace("+threshold", f"+threshold {t:g}")] = {"threshold": t, **cache}
+        else:
+            runs[kind] = cache
+    return runs
 
 
 class Workload:
@@ -136,7 +147,7 @@ def llada20m(args, device, dtype) -> Workload:
 def bench_model(name: str, args) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     work = {"embedded": embedded, "llada20m": llada20m}[name](args, args.device, dtype)
-    runs = {case: extra for case, extra in cases(args.threshold).items() if case in args.cases}
+    runs = cases(args.cases, args.threshold)
     now = timer(args.device, "wall")
     times = {case: [] for case in runs}
     first = {}
@@ -195,9 +206,11 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> list[dict]:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--cases", nargs="+", choices=list(cases(0.9)), default=list(cases(0.9)),
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
                    help="the cases run, in this order; ratios are to the first")
-    p.add_argument("--threshold", type=float, default=0.9, help="the parallel rule of the +threshold cases")
+    p.add_argument("--threshold", type=float, nargs="+", default=[0.9, 0.99],
+                   help="the parallel rule of the +threshold cases, each case once per value: Fast-dLLM's 0.9, and "
+                   "0.99, chosen for the embedded model on its val split (BENCHMARKS.md section 7)")
     p.add_argument("--confidence_source", default=None,
                    help="ranking of ours (None = upstream's low_confidence, comparable token for token)")
     p.add_argument("--block_length", type=int, default=32)
@@ -231,7 +244,7 @@ def main(argv=None) -> list[dict]:
           f"python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}{gpu}, {args.dtype}")
     print(f"settings: steps = gen_length, temperature 0, ranking {args.confidence_source or 'low_confidence'}, "
-          f"threshold {args.threshold}; median of {args.repeats} rounds after a warm-up\n")
+          f"threshold {' '.join(f'{t:g}' for t in args.threshold)}; median of {args.repeats} rounds after a warm-up\n")
     print_table(rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@
     add_sampler_args(parser, defaults={"block_length": 32})          # the sampler flags, from SamplerSettings
     settings = settings_from_args(parser.parse_args())
 
+Fast decoding (DESIGN.md 12): `threshold` / `factor` replace the fixed n_i / k_i by parallel unmasking
+(remasking.parallel_counts), and `cache` 'prefix' | 'dual' runs LLaDA-style steps over Fast-dLLM's approximate KV
+caches (remedi_patches.llada_cache); a `Trajectory` counts each call's forwards (NFE), answer tokens and seconds.
+
 `SamplerSettings` validates every value when it is built (no model needed), so a command line refuses
 `--steps 64 --gen_length 32` before it loads anything; `generate()` applies the same checks (`check_schedule`).
 Upstream sampling (confidence_source None) never re-masks a committed token: `remask=True` there is refused,

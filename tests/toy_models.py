@@ -79,11 +79,11 @@ def reference_generate(model, prompt, attention_mask, steps, gen_length, block_l
                        remasking, mask_id, logits_eos_inf=False, eos_id=EOS):
     """Upstream LLaDA's algorithm, written out with plain loops (per-row top-k, whole-sequence tensors)."""
     b, lp = prompt.shape
-    x = torch.full((b, lp + gen_length), mask_id, dtype=torch.long)
+    x = torch.full((b, lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :lp] = prompt
     am = None
     if attention_mask is not None:
-        am = torch.cat([attention_mask, torch.ones(b, gen_length, dtype=attention_mask.dtype)], 1)
+        am = torch.cat([attention_mask, attention_mask.new_ones(b, gen_length)], 1)
     prompt_index = x != mask_id
     num_blocks = gen_length // block_length
     per_block = steps // num_blocks
@@ -113,7 +113,7 @@ def reference_generate(model, prompt, attention_mask, steps, gen_length, block_l
             if remasking == "low_confidence":
                 conf = torch.gather(F.softmax(logits, dim=-1), -1, x0[..., None])[..., 0]
             else:
-                conf = torch.rand(x0.shape)
+                conf = torch.rand(x0.shape, device=x0.device)
             conf[:, end:] = -torch.inf
             x0 = torch.where(mask_index, x0, x)
             conf = torch.where(mask_index, conf, -torch.inf)
