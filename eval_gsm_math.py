@@ -459,7 +459,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         rows, summary = evaluate(em, items, runs, settings, fmt=args.format, batch_size=args.infer_bs,
                                  seed=args.seed, chat=args.chat, progress=not args.no_progress)
         write_jsonl(out_dir / "predictions.jsonl", rows)
-        used = {k: getattr(settings, k) for k in (*EVAL_DEFAULTS, *FAST_DECODING_FIELDS) if getattr(settings, k) is not None}
+        used = {k: getattr(settings, k) for k in (*EVAL_DEFAULTS, *FAST_DECODING_FIELDS)
+                if getattr(settings, k) is not None}
         write_summary(out_dir, {**summary, "settings": {**vars(args), "confidence_sources": [r.label for r in runs],
                                                          **used}})
     print(markdown_table(summary))
