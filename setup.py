@@ -20,6 +20,7 @@ core = [
     "datasets>=2.18",
     "tqdm",
     "numpy",
+    "hydra-core>=1.3",  # with omegaconf: SEDD's configs and the SEDD guide's `key=value` command lines
 ]
 extras = {
     "dev": ["pytest>=8", "pytest-xdist>=3", "matplotlib", "scikit-learn", "math-verify>=0.7"],

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from remedi_patches.sources import hub_reachable, hub_unreachable_message, is_hub_name, resolve_source
+from remedi_patches.sedd import loading as sedd_loading
 
 logger = logging.getLogger(__name__)
 
@@ -500,4 +501,23 @@ register_backbone(BackboneKind(
     max_length=lambda config: getattr(config, "block_size", None),
     sources=f"an SMDM export folder ({SMDM_CONFIG} + model.safetensors) or an SMDM checkpoint file (.pth, "
             ".safetensors) with --smdm_size and --tokenizer",
+))
+
+
+# ---------------------------------------------------------------- SEDD (remedi_patches.sedd; its forward is
+# model(indices, sigma) -> log scores, not the (ids, attention_mask) -> logits the LLaDA-style samplers call)
+register_backbone(BackboneKind(
+    name="sedd",
+    lora_targets=r".*blocks\.\d+\.(attn_qkv|attn_out)",
+    block_classes=sedd_loading.backbone_blocks,
+    final_norm="output_layer.norm_final",
+    hidden_size=lambda config: int(config.hidden_size),
+    model_types=("remedi_patches.sedd.model.SEDD",),
+    recognise=sedd_loading.is_sedd_source,
+    load=sedd_loading.load_backbone_sedd,
+    mask_id=sedd_loading.backbone_mask_id,
+    hub_names=sedd_loading.is_sedd_hub_name,
+    max_length=lambda config: getattr(config, "length", None),
+    sources=sedd_loading.BACKBONE_SOURCES,
+    build_meta=sedd_loading.build_meta_backbone_sedd,
 ))
