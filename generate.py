@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from remedi_patches.cli import ArgumentParser, run_main
-from remedi_patches.backbones import max_length_of
+from remedi_patches.backbones import kind_of, max_length_of
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import has_ups_stream
 from remedi_patches.remasking import Trajectory
@@ -68,6 +68,9 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
         raise ValueError("--prompt is empty; give the prompt text, or leave --prompt out for the built-in question")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     em = spec.load()  # backbone, then LoRA, then UPS head (checked to fit)
+    if getattr(kind_of(em.model), "name", None) == "sedd":  # its forward takes noise levels, not masked inputs
+        raise ValueError(f"{spec.model_name} is a SEDD model, which this masked-diffusion sampler cannot run; use "
+                         f"python SMDM/sedd/sample.py --model {spec.model_name}")
     window = max_length_of(em.model)
     settings = settings_from_args(args, window)  # lengths left None: from the model's window
     fit = PromptWindow(window, settings.gen_length)  # one-line error when gen_length alone does not fit
