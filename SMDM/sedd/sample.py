@@ -180,8 +180,9 @@ def decode_ids(tokenizer, ids: Sequence[int], mask_id: Optional[int], stop_ids: 
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids without special tokens (upstream conditions on raw GPT-2 ids, no BOS)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """The prompt's token ids with the tokenizer's own special tokens, as the SFT trainer encodes prompts
+    (remedi_patches.data.build_sft_examples); GPT-2's tokenizer adds none, so upstream's raw ids are unchanged."""
+    ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise ValueError(f"--prompt {prompt!r} encodes to no tokens; give some text")
     return list(ids)
