@@ -6,7 +6,7 @@
 
 Cases, all LLaDA-style decoding of the same prompts with steps = gen_length (one token per step unless a parallel
 rule commits more), ranked by upstream's low_confidence rule (or --confidence_source for ours):
-    upstream        upstream LLaDA's sampler loop (tests/toy_models.reference_generate: whole-sequence softmax,
+    upstream        upstream LLaDA's sampler loop (bench/upstream_llada.reference_generate: whole-sequence softmax,
                     per-row top-k), the baseline of every ratio
     ours            sampling.generate without acceleration (same tokens as upstream: checked when the ranking is)
     +threshold T    --threshold T (default 0.9, Fast-dLLM's, and 0.99): every masked position of the block at
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from bench_sampler import timer
+from upstream_llada import reference_generate
 
 from eval_gsm_math import grade, item_texts, make_items
 from remedi_patches.backbones import load_eval_model
@@ -47,8 +48,6 @@ from remedi_patches.embedded.task import make_split
 from remedi_patches.remasking import Trajectory
 from remedi_patches.sampling import SamplerSettings, decode_answers, generate, left_pad
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from toy_models import reference_generate  # noqa: E402  (upstream's loop, written out for the tests)
 
 MODELS = ("embedded", "llada20m")
 UPSTREAM = "upstream"

@@ -12,8 +12,8 @@ from remedi_patches.modeling_wrappers import RemeDiOutput
 from remedi_patches.remasking import (Trajectory, commit_counts, commit_schedule, commit_top_n, keep_top_k, rank_last,
                                      remask_block)
 from remedi_patches.ups_head import UPSHead
-from toy_models import (D, EOS, EOT, MASK, PROMPT, SHORT, BareToyMDM, ToyMDM, check_invariants, padded_batch,
-                        reference_generate)
+from toy_models import D, EOS, EOT, MASK, PROMPT, SHORT, BareToyMDM, ToyMDM, check_invariants, padded_batch
+from upstream_llada import reference_generate
 
 SOURCES = ["ups", "tps_prob", "random", "margin", "entropy"]
 SHAPES = [(12, 4, 6), (10, 5, 4)]  # (gen_length, block_length, steps): 3 blocks of k = 2, 4; 2 of k = 3, 5

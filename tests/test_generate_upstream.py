@@ -1,5 +1,5 @@
 """generate(confidence_source=None) is upstream LLaDA's sampler: token equality with an independent
-reference (tests/toy_models.reference_generate: plain loops, upstream's order of RNG draws), padded batches,
+reference (bench/upstream_llada.reference_generate: plain loops, upstream's order of RNG draws), padded batches,
 bad input, and the generate.py command line."""
 import pytest
 import torch
@@ -8,7 +8,8 @@ from lit_gpt.model import TransEncoder, save_smdm_folder
 from generate import build_parser, generate, main
 from remedi_patches.modeling_wrappers import save_ups_head
 from remedi_patches.ups_head import UPSHead
-from toy_models import EOS, MASK, PROMPT, SHORT, V, BareToyMDM, ToyMDM, padded_batch, reference_generate
+from toy_models import EOS, MASK, PROMPT, SHORT, V, BareToyMDM, ToyMDM, padded_batch
+from upstream_llada import reference_generate
 
 
 @pytest.fixture(scope="module")
