@@ -15,7 +15,7 @@ from remedi_patches.sedd.graphs import (AbsorbingGraph, UniformGraph, graph_from
 from remedi_patches.sedd.losses import score_entropy_elbo, score_entropy_loss
 from remedi_patches.sedd.noise import GeometricNoise, LogLinearNoise, noise_from_config
 from remedi_patches.sedd.sampling import (analytic_probs, analytic_step, denoise_probs, euler_probs, euler_step,
-                                          sample)
+                                          sample, temper)
 
 
 def rate_matrix(graph) -> torch.Tensor:
@@ -425,6 +425,36 @@ def test_prefix_mask_writes_only_its_entries():
     with pytest.raises(ValueError, match="do not fit"):
         sample(score_fn, graph, LogLinearNoise(), (2, 6), steps=2, prefix=torch.zeros(2, 5).long(),
                suffix=torch.zeros(2).long())
+
+
+def test_temper_keeps_when_a_position_unmasks_and_sharpens_to_what():
+    probs = torch.tensor([[[0.1, 0.3, 0.2, 0.4],      # masked: tokens 0-2, then "stay masked"
+                           [0.0, 1.0, 0.0, 0.0]]])    # a clean token stays
+    assert temper(probs, 1.0) is probs
+    greedy = temper(probs, 0.0)
+    assert torch.allclose(greedy, torch.tensor([[[0.0, 0.6, 0.0, 0.4], [0.0, 1.0, 0.0, 0.0]]]))
+    half = temper(probs, 0.5)
+    want = torch.tensor([0.1, 0.3, 0.2]) ** 2
+    assert torch.allclose(half[0, 0, :3], 0.6 * want / want.sum()) and half[0, 0, 3] == 0.4
+    assert torch.equal(half[0, 1], probs[0, 1])
+    denoised = temper(torch.tensor([[[0.2, 0.6, 0.2]]]), 0.0, absorb=False)  # the denoiser: no mask column
+    assert torch.allclose(denoised, torch.tensor([[[0.0, 1.0, 0.0]]]))
+
+
+@pytest.mark.parametrize("predictor", ["euler", "analytic"])
+def test_sampler_temperature(predictor):
+    graph, noise = AbsorbingGraph(4), LogLinearNoise()
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+
+    def draw(**kw):
+        return sample(iid_absorbing_log_score(p), graph, noise, (64, 8), steps=8, predictor=predictor,
+                      generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(draw(), draw(temperature=1.0))  # 1 is upstream's sampler, draw for draw
+    assert (draw(temperature=0.0) == 3).all()  # every position unmasks to the most likely token
+    with pytest.raises(ValueError, match="uniform graph"):
+        sample(iid_uniform_log_score(p), UniformGraph(4), GeometricNoise(), (2, 4), steps=2, temperature=0.5)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        draw(temperature=-1.0)
 
 
 @pytest.mark.parametrize("graph,noise,exact", [

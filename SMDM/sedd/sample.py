@@ -11,8 +11,7 @@ sampler call of shape (num_samples, prompt tokens + gen_length): the prompt sits
 the answer is the gen_length positions after it, so prompts of different lengths never share padding. An answer is
 decoded up to its first EOS. Without --prompt the samples are unconditional sequences of gen_length tokens.
 
-Library use: `sample_answers(model, prompt_ids, gen_length, ...)` returns the sampled ids per prompt, and
-`score_fn_of(model)`, `graph_and_noise(model)` give what remedi_patches.sedd.sampling.sample takes.
+Library use: remedi_patches.sedd.answers (sample_answers, sample_rows, encode_prompt, decode_ids).
 
 LLaDA / SMDM / RemeDi models are masked-diffusion models: sample them with generate.py (a SEDD's forward takes noise
 levels, so generate.py refuses it).
@@ -22,25 +21,21 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from remedi_patches.backbones import detect_kind, embedded_folder, load_backbone
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.model_args import resolve_device
-from remedi_patches.sedd.graphs import graph_from_config
-from remedi_patches.sedd.noise import noise_from_config
-from remedi_patches.sedd.sampling import PREDICTORS, sample
+from remedi_patches.sedd.answers import DEFAULT_PREDICTOR, DEFAULT_STEPS, decode_ids, encode_prompt, sample_answers
+from remedi_patches.sedd.sampling import PREDICTORS
 from remedi_patches.sources import resolve_source
 
-__all__ = ["build_parser", "main", "sample_answers", "score_fn_of", "graph_and_noise", "decode_ids"]
+__all__ = ["build_parser", "main"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_STEPS = 128  # upstream's configs: sampling.steps = 128
-DEFAULT_PREDICTOR = "analytic"  # upstream's sampling scripts (run_sample*.py) use the analytic (Tweedie) predictor
-MASK_TEXT = "[MASK]"
 SHOWN_STEPS = 4  # --show_steps prints the answer at about this many steps (and the last one)
 
 
@@ -69,6 +64,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--predictor", choices=PREDICTORS, default=DEFAULT_PREDICTOR,
                    help="analytic: Tweedie tau-leaping, what upstream's sampling scripts use; euler: the Euler step "
                         "of upstream's configs (sampling.predictor, its evaluation during training)")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="absorbing graph: temperature of the token a position unmasks to (when it unmasks is "
+                        "unchanged); 1 = upstream's sampler, 0 = the most likely token")
     s.add_argument("--no_denoise", dest="denoise", action="store_false",
                    help="skip the final denoising step (absorbing graph: [MASK] tokens may then remain; "
                         "denoise: %(default)s)")
@@ -85,6 +83,8 @@ def check_args(args) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.gen_length < 1:
         raise ValueError(f"--gen_length must be >= 1, got {args.gen_length}")
+    if not 0.0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number >= 0 (1 = upstream's sampler), got {args.temperature}")
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
@@ -109,83 +109,6 @@ def check_sedd_source(model: str) -> None:
                          "pass a SEDD folder, run folder or hub name") from None
     if kind.name != "sedd":
         raise ValueError(f"--model {model} (a {kind.name!r} backbone) is not a SEDD model; use generate.py")
-
-
-# ---------------------------------------------------------------- the model as the samplers take it
-
-
-def score_fn_of(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """score_fn(x, sigma) -> log_score, as remedi_patches.sedd.sampling.sample takes it (no grad)."""
-    def score_fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(x, sigma)
-    return score_fn
-
-
-def graph_and_noise(model: torch.nn.Module):
-    """The graph and noise schedule a loaded SEDD was trained with (from its upstream config)."""
-    config = model.config.to_upstream_dict()
-    return graph_from_config(config, model.config.tokens), noise_from_config(config)
-
-
-def sample_answers(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], gen_length: int, *,
-                   steps: int = DEFAULT_STEPS, predictor: str = DEFAULT_PREDICTOR, denoise: bool = True,
-                   num_samples: int = 1, generator: Optional[torch.Generator] = None,
-                   callback: Optional[Callable[[int, int, float, torch.Tensor], None]] = None) -> list[torch.Tensor]:
-    """One sampler call per prompt: (num_samples, len(prompt) + gen_length) long ids each, the prompt at [0, n) of
-    every row. An empty prompt ([]) gives unconditional samples of gen_length tokens.
-
-    callback(prompt_index, step, t, x) after each predictor step. ValueError when prompt + gen_length does not fit
-    the model's window."""
-    window = model.config.length
-    device = next(model.parameters()).device
-    graph, noise = graph_and_noise(model)
-    score_fn = score_fn_of(model)
-    out = []
-    for i, ids in enumerate(prompt_ids):
-        n = len(ids)
-        if n + gen_length > window:
-            raise ValueError(f"--gen_length {gen_length} after a prompt of {n} tokens needs {n + gen_length} "
-                             f"positions, more than the model's window of {window} (config model.length); lower "
-                             f"--gen_length to at most {window - n} or shorten the prompt")
-        prefix = torch.tensor(list(ids), dtype=torch.long, device=device) if n else None
-        step_cb = None if callback is None else (lambda step, t, x, i=i: callback(i, step, t, x))
-        out.append(sample(score_fn, graph, noise, (num_samples, n + gen_length), steps, predictor=predictor,
-                          denoise=denoise, prefix=prefix, device=device, generator=generator, callback=step_cb))
-    return out
-
-
-# ---------------------------------------------------------------- text
-
-
-def decode_ids(tokenizer, ids: Sequence[int], mask_id: Optional[int], stop_ids: Sequence[int] = ()) -> str:
-    """Text of `ids` cut at the first stop id; each absorbing-state id (left by --no_denoise) shows as [MASK]."""
-    ids = [int(t) for t in ids]
-    for k, t in enumerate(ids):
-        if t in stop_ids:
-            ids = ids[:k]
-            break
-    parts, run = [], []
-    for t in ids:
-        if mask_id is not None and t == mask_id:
-            if run:
-                parts.append(tokenizer.decode(run))
-                run = []
-            parts.append(MASK_TEXT)
-        else:
-            run.append(t)
-    if run:
-        parts.append(tokenizer.decode(run))
-    return "".join(parts)
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids with the tokenizer's own special tokens, as the SFT trainer encodes prompts
-    (remedi_patches.data.build_sft_examples); GPT-2's tokenizer adds none, so upstream's raw ids are unchanged."""
-    ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise ValueError(f"--prompt {prompt!r} encodes to no tokens; give some text")
-    return list(ids)
 
 
 def main(argv: Optional[list[str]] = None) -> list[str]:
@@ -221,10 +144,11 @@ def main(argv: Optional[list[str]] = None) -> list[str]:
     start = time.perf_counter()
     out = sample_answers(model, prompt_ids, args.gen_length, steps=args.steps, predictor=args.predictor,
                          denoise=args.denoise, num_samples=args.num_samples, generator=generator,
-                         callback=show if args.show_steps else None)
+                         temperature=args.temperature, callback=show if args.show_steps else None)
     seconds = time.perf_counter() - start
     tokens = sum(x.shape[0] for x in out) * args.gen_length
-    print(f"(predictor {args.predictor}, steps {args.steps}, gen_length {args.gen_length}, denoise "
+    print(f"(predictor {args.predictor}, steps {args.steps}, temperature {args.temperature}, gen_length "
+          f"{args.gen_length}, denoise "
           f"{'on' if args.denoise else 'off'}, dtype {dtype}) | {seconds:.1f} s, {tokens / max(seconds, 1e-9):.1f} "
           "tokens/s\n")
     answers = []
