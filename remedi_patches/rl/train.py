@@ -3,6 +3,7 @@
     from remedi_patches.rl.train import RLConfig, run
     summary = run(RLConfig())                     # Remask GRPO on the shipped embedded RemeDi and the embedded task
     summary = run(RLConfig(method="diffu_grpo", model_name="embedded"))   # d1's diffu-GRPO on the embedded backbone
+    summary = run(RLConfig(method="rwd", model_name="path/to/sedd", gen_length=64))    # a SEDD (rl.sedd)
     CLI: python SMDM/rl/train_rl.py --method remask_grpo --model_name embedded_remedi ...
 
 Every optimizer update trains on `--prompts_per_step` prompts per device, each answered `--group_size` times by
@@ -24,6 +25,10 @@ Methods (--method):
   dpo          diffusion DPO on (best, worst) rollouts of each group with different rewards; log-likelihoods are
                minus the masked-diffusion loss (ELBO) under noise shared by policy and reference (--dpo_beta).
 --beta > 0 adds beta x KL (k3 estimator) to a frozen reference (the starting weights; with LoRA the base model).
+
+A SEDD (--model_name of backbone kind "sedd") trains by rwd or dpo with its own sampler and score-entropy
+likelihoods (remedi_patches.rl.sedd: rows of the longest prompt + --gen_length tokens in the SFT layout, --steps /
+--eval_steps reverse-diffusion steps, --temperature the sampler's token temperature); full weights only.
 
 Normalisation: every sum is divided by its count over the whole global batch (tokens, block steps, rollouts or
 pairs of all devices and micro-batches), so gradient accumulation and DDP change nothing but rounding. The
@@ -48,7 +53,8 @@ from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, app
                               claim_outputs, csv_logger, fit, hparams_of, num_parameters, require_finite,
                               require_path, resume_path, setup_fabric)
 from remedi_patches import data as sft_data
-from remedi_patches.backbones import Backbone, EvalModel, fsdp_block_classes, load_backbone, max_length_of
+from remedi_patches.backbones import (Backbone, EvalModel, detect_kind, embedded_folder, fsdp_block_classes,
+                                     load_backbone, max_length_of)
 from remedi_patches.block_layout import RemaskRows
 from remedi_patches.cli import UserError, arg, fill_none
 from remedi_patches.detection import MODEL_META_FILE
@@ -61,8 +67,11 @@ from remedi_patches.rl.objectives import (clipped_surrogate, dpo_loss, group_adv
 from remedi_patches.rl.rewards import load_reward, score
 from remedi_patches.rl.rollout import (PolicyRecorder, blocks_valid, completion_mask, end_blocks, policy_rows,
                                        response_rows, scatter_blocks)
+from remedi_patches.rl.sedd import SEDDPolicy, export_sedd, refuse_inapplicable, row_length, rows_of
 from remedi_patches.sampling import (CHAT_CHOICES, CHAT_HELP, TEMPLATE_HELP, SamplerSettings, check_schedule,
                                      decode_answers, left_pad, prompt_texts, sample)
+from remedi_patches.sedd.sft import noise_generator
+from remedi_patches.sources import resolve_source
 from remedi_patches.trajectory_views import write_text
 from remedi_patches.ups_head import UPSHead
 
@@ -84,8 +93,9 @@ SCALE_REWARDS = {"remask_grpo": True, "diffu_grpo": False, "rwd": True, "dpo": T
 class RLConfig(FabricConfig, RunConfig):
     # model
     model_name: str = arg("embedded_remedi", "'embedded_remedi' (the shipped dual-stream RemeDi), 'embedded' (the "
-                          "shipped single-stream backbone), a RemeDi / LLaDA folder or hub name, or an SMDM export "
-                          "folder", group="model")
+                          "shipped single-stream backbone), a RemeDi / LLaDA folder or hub name, an SMDM export "
+                          "folder, or a SEDD (hub-layout or run folder, hub name: --method rwd / dpo only)",
+                          group="model")
     tokenizer: Optional[str] = arg(None, "tokenizer folder or hub name when the model has none", group="model")
     train_weights: str = arg("full", "full: every weight trains; lora: a LoRA adapter on the frozen model "
                              "(--lora_*)", choices=TRAIN_WEIGHTS, group="model")
@@ -139,10 +149,12 @@ class RLConfig(FabricConfig, RunConfig):
     # rollouts (the sampler)
     gen_length: Optional[int] = arg(None, "answer tokens per rollout; default 32 on the embedded task, else 256",
                                     group="rollouts")
-    block_length: int = arg(32, "block of the sampler (and of remask_grpo's rows)", group="rollouts")
-    steps: Optional[int] = arg(None, "denoising steps per rollout; default gen_length / 2 (the official 16 per "
-                               "block of 32)", group="rollouts")
-    temperature: float = arg(1.2, "token sampling temperature of the rollouts (the official 1.2)", group="rollouts")
+    block_length: int = arg(32, "block of the sampler (and of remask_grpo's rows); a SEDD ignores it",
+                            group="rollouts")
+    steps: Optional[int] = arg(None, "denoising steps per rollout (a SEDD's reverse-diffusion steps); default "
+                               "gen_length / 2 (the official 16 per block of 32)", group="rollouts")
+    temperature: float = arg(1.2, "token sampling temperature of the rollouts (the official 1.2; a SEDD: its "
+                             "sampler's token temperature, 1 = upstream)", group="rollouts")
     ups_temperature: float = arg(1.2, "remask_grpo: Plackett-Luce temperature of the UPS ranking", group="rollouts")
     confidence_source: Optional[str] = arg(None, "ranking of the rollouts and the evaluation: default 'ups' for a "
                                            "model with a UPS stream (remask_grpo needs it), else upstream LLaDA "
@@ -227,12 +239,15 @@ class RLConfig(FabricConfig, RunConfig):
                                 f"got {self.ups_temperature}")
             if self.confidence_source not in (None, "ups"):
                 raise UserError(f"remask_grpo ranks by the UPS; drop --confidence_source {self.confidence_source}")
-        try:
-            for steps in (self.steps, self.eval_steps):
-                check_schedule(steps, self.gen_length, self.block_length)
-            self.rollout_settings(has_ups=True)
-        except ValueError as err:
-            raise UserError(f"{err} (--steps / --eval_steps / --gen_length / --block_length)") from None
+        if self.model_kind() == "sedd":
+            refuse_inapplicable(self)
+        else:
+            try:
+                for steps in (self.steps, self.eval_steps):
+                    check_schedule(steps, self.gen_length, self.block_length)
+                self.rollout_settings(has_ups=True)
+            except ValueError as err:
+                raise UserError(f"{err} (--steps / --eval_steps / --gen_length / --block_length)") from None
         if self.chat not in CHAT_CHOICES:
             raise UserError(f"--chat must be one of {CHAT_CHOICES}, got {self.chat!r}")
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
@@ -252,6 +267,13 @@ class RLConfig(FabricConfig, RunConfig):
             require_path(self.dataset, "--dataset", kind="dataset")
         load_reward(self.reward, self.format_reward)
         return self
+
+    def model_kind(self) -> Optional[str]:
+        """The backbone kind of --model_name, from its folder or hub name (no weights read); None when not found."""
+        try:
+            return detect_kind(resolve_source(embedded_folder(self.model_name) or self.model_name, "model")).name
+        except (ValueError, FileNotFoundError):
+            return None
 
     def source(self, has_ups: bool) -> Optional[str]:
         return self.confidence_source or ("ups" if has_ups else None)
@@ -317,20 +339,23 @@ class RLStep:
     """The step function for lit_gpt.training.fit (`self(step, micro) -> (loss, metrics)`); the rollout batch of the
     current round lives in state["rollout"] (checkpointed)."""
 
-    def __init__(self, fabric, cfg: RLConfig, model, reference, bundle: EvalModel, prompts: Prompts, state: dict):
-        """model: the policy (a dual-stream RemeDi, a UPSModel of backbone + head, or a backbone), as set up by
-        Fabric; reference: a frozen copy of it, or None (LoRA: the adapter disabled; no KL: unused)."""
+    def __init__(self, fabric, cfg: RLConfig, model, reference, bundle: EvalModel, prompts: Prompts, state: dict,
+                 sedd: Optional[SEDDPolicy] = None):
+        """model: the policy (a dual-stream RemeDi, a UPSModel of backbone + head, a backbone, or a SEDD with its
+        `sedd` policy), as set up by Fabric; reference: a frozen copy of it, or None (LoRA: the adapter disabled;
+        no KL: unused)."""
         self.fabric, self.cfg, self.model, self.reference, self.bundle = fabric, cfg, model, reference, bundle
-        self.prompts, self.state = prompts, state
-        self.settings = cfg.rollout_settings(has_ups(model))
+        self.prompts, self.state, self.sedd = prompts, state, sedd
+        self.settings = None if sedd is not None else cfg.rollout_settings(has_ups(model))
         self.rows_per_rank = cfg.prompts_per_step * cfg.group_size
         # a micro-batch takes `chunk` rollouts (dpo: `chunk` pairs, two rollouts each)
         self.chunk = max(1, cfg.micro_batch_size // 2) if cfg.method == "dpo" else cfg.micro_batch_size
         self.chunks = math.ceil((cfg.prompts_per_step if cfg.method == "dpo" else self.rows_per_rank) / self.chunk)
-        self.steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
-        self.grad_accum = self.chunks * (self.steps_per_block if cfg.method == "remask_grpo" else 1)
+        remask = cfg.method == "remask_grpo"
+        self.steps_per_block = cfg.steps // (cfg.gen_length // cfg.block_length) if remask else 1
+        self.grad_accum = self.chunks * self.steps_per_block
         self.scale = fabric.world_size * self.grad_accum
-        self.k = commit_schedule(cfg.block_length, self.steps_per_block)
+        self.k = commit_schedule(cfg.block_length, self.steps_per_block) if remask else None
         self.reward = load_reward(cfg.reward, cfg.format_reward)
         self.correct = load_reward(cfg.reward) if cfg.format_reward else self.reward
 
@@ -346,21 +371,16 @@ class RLStep:
     def rollout(self, round_: int) -> dict:
         """G answers to each of this rank's prompts of `round_`, their rewards, advantages and what the method
         needs to score them again (module doc)."""
-        cfg, fabric, bundle = self.cfg, self.fabric, self.bundle
+        cfg, bundle = self.cfg, self.bundle
         groups, traces = [], []
         for idx in self.prompt_indices(round_):
-            ids, am = left_pad([self.prompts.ids[idx]] * cfg.group_size, bundle.pad_id)
             recorder = PolicyRecorder(bundle.mask_id, cfg.temperature, cfg.ups_temperature) \
                 if cfg.method == "remask_grpo" else None
-            with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
-                torch.manual_seed(int(seeded_generator(cfg.seed, STREAM_ROLLOUT, round_, idx).initial_seed()))
-                trajectory = None if recorder is None else Trajectory(observer=recorder)
-                out = sample(bundle, ids, am, self.settings, trajectory)
-            response = out[:, ids.shape[1]:].cpu()
-            answers = decode_answers(bundle.tokenizer, out, ids.shape[1], bundle.stop_ids)
+            seed = int(seeded_generator(cfg.seed, STREAM_ROLLOUT, round_, idx).initial_seed())
+            response = self.answer_group(self.prompts.ids[idx], seed, recorder)  # (G, A)
+            answers = decode_answers(bundle.tokenizer, response, 0, bundle.stop_ids)
             prompts, refs = [self.prompts.texts[idx]] * cfg.group_size, [self.prompts.references[idx]] * cfg.group_size
-            groups.append({"prompt": ids[0, (am[0] if am is not None else torch.ones_like(ids[0])).bool()].cpu(),
-                           "response": response, "index": idx,
+            groups.append({"prompt": torch.tensor(self.prompts.ids[idx]), "response": response, "index": idx,
                            "reward": score(self.reward, prompts, answers, refs),
                            "correct": score(self.correct, prompts, answers, refs)})
             if recorder is not None:
@@ -368,19 +388,32 @@ class RLStep:
         prompt, prompt_mask = left_pad([g["prompt"].tolist() for g in groups for _ in range(cfg.group_size)],
                                        bundle.pad_id)
         rewards = torch.cat([g["reward"] for g in groups])
-        response = torch.cat([g["response"] for g in groups])
+        response = cat_padded([g["response"] for g in groups], bundle.eos_id)  # (R, A)
         ro = {"round": round_, "prompt": prompt, "prompt_mask": prompt_mask, "response": response,
               "rewards": rewards, "correct": torch.cat([g["correct"] for g in groups]),
               "advantages": group_advantages(rewards, cfg.group_size, cfg.scale_rewards),
               "index": torch.tensor([g["index"] for g in groups]),
-              "valid_blocks": end_blocks(response, cfg.block_length, bundle.eos_id),
               "completion": completion_mask(response, bundle.eos_id)}
         if traces:
+            ro["valid_blocks"] = end_blocks(response, cfg.block_length, bundle.eos_id)
             nb = cfg.gen_length // cfg.block_length
             for key in traces[0]:
                 ro[key] = torch.cat([pad_blocks(t[key], nb) for t in traces])
         ro.update(self.prepare(ro))
         return ro
+
+    def answer_group(self, ids: list[int], seed: int, recorder: Optional[PolicyRecorder]) -> torch.Tensor:
+        """(G, A) answers to one prompt from one sampler call seeded by `seed`, on the CPU: the project's sampler
+        (A = --gen_length; `recorder` sees its steps), or a SEDD's (rows of the common length, rl.sedd)."""
+        cfg, fabric = self.cfg, self.fabric
+        if self.sedd is not None:
+            generator = torch.Generator(device=fabric.device).manual_seed(seed)
+            return self.sedd.sample(self.model, [ids] * cfg.group_size, cfg.steps, cfg.temperature, generator)
+        with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = sample(self.bundle, torch.tensor([ids] * cfg.group_size), None, self.settings,
+                         None if recorder is None else Trajectory(observer=recorder))
+        return out[:, len(ids):].cpu()
 
     def prepare(self, ro: dict) -> dict:
         """Method-specific stored values (old / reference log-probs, pairs) and the global normalisers."""
@@ -551,8 +584,22 @@ class RLStep:
         per_row = torch.zeros(b, device=dev).index_add_(0, batch.answer_mask.nonzero()[:, 0], ce * weight)
         return per_row / batch.answer_len.to(dev)
 
+    def nll(self, model, ro: dict, rows, elbo: bool) -> torch.Tensor:
+        """(b,) minus the log-likelihood estimate of the rollouts `rows` (a slice or indices) at this update: the
+        masked-diffusion loss, or a SEDD's score-entropy loss (elbo: its negative ELBO); the same rows at the same
+        update see the same noise, whichever model scores them."""
+        if self.sedd is None:
+            return self.masked_nll(model, ro, rows, self.step)
+        pm, dev = ro["prompt_mask"], self.fabric.device
+        x0, prompt = rows_of(ro["prompt"][rows], None if pm is None else pm[rows], ro["response"][rows],
+                             self.sedd.row_length)  # (b, L) each
+        first = int(torch.arange(ro["response"].shape[0])[rows][0])  # the micro-batch's first rollout names its noise
+        generator = noise_generator(dev, self.cfg.seed, STREAM_NOISE, self.step, self.fabric.global_rank, first)
+        with self.fabric.autocast():
+            return self.sedd.nll(model, x0.to(dev), prompt.to(dev), generator, elbo)
+
     def rwd(self, ro: dict, rows: slice, _i: int, _inner: int) -> tuple[torch.Tensor, dict]:
-        nll = self.masked_nll(self.model, ro, rows, self.step)
+        nll = self.nll(self.model, ro, rows, elbo=False)
         weights = reward_weights(self._advantages(ro, rows))
         return (weights * nll).sum() / ro["normaliser"][0], {"nll": nll.mean().detach()}
 
@@ -561,9 +608,9 @@ class RLStep:
         if pairs.numel() == 0:
             return zero_loss(self.model), {"dpo_acc": 0.0}
         index = pairs.reshape(-1)
-        nll = self.masked_nll(self.model, ro, index, self.step).view(-1, 2)
+        nll = self.nll(self.model, ro, index, elbo=True).view(-1, 2)
         with torch.no_grad(), self.reference_model() as ref:
-            ref_nll = self.masked_nll(ref, ro, index, self.step).view(-1, 2)
+            ref_nll = self.nll(ref, ro, index, elbo=True).view(-1, 2)
         losses = dpo_loss(nll[:, 0], nll[:, 1], ref_nll[:, 0], ref_nll[:, 1], self.cfg.dpo_beta)
         margin = (ref_nll[:, 0] - nll[:, 0]) - (ref_nll[:, 1] - nll[:, 1])
         return losses.sum() / ro["normaliser"][0], {"dpo_acc": (margin > 0).float().mean()}
@@ -577,6 +624,14 @@ def pad_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     if x.shape[1] == nb:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], nb - x.shape[1], *x.shape[2:]))], dim=1)
+
+
+def cat_padded(parts: list[torch.Tensor], value: Optional[int]) -> torch.Tensor:
+    """(b_i, A_i) long -> (sum b_i, max A_i), the narrower ones right-padded with `value` (a SEDD's answers are
+    wider after shorter prompts)."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([p if p.shape[1] == width else torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value)
+                      for p in parts])
 
 
 def preference_pairs(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -624,6 +679,8 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
     if backbone is None:
         backbone = load_backbone(cfg.model_name, device=fabric.device, tokenizer=cfg.tokenizer,
                                  dtype=PRECISION_DTYPES.get(cfg.precision or ""))
+    if backbone.kind == "sedd":
+        refuse_inapplicable(cfg)
     model = backbone.model.to(fabric.device)
     head = load_head(cfg, model, fabric.device)
     window = max_length_of(model)
@@ -648,7 +705,11 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
     prompts = prompts.encoded(tokenizer, cfg.chat, cfg.prompt_template)
     held = None if held is None else held.encoded(tokenizer, cfg.chat, cfg.prompt_template)
     longest = max(len(ids) for ids in prompts.ids) + 2 * cfg.gen_length
-    if window is not None and longest > window:
+    sedd = None
+    if backbone.kind == "sedd":  # one row length for rollouts and evaluation (rl.sedd)
+        length = row_length(prompts.ids + (held.ids if held is not None else []), cfg.gen_length, window)
+        sedd = SEDDPolicy.of(model, length, backbone.eos_id)
+    elif window is not None and longest > window:
         raise UserError(f"prompts of up to {longest - 2 * cfg.gen_length} tokens + 2 x --gen_length {cfg.gen_length} "
                         f"exceed the model's window of {window}; lower --gen_length")
     hparams = hparams_of(cfg)
@@ -668,16 +729,16 @@ def _run(cfg: RLConfig, backbone: Optional[Backbone], out_dir: Path) -> dict:
                                  flag="--lr_ups" if cfg.lr_ups else "--lr"))
         policy = UPSModel(model, head)
     bundle = dataclasses.replace(bundle, model=policy)
-    step = RLStep(fabric, cfg, policy, reference, bundle, prompts, state)
+    step = RLStep(fabric, cfg, policy, reference, bundle, prompts, state, sedd)
     fabric.print(f"RL ({cfg.method}) on {backbone.name}: {num_parameters(model):,} parameters "
                  f"({num_parameters(model, trainable=True):,} trainable, {cfg.train_weights}); {len(prompts.texts)} "
                  f"prompts, {cfg.max_steps} updates of {cfg.prompts_per_step * fabric.world_size} prompts x "
                  f"{cfg.group_size} rollouts ({cfg.steps} steps, temperature {cfg.temperature}"
-                 f"{f', UPS {cfg.ups_temperature}' if step.settings.ups_temperature else ''}), mu {cfg.mu}, "
-                 f"{step.grad_accum} micro-batches per update")
+                 f"{f', UPS {cfg.ups_temperature}' if step.settings and step.settings.ups_temperature else ''}), "
+                 f"mu {cfg.mu}, {step.grad_accum} micro-batches per update")
 
     def evaluate() -> dict:
-        return held_out_accuracy(fabric, bundle, held, cfg)
+        return held_out_accuracy(fabric, bundle, held, cfg, sedd)
 
     schedule = Schedule(max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, grad_accum=step.grad_accum,
                         grad_clip=cfg.grad_clip, save_interval=cfg.save_every, eval_interval=cfg.eval_every,
@@ -709,23 +770,29 @@ def load_head(cfg: RLConfig, model, device) -> Optional[UPSHead]:
 
 
 @torch.no_grad()
-def held_out_accuracy(fabric, bundle: EvalModel, held: Prompts, cfg: RLConfig) -> dict:
-    """Greedy accuracy (the reward's correctness part) on the held-out prompts, this rank's share, averaged."""
-    settings = cfg.eval_settings(has_ups(bundle.model))
+def held_out_accuracy(fabric, bundle: EvalModel, held: Prompts, cfg: RLConfig, sedd: Optional[SEDDPolicy] = None
+                      ) -> dict:
+    """Greedy accuracy (the reward's correctness part) on the held-out prompts, this rank's share, averaged; a SEDD
+    samples at temperature 0 with --eval_steps (which positions unmask stays random: seeded by --seed)."""
+    settings = None if sedd is not None else cfg.eval_settings(has_ups(bundle.model))
     correct = load_reward(cfg.reward)
     share = list(range(fabric.global_rank, len(held.texts), fabric.world_size))
     hits = torch.zeros(2, device=fabric.device)
+    generator = noise_generator(fabric.device, cfg.seed, STREAM_EVAL, fabric.global_rank) if sedd is not None else None
     with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         for start in range(0, len(share), 64):
             idx = share[start:start + 64]
-            ids, am = left_pad([held.ids[i] for i in idx], bundle.pad_id)
-            out = sample(bundle, ids, am, settings)
-            answers = decode_answers(bundle.tokenizer, out, ids.shape[1], bundle.stop_ids)
+            if sedd is not None:
+                out = sedd.sample(bundle.model, [held.ids[i] for i in idx], cfg.eval_steps, 0.0, generator)
+            else:
+                ids, am = left_pad([held.ids[i] for i in idx], bundle.pad_id)
+                out = sample(bundle, ids, am, settings)[:, ids.shape[1]:]  # (b, gen_length)
+            answers = decode_answers(bundle.tokenizer, out, 0, bundle.stop_ids)
             rewards = score(correct, [held.texts[i] for i in idx], answers, [held.references[i] for i in idx])
             hits += torch.stack([rewards.sum(), torch.tensor(float(len(idx)))]).to(fabric.device)
     hits = fabric.all_reduce(hits, reduce_op="sum")
-    return {f"eval_accuracy@{settings.steps}": float(hits[0] / hits[1].clamp(min=1))}
+    return {f"eval_accuracy@{cfg.eval_steps}": float(hits[0] / hits[1].clamp(min=1))}
 
 
 def save_outputs(cfg: RLConfig, fabric, state: dict, result, backbone: Backbone, peft_model, head: Optional[UPSHead],
@@ -734,7 +801,7 @@ def save_outputs(cfg: RLConfig, fabric, state: dict, result, backbone: Backbone,
     settings beside it; the summary."""
     target = cfg.output_dir
     if cfg.train_weights == "full":
-        export_model(fabric, out_dir, backbone, target)
+        (export_sedd if backbone.kind == "sedd" else export_model)(fabric, out_dir, backbone, target)
     elif fabric.global_rank == 0:
         peft_model.save_pretrained(str(target))
     if fabric.global_rank == 0:
