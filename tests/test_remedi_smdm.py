@@ -172,7 +172,7 @@ def test_nonfinite_ups_weights_refused(tmp_path):
     model = RemeDiTransEncoder(tiny_config())
     with torch.no_grad():
         model.ups.confidence.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"refusing to export.*'ups.confidence.weight'.*NaN or inf"):
+    with pytest.raises(ValueError, match=r"refusing to save.*'ups.confidence.weight'.*NaN or inf"):
         save_smdm_folder(model, tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 

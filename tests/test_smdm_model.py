@@ -202,7 +202,7 @@ def test_nonfinite_weights_refused_on_save_and_load(tmp_path):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with torch.no_grad():
         model.transformer.h[1].attn.proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"refusing to export.*'transformer.h.1.attn.proj.weight'.*NaN or inf"):
+    with pytest.raises(ValueError, match=r"refusing to save.*'transformer.h.1.attn.proj.weight'.*NaN or inf"):
         save_smdm_folder(model, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the good export is untouched
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "smdm_config.json"]  # no temp files

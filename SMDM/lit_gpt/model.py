@@ -369,23 +369,34 @@ def _streams_hint(missing: list[str], unexpected: list[str]) -> str:
 
 
 def save_smdm_folder(model: TransEncoder, path: Union[str, Path]) -> Path:
-    """Write `smdm_config.json` (the Config fields) and `model.safetensors` into folder `path`.
-
-    A model holding NaN or inf is refused (ValueError naming the tensor) before anything is written. Each file
-    is written to a temporary name unique to this process in the same folder and renamed, so an interrupted or
-    concurrent export never leaves a half-written file under the final name.
-    """
+    """Write `smdm_config.json` (the Config fields) and `model.safetensors` into folder `path` (write_model_folder:
+    NaN / inf refused, every file atomic)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    return write_model_folder(path, state, config, "an SMDM model", WEIGHTS_FILE, CONFIG_FILE,
+                              metadata={"smdm_config": json.dumps(config)})
+
+
+def write_model_folder(path: Union[str, Path], state: dict, config: dict, what: str, weights_file: str,
+                       config_file: str, metadata: Optional[dict] = None,
+                       before_config: Optional[Callable[[Path], None]] = None) -> Path:
+    """A model export folder: `weights_file` (safetensors of `state`, with `metadata`), then whatever
+    `before_config(path)` writes (a tokenizer), then `config_file` (`config` as JSON) last, so a loader that
+    recognises the folder by its config never sees half of it. A state holding NaN or inf is refused (ValueError
+    naming `what` and the tensor) before anything is written. Each file is written to a temporary name unique to this
+    process in the same folder and renamed, so an interrupted or concurrent export never leaves a half-written file
+    under the final name."""
     bad = first_nonfinite(state)
     if bad is not None:
-        raise ValueError(f"refusing to export an SMDM model to {path}: tensor {bad!r} holds NaN or inf values "
-                         "(training diverged); export an earlier checkpoint, or retrain with a lower learning rate.")
+        raise ValueError(f"refusing to save {what} to {path}: tensor {bad!r} holds NaN or inf values (training "
+                         "diverged); save an earlier checkpoint, or retrain with a lower learning rate.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    _write_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(
-        state, str(tmp), metadata={"format": "pt", "smdm_config": json.dumps(config)}))
-    _write_atomically(path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    _write_atomically(path / weights_file, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt",
+                                                                                            **(metadata or {})}))
+    if before_config is not None:
+        before_config(path)
+    _write_atomically(path / config_file, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 

@@ -277,26 +277,14 @@ def save_sedd(model: SEDD, folder: Source, tokenizer=None) -> Path:
     """Write the hub layout into `folder`: config.json (the upstream hydra dict), model.safetensors (float32, as
     upstream's) and, when given, the tokenizer's files. Each file is written under a temporary name and renamed, so an
     interrupted save never leaves a half-written file under the final name. NaN / inf weights are refused."""
-    from safetensors.torch import save_file
-
-    from lit_gpt.model import _write_atomically, first_nonfinite
+    from lit_gpt.model import write_model_folder
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # upstream's layout: float32
     state["rotary_emb.inv_freq"] = rotary_inv_freq(model.config.head_dim)  # exact even if the model ran in bf16
-    bad = first_nonfinite(state)
-    if bad is not None:
-        raise ValueError(f"refusing to save the SEDD to {folder}: tensor {bad!r} holds NaN or inf values (training "
-                         "diverged); save an earlier checkpoint")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_upstream_dict()
-    _write_atomically(folder / WEIGHT_FILES[0], lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    # config.json last: a folder is recognised as SEDD only once its weights are complete
-    _write_atomically(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    return folder
+    save_tokenizer = None if tokenizer is None else (lambda path: tokenizer.save_pretrained(str(path)))
+    return write_model_folder(folder, state, model.config.to_upstream_dict(), "the SEDD", WEIGHT_FILES[0],
+                              CONFIG_FILE, before_config=save_tokenizer)
 
 
 # ---------------------------------------------------------------- the "sedd" entry of remedi_patches.backbones
@@ -362,3 +350,9 @@ def backbone_blocks() -> tuple[type, ...]:
     from .model import DDiTBlock
 
     return (DDiTBlock,)
+
+
+def sedd_model_name(name: str) -> str:
+    """'embedded' in a SEDD tool means the embedded SEDD ('embedded_sedd'; the plain name elsewhere is the embedded
+    masked-diffusion backbone); any other name is returned unchanged."""
+    return "embedded_sedd" if name == "embedded" else name
