@@ -306,6 +306,19 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def write_bench_results(out_dir: str | Path, rows: Sequence[dict], result: dict, text: str) -> dict:
+    """A benchmark's outputs under one RunLock: predictions.jsonl (`rows`, re-gradable with --predictions),
+    results.json (`result`) and results.md (`text`, also printed); returns `result`."""
+    out_dir = Path(out_dir)
+    with RunLock(out_dir):
+        write_jsonl(out_dir / "predictions.jsonl", rows)
+        write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
+        write_text(out_dir / "results.md", text)
+    print(text)
+    print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'predictions.jsonl'}")
+    return result
+
+
 def read_predictions(path: str | Path) -> list[dict]:
     """The rows of a predictions.jsonl; a malformed line is a ValueError naming the file and the line."""
     path = Path(path)

@@ -23,7 +23,6 @@ Writes --out_dir/results.md (tables, the exact command, seed, machine), results.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -37,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from eval_gsm_math import EvalItem, Run, grade, item_texts, make_items, parse_runs, sample_texts, summarise
-from eval_gsm_math import write_jsonl, write_text
+from eval_gsm_math import write_bench_results
 from remedi_patches.backbones import EvalModel, embedded_folder, max_length_of
 from remedi_patches.cli import ArgumentParser, UserError, run_main
 from remedi_patches.detection import detection_settings, model_meta, ups_detection_report
@@ -45,7 +44,6 @@ from remedi_patches.embedded.task import make_split
 from remedi_patches.model_args import ModelSpec, add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import has_ups_stream, load_ups_head
 from remedi_patches.remasking import Trajectory
-from remedi_patches.run_lock import RunLock
 from remedi_patches.sampling import PromptWindow, SamplerSettings, add_sampler_args, settings_from_args
 
 MAIN_SOURCES = ["random", "tps_prob", "ups", "ups:noremask"]
@@ -337,17 +335,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   "block, seq_len, r_incorrect) and with the model's own sampled mistakes (tps):", "",
                   detection_table(detection)]
     text = "\n".join(lines) + "\n"
-    out_dir = Path(args.out_dir)
     result = {"command": command, "settings": vars(args), "wall_seconds": wall, "steps": steps,
               "results": {label: {str(s): v for s, v in by_steps.items()} for label, by_steps in results.items()},
               "paired": pairs, "detection": detection}
-    with RunLock(out_dir):
-        write_jsonl(out_dir / "predictions.jsonl", rows)
-        write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
-        write_text(out_dir / "results.md", text)
-    print(text)
-    print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'predictions.jsonl'}")
-    return result
+    return write_bench_results(args.out_dir, rows, result, text)
 
 
 if __name__ == "__main__":

@@ -19,23 +19,20 @@ Writes --out_dir/results.md (table, the exact command, machine), results.json an
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from eval_gsm_math import EvalItem, evaluate, grade, item_texts, make_items, parse_run, write_jsonl, write_text
+from eval_gsm_math import EvalItem, evaluate, grade, item_texts, make_items, parse_run, write_bench_results
 from remedi_patches.backbones import load_backbone, load_eval_model
 from remedi_patches.cli import ArgumentParser, UserError, run_main
 from remedi_patches.embedded.task import make_split
-from remedi_patches.run_lock import RunLock
 from remedi_patches.sampling import SamplerSettings
 from remedi_patches.sedd.sampling import PREDICTORS, check_temperature
 from remedi_patches.sedd.answers import decode_ids, encode_prompt, sample_rows
@@ -180,15 +177,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, torch threads {torch.get_num_threads()}; wall time {wall:.0f} s.", "",
         results_table(cells)]) + "\n"
-    out_dir = Path(args.out_dir)
     result = {"command": command, "settings": vars(args), "wall_seconds": wall, "cells": cells}
-    with RunLock(out_dir):
-        write_jsonl(out_dir / "predictions.jsonl", rows)
-        write_text(out_dir / "results.json", json.dumps(result, indent=2) + "\n")
-        write_text(out_dir / "results.md", text)
-    print(text)
-    print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'predictions.jsonl'}")
-    return result
+    return write_bench_results(args.out_dir, rows, result, text)
 
 
 if __name__ == "__main__":

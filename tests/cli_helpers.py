@@ -42,6 +42,21 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> s
     return errors[0]
 
 
+def in_process_user_error(main, argv: Sequence[str], capsys) -> str:
+    """The one `error:` line (exit 2, no traceback) that run_main(main, argv) prints, run in this process (pytest's
+    capsys fixture reads it)."""
+    import pytest
+
+    from remedi_patches.cli import run_main
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, list(argv))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exc.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 def _digest(root: Path) -> dict[str, str]:
     if root.is_file():
         return {root.name: hashlib.sha256(root.read_bytes()).hexdigest()}

@@ -10,8 +10,8 @@ import eval_gsm_math as E
 from cli_helpers import assert_user_error, run_cli
 from remedi_patches.backbones import load_backbone, load_eval_model
 from remedi_patches.sampling import SamplerSettings
-from remedi_patches.sedd import SEDD, SEDDConfig, save_sedd
 from remedi_patches.sedd.answers import decode_ids, encode_prompt, sample_rows
+from sedd_helpers import random_sedd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROW = 48
@@ -19,14 +19,7 @@ ROW = 48
 
 @pytest.fixture(scope="module")
 def sedd_folder(tmp_path_factory):
-    tokenizer = load_backbone(None).tokenizer
-    torch.manual_seed(0)
-    model = SEDD(SEDDConfig(hidden_size=32, n_heads=4, n_blocks=2, cond_dim=16, length=ROW, tokens=len(tokenizer),
-                            graph="absorb", name="tiny"))
-    with torch.no_grad():  # random blocks (adaLN-Zero would make them identities)
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return save_sedd(model.eval(), tmp_path_factory.mktemp("sedd") / "tiny", tokenizer)
+    return random_sedd(tmp_path_factory.mktemp("sedd") / "tiny", ROW)
 
 
 def test_cells_equal_a_direct_computation(sedd_folder, tmp_path):

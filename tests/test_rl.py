@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import assert_user_error, run_cli
+from cli_helpers import assert_user_error, in_process_user_error, run_cli
 from remedi_patches.backbones import EvalModel, load_backbone
-from remedi_patches.cli import UserError, run_main
+from remedi_patches.cli import UserError
 from remedi_patches.remasking import plackett_luce_keys
 from remedi_patches.rl import train as rl_train
 from remedi_patches.rl.objectives import clipped_surrogate, group_advantages, kl_k3, plackett_luce_log_prob
@@ -390,16 +390,6 @@ def test_two_process_ddp_logs_the_global_loss_parts(ddp_runs):
 # ---------------------------------------------------------------- CLI errors
 
 
-def user_error(argv: list[str], capsys) -> str:
-    """The one `error:` line (exit 2, no traceback) that the CLI prints for argv, run in-process."""
-    with pytest.raises(SystemExit) as exc:
-        run_main(train_rl.main, argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exc.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
 @pytest.mark.parametrize("extra, fragments", [
     (["--model_name", SINGLE], ["remask_grpo", "no UPS stream", "--method diffu_grpo"]),
     (["--temperature", "0"], ["--temperature must be > 0"]),
@@ -410,7 +400,7 @@ def user_error(argv: list[str], capsys) -> str:
 def test_cli_errors_are_one_line(tmp_path, capsys, extra, fragments):
     argv = ["--max_steps", "1", "--eval_samples", "0", "--accelerator", "cpu", "--out_dir", str(tmp_path / "out"),
             *extra]
-    line = user_error(argv, capsys)
+    line = in_process_user_error(train_rl.main, argv, capsys)
     for fragment in fragments:
         assert fragment.lower() in line.lower(), line
     assert not (tmp_path / "out" / "model").exists()

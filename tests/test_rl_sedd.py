@@ -15,17 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import assert_user_error, run_cli
+from cli_helpers import assert_user_error, in_process_user_error, run_cli
 from remedi_patches.backbones import EvalModel, load_backbone
-from remedi_patches.cli import UserError, run_main
+from remedi_patches.cli import UserError
 from remedi_patches.rl import train as rl_train
 from remedi_patches.rl.objectives import dpo_loss
 from remedi_patches.rl.sedd import SEDDPolicy, row_length
 from remedi_patches.rl.train import STREAM_NOISE, RLConfig, RLStep, load_prompts, run
-from remedi_patches.sedd import SEDD, SEDDConfig, save_sedd
 from remedi_patches.sedd.answers import graph_and_noise
 from remedi_patches.sedd.losses import score_entropy_elbo, score_entropy_loss
 from remedi_patches.sedd.sft import noise_generator
+from sedd_helpers import random_sedd
 from trainer_helpers import killed_after_first_checkpoint, load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,15 +36,7 @@ VARIED_REWARD = "def fn(prompt, response, reference):\n    return float(sum(map(
 
 @pytest.fixture(scope="module")
 def sedd_folder(tmp_path_factory) -> Path:
-    tokenizer = load_backbone(None).tokenizer  # the embedded sentencepiece tokenizer
-    config = SEDDConfig(hidden_size=32, n_heads=4, n_blocks=2, cond_dim=16, length=WINDOW, tokens=len(tokenizer),
-                        graph="absorb", name="tiny")
-    torch.manual_seed(0)
-    model = SEDD(config)
-    with torch.no_grad():  # every parameter random (adaLN-Zero would make the blocks identities)
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.1) + (1.0 if "norm" in name else 0.0))
-    return save_sedd(model.eval(), tmp_path_factory.mktemp("sedd") / "tiny", tokenizer)
+    return random_sedd(tmp_path_factory.mktemp("sedd") / "tiny", WINDOW)
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +184,6 @@ def test_cli_rwd_run_exports_a_sedd_and_a_killed_run_resumes_exactly(sedd_folder
     assert all(torch.allclose(end[k], again[k], atol=1e-6) for k in end)
 
 
-def user_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exc:
-        run_main(train_rl.main, argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exc.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
 @pytest.mark.parametrize("extra, fragments", [
     ([], ["remask_grpo", "SEDD", "use --method rwd or dpo"]),  # the default method
     (["--method", "diffu_grpo"], ["diffu_grpo", "use --method rwd or dpo"]),
@@ -211,7 +194,7 @@ def user_error(argv: list[str], capsys) -> str:
 def test_cli_refuses_what_a_sedd_cannot_do_in_one_line(sedd_folder, tmp_path, capsys, extra, fragments):
     argv = ["--model_name", str(sedd_folder), "--max_steps", "1", "--eval_samples", "0", "--accelerator", "cpu",
             "--gen_length", str(GEN), "--max_records", "20", "--out_dir", str(tmp_path / "out"), *extra]
-    line = user_error(argv, capsys)
+    line = in_process_user_error(train_rl.main, argv, capsys)
     for fragment in fragments:
         assert fragment.lower() in line.lower(), line
     assert not (tmp_path / "out" / "model").exists()

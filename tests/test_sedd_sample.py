@@ -5,8 +5,8 @@ import torch
 
 from cli_helpers import assert_user_error, run_cli
 from remedi_patches.backbones import load_backbone
-from remedi_patches.sedd import SEDD, SEDDConfig, save_sedd
 from remedi_patches.sedd import answers as sedd_answers
+from sedd_helpers import random_sedd
 from trainer_helpers import load_script
 
 sedd_sample = load_script("SMDM/sedd/sample.py")
@@ -21,15 +21,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def sedd_folder(tmp_path_factory, tokenizer):
-    config = SEDDConfig(hidden_size=32, n_heads=4, n_blocks=2, cond_dim=16, length=WINDOW, tokens=len(tokenizer),
-                        graph="absorb", name="tiny")
-    torch.manual_seed(0)
-    model = SEDD(config)
-    with torch.no_grad():  # every parameter random (adaLN-Zero would make the blocks identities)
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.1) + (1.0 if "norm" in name else 0.0))
-    return save_sedd(model.eval(), tmp_path_factory.mktemp("sedd") / "tiny", tokenizer)
+def sedd_folder(tmp_path_factory):
+    return random_sedd(tmp_path_factory.mktemp("sedd") / "tiny", WINDOW)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +118,7 @@ def test_cli_errors_in_process(sedd_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="--model"):
         sedd_sample.main(base(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="is not a SEDD model; use generate.py"):
-        sedd_sample.main(base("embedded"))
+        sedd_sample.main(base("embedded_remedi"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="is not a SEDD model"):
@@ -135,7 +128,7 @@ def test_cli_errors_in_process(sedd_folder, tmp_path):
 def test_cli_error_is_one_line(sedd_folder):
     result = run_cli(["SMDM/sedd/sample.py", *base(sedd_folder, "--gen_length", "100")])
     assert_user_error(result, "--gen_length", "window of 48")
-    result = run_cli(["SMDM/sedd/sample.py", "--model", "embedded", "--device", "cpu"])
+    result = run_cli(["SMDM/sedd/sample.py", "--model", "embedded_remedi", "--device", "cpu"])
     assert_user_error(result, "not a SEDD model", "generate.py")
 
 
