@@ -46,7 +46,11 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "assets" / "backbone"
 EMBEDDED_REMEDI_DIR = EMBEDDED_DIR.parent / "remedi"  # the dual-stream RemeDi trained on it (embedded.remedi)
-EMBEDDED_NAMES = {"embedded": EMBEDDED_DIR, "embedded_remedi": EMBEDDED_REMEDI_DIR}  # model names of the shipped
+EMBEDDED_SEDD_DIR = EMBEDDED_DIR.parent / "sedd"  # the tiny SEDD on the same task (remedi_patches.sedd.embedded)
+EMBEDDED_NAMES = {"embedded": EMBEDDED_DIR, "embedded_remedi": EMBEDDED_REMEDI_DIR,  # model names of the shipped
+                  "embedded_sedd": EMBEDDED_SEDD_DIR}
+EMBEDDED_BUILDERS = {"embedded": "remedi_patches.embedded.build", "embedded_remedi": "remedi_patches.embedded.remedi",
+                     "embedded_sedd": "remedi_patches.sedd.embedded"}  # `python -m <builder> --install` rebuilds
 LLADA_MASK_ID = 126336
 SMDM_CONFIG = "smdm_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -228,15 +232,15 @@ def detect_kind(source: Source) -> BackboneKind:
 
 def embedded_folder(name: str | Path | None) -> Optional[Path]:
     """The shipped folder a model name stands for (None / 'embedded': the embedded backbone; 'embedded_remedi': the
-    embedded RemeDi), or None for any other name. FileNotFoundError with the rebuild command when it is missing."""
+    embedded RemeDi; 'embedded_sedd': the embedded SEDD), or None for any other name. FileNotFoundError with the
+    rebuild command when it is missing."""
     if name is not None and str(name) not in EMBEDDED_NAMES:
         return None
     name = "embedded" if name is None else str(name)
     folder = EMBEDDED_NAMES[name]
-    if not (folder / SMDM_CONFIG).is_file():
-        builder = "build" if name == "embedded" else "remedi --install"
+    if not ((folder / SMDM_CONFIG).is_file() or (folder / "config.json").is_file()):
         raise FileNotFoundError(f"the {name} model is missing from {folder}; rebuild it with "
-                                f"`python -m remedi_patches.embedded.{builder}`")
+                                f"`python -m {EMBEDDED_BUILDERS[name]} --install`")
     return folder
 
 

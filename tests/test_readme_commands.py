@@ -50,6 +50,12 @@ TINY: list[tuple[str, str]] = [
     (r"^(python SMDM/rl/train_rl\.py .*--out_dir out/rl_\w+)$",
      r"\1 --max_steps 2 --prompts_per_step 1 --group_size 2 --steps 4 --eval_samples 4"),
     (r"^(python bench/bench_rl\.py .*)$", r"\1 --n_problems 4 --steps 32"),
+    (r"^(python SMDM/sedd/sft\.py sft\.pretrained_model=embedded sft\.dataset=embedded) training\.n_iters=200",
+     r"\1 training.n_iters=2 training.batch_size=4 sft.limit=64"),
+    (r"^(python bench/bench_sedd_accuracy\.py)$", r"\1 --n_problems 4 --steps 4 --llada_steps 4 --llada_gen_length 8"),
+    (r"^(python -m remedi_patches\.sedd\.embedded --work_dir out/embedded_sedd_build)$",
+     r"\1 --n_train 200 --pretrain_steps 2 --sft_steps 2 --batch_size 4 --hidden_size 32 --n_blocks 1 --n_heads 2 "
+     r"--cond_dim 16"),
     (r"^(python bench/bench_fast_decoding\.py)$",
      r"\1 --n_problems 4 --batch 2 --repeats 1 --prompt_len 16 --gen_length 32 --embedded_gen_length 32"),
 ]

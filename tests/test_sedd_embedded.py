@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from remedi_patches.backbones import load_backbone, load_tokenizer
+from remedi_patches.backbones import EMBEDDED_SEDD_DIR, load_backbone, load_tokenizer
 from remedi_patches.cli import run_main
 from remedi_patches.sedd import embedded, load_sedd, sft
 from trainer_helpers import load_script
@@ -76,13 +76,35 @@ def test_resumed_build_skips_finished_stages(build, capsys):
     assert capsys.readouterr().out.count("done already") == 2
     record = json.loads((out / "BUILD.json").read_text())
     assert all(isinstance(v, float) for v in record["last_train_loss"].values())
+    assert record["timings"]["pretrain_s"] is None and record["timings"]["sft_s"] is None  # not run by this call
 
 
 @pytest.mark.parametrize("bad, words", [(["--n_heads", "3"], "--hidden_size"), (["--sft_steps", "0"], "--sft_steps"),
-                                        (["--length", "16"], "--length")])
+                                        (["--length", "16"], "--length"),
+                                        (["--out_dir", str(EMBEDDED_SEDD_DIR)], "--install"),
+                                        (["--install", "--out_dir", "elsewhere"], "--install")])
 def test_bad_flags_are_one_error_line(bad, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(embedded.main, ["--work_dir", str(tmp_path), *bad])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_the_shipped_embedded_sedd_loads_by_name_and_learned_the_task():
+    """embedded_sedd (and 'embedded' in the SEDD tools) is the shipped build: its record, its tokenizer, and most of
+    10 held-out val problems answered right at temperature 0 (the shipped model gets 8/10; 0.925 on the 200 test
+    problems in BENCHMARKS.md section 8)."""
+    import bench_sedd_accuracy as B  # bench/ is on pytest.ini's pythonpath
+    from remedi_patches.backbones import EMBEDDED_SEDD_DIR
+    from remedi_patches.sedd.loading import sedd_model_name
+
+    bb = load_backbone(sedd_model_name("embedded"))
+    assert bb.kind == "sedd" and sum(p.numel() for p in bb.model.parameters()) == 1_653_761
+    record = json.loads((EMBEDDED_SEDD_DIR / "BUILD.json").read_text())
+    assert record["parameters"] == 1_653_761 and record["recipes"]["sft"]["n_iters"] == embedded.SFT_RECIPE.n_iters
+    assert bb.tokenizer.get_vocab() == load_tokenizer(embedded.tokenizer_dir()).get_vocab()
+    args = B.build_parser().parse_args(["--split", "val", "--n_problems", "10"])
+    rows = B.sedd_cell(bb.model, bb.tokenizer, B.problems(args), steps=32, predictor="analytic", temperature=0.0,
+                       row_length=B.ROW_LENGTH, batch_size=10, seed=0, label="val", progress=False)
+    assert sum(r["correct"] for r in rows) >= 6, [r["output"] for r in rows]

@@ -95,16 +95,18 @@ def test_guide_command_lines_compose_with_the_guides_defaults():
         sft.compose_config(QUICK_START + option)
 
 
-def test_guide_command_lines_run(model_dir, qa_data, tmp_path):
-    """Quick Start (auto-detection: question + solution) and the custom configuration, on local stand-ins."""
+def test_guide_command_lines_run(qa_data, tmp_path):
+    """Quick Start (auto-detection: question + solution) and the custom configuration on the embedded SEDD
+    (sft.pretrained_model=embedded) and a local stand-in for the dataset."""
     out = tmp_path / "quick"
-    result = sft.main(tiny(model_dir, qa_data, out))
+    result = sft.main(tiny("embedded", qa_data, out))
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert "val_loss" in result.evaluation and (out / "model" / "config.json").is_file()
     assert (out / sft.OVERRIDES_FILE).is_file() and (out / sft.CONFIG_FILE).is_file()
     custom = [o for o in CUSTOM if not o.startswith(("sft.pretrained_model", "sft.dataset", "training."))]
-    result = sft.main(tiny(model_dir, qa_data, tmp_path / "custom", *custom))
+    result = sft.main(tiny("embedded", qa_data, tmp_path / "custom", *custom))
     assert len(result.losses) == 2
+    assert load_sedd(tmp_path / "custom" / "model").config.name == "embedded"
 
 
 # ---------------------------------------------------------------- fields
@@ -149,7 +151,7 @@ def test_missing_field_is_one_error_line(model_dir, qa_data, tmp_path):
     (["sft.no_such_key=1"], "no_such_key"),
     (["training.n_iters=0"], "training.n_iters must be >= 1"),
     (["training.batch_size=3", "training.accum=2"], "multiple of training.accum"),
-    (["sft.pretrained_model=embedded"], "no embedded tiny SEDD"),
+    (["sft.pretrained_model=embedded_remedi"], "not a SEDD"),
 ])
 def test_bad_input_is_one_error_line(bad, words, model_dir, qa_data, tmp_path, capsys):
     from remedi_patches.cli import run_main

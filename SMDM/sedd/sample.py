@@ -6,7 +6,8 @@ prompts (the prompt's tokens are a fixed prefix of the sequence, never changed b
     python SMDM/sedd/sample.py --model /models/sedd-small --prompt "Hi" --predictor euler --steps 128 --show_steps
 
 --model takes what remedi_patches.backbones.load_backbone recognises as a "sedd" backbone: a hub-layout folder
-(config.json + weights), a training run folder (EMA weights) or a hub name. Each prompt is sampled in its own
+(config.json + weights), a training run folder (EMA weights), a hub name, or embedded (= embedded_sedd, the tiny SEDD
+the project ships for the embedded task). Each prompt is sampled in its own
 sampler call of shape (num_samples, prompt tokens + gen_length): the prompt sits at positions [0, n) of every row and
 the answer is the gen_length positions after it, so prompts of different lengths never share padding. An answer is
 decoded up to its first EOS. Without --prompt the samples are unconditional sequences of gen_length tokens.
@@ -29,6 +30,7 @@ from remedi_patches.backbones import detect_kind, embedded_folder, load_backbone
 from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.model_args import resolve_device
 from remedi_patches.sedd.answers import DEFAULT_PREDICTOR, DEFAULT_STEPS, decode_ids, encode_prompt, sample_answers
+from remedi_patches.sedd.loading import sedd_model_name
 from remedi_patches.sedd.sampling import PREDICTORS
 from remedi_patches.sources import resolve_source
 
@@ -93,13 +95,12 @@ def check_args(args) -> None:
         raise ValueError(f"--device {args.device}, but this torch has no CUDA device; pass --device cpu")
 
 
-def check_sedd_source(model: str) -> None:
-    """Refuse, before loading anything, a --model that is missing or is not a SEDD checkpoint."""
-    if embedded_folder(model) is not None:
-        raise ValueError(f"--model {model} (the embedded masked-diffusion model) is not a SEDD model; "
-                         "use generate.py")
+def check_sedd_source(model: str) -> str:
+    """The model source to load ('embedded' names the embedded SEDD); refuses, before loading anything, a --model
+    that is missing or is not a SEDD checkpoint."""
+    model = sedd_model_name(model)
     try:
-        source = resolve_source(model, "model")
+        source = resolve_source(embedded_folder(model) or model, "model")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--model: {err}") from None
     try:
@@ -109,15 +110,16 @@ def check_sedd_source(model: str) -> None:
                          "pass a SEDD folder, run folder or hub name") from None
     if kind.name != "sedd":
         raise ValueError(f"--model {model} (a {kind.name!r} backbone) is not a SEDD model; use generate.py")
+    return model
 
 
 def main(argv: Optional[list[str]] = None) -> list[str]:
     args = build_parser().parse_args(argv)
     check_args(args)
-    check_sedd_source(args.model)
+    model_name = check_sedd_source(args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
-    bb = load_backbone(args.model, device=device, dtype="float32", tokenizer=args.tokenizer)
+    bb = load_backbone(model_name, device=device, dtype="float32", tokenizer=args.tokenizer)
     model, tokenizer = bb.model, bb.tokenizer
     dtype = ("bfloat16" if device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
     model.autocast_dtype = AUTOCAST.get(dtype)

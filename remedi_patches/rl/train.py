@@ -53,8 +53,8 @@ from lit_gpt.training import (FabricConfig, RunConfig, Schedule, TrainGroup, app
                               claim_outputs, csv_logger, fit, hparams_of, num_parameters, require_finite,
                               require_path, resume_path, setup_fabric)
 from remedi_patches import data as sft_data
-from remedi_patches.backbones import (Backbone, EvalModel, detect_kind, embedded_folder, fsdp_block_classes,
-                                     load_backbone, max_length_of)
+from remedi_patches.backbones import (EMBEDDED_NAMES, Backbone, EvalModel, detect_kind, embedded_folder,
+                                     fsdp_block_classes, load_backbone, max_length_of)
 from remedi_patches.block_layout import RemaskRows
 from remedi_patches.cli import UserError, arg, fill_none
 from remedi_patches.detection import MODEL_META_FILE
@@ -93,8 +93,9 @@ SCALE_REWARDS = {"remask_grpo": True, "diffu_grpo": False, "rwd": True, "dpo": T
 class RLConfig(FabricConfig, RunConfig):
     # model
     model_name: str = arg("embedded_remedi", "'embedded_remedi' (the shipped dual-stream RemeDi), 'embedded' (the "
-                          "shipped single-stream backbone), a RemeDi / LLaDA folder or hub name, an SMDM export "
-                          "folder, or a SEDD (hub-layout or run folder, hub name: --method rwd / dpo only)",
+                          "shipped single-stream backbone), 'embedded_sedd' (the shipped SEDD), a RemeDi / LLaDA "
+                          "folder or hub name, an SMDM export folder, or a SEDD (hub-layout or run folder, hub name: "
+                          "--method rwd / dpo only)",
                           group="model")
     tokenizer: Optional[str] = arg(None, "tokenizer folder or hub name when the model has none", group="model")
     train_weights: str = arg("full", "full: every weight trains; lora: a LoRA adapter on the frozen model "
@@ -185,7 +186,7 @@ class RLConfig(FabricConfig, RunConfig):
 
     @property
     def embedded(self) -> bool:
-        return self.model_name in ("embedded", "embedded_remedi") and self.dataset == "embedded"
+        return self.model_name in EMBEDDED_NAMES and self.dataset == "embedded"
 
     @property
     def output_dir(self) -> Path:
@@ -260,7 +261,7 @@ class RLConfig(FabricConfig, RunConfig):
         require_path(self.ups_head, "--ups_head")
         if self.load_lora_dir is not None and self.train_weights != "lora":
             raise UserError("--load_lora_dir continues an adapter: add --train_weights lora")
-        if self.model_name not in ("embedded", "embedded_remedi"):
+        if self.model_name not in EMBEDDED_NAMES:
             require_path(self.model_name, "--model_name", kind="model")
         require_path(self.tokenizer, "--tokenizer", kind="model")
         if self.dataset != "embedded":

@@ -2,6 +2,7 @@
 SEDD trainer only (the SEDD counterpart of `remedi_patches.embedded.build`, which builds the embedded SMDM backbone).
 
     python -m remedi_patches.sedd.embedded --work_dir out/embedded_sedd_build       # everything under that folder
+    python -m remedi_patches.sedd.embedded --install      # ... then replace the shipped one (model name embedded_sedd)
 
 Stages (the trainer stages are `remedi_patches.sedd.sft.main(overrides)`, i.e. `python SMDM/sedd/sft.py <overrides>`):
   1. task data: the train split (`task.make_split`) as <work_dir>/data/train.jsonl (question / answer records) and
@@ -12,12 +13,13 @@ Stages (the trainer stages are `remedi_patches.sedd.sft.main(overrides)`, i.e. `
      EOS padding scored; the default value 'text' would mean auto-detection) from <work_dir>/init (PRETRAIN_RECIPE)
   4. SFT: the same trainer from the pretraining export <work_dir>/pretrain/model on the question / solution records,
      prompt kept clean (SFT_RECIPE)
-  5. export to --out_dir (default <work_dir>/sedd): the SFT run's EMA weights in the SEDD hub layout with the tokenizer,
+  5. export to --out_dir (default <work_dir>/sedd; --install: the shipped remedi_patches/embedded/assets/sedd, the
+     model name embedded_sedd): the SFT run's EMA weights in the SEDD hub layout with the tokenizer,
      both runs' metrics.csv and BUILD.json (command, args, stage overrides, timings, last losses). It loads with
      `load_sedd` / `load_backbone` (kind 'sedd') and samples with `python SMDM/sedd/sample.py --model <folder>`.
 
-A killed build resumes: finished stages (their export present) are skipped, a stage with a checkpoint continues from
-it (load_dir), a stage that left no checkpoint starts over.
+A killed build resumes: finished stages (their export present) are skipped (BUILD.json then records their time as
+null), a stage with a checkpoint continues from it (load_dir), a stage that left no checkpoint starts over.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class StageRecipe:
 
 
 PRETRAIN_RECIPE = StageRecipe(n_iters=300)
-SFT_RECIPE = StageRecipe(n_iters=2000, snapshot_freq=200, eval_freq=200)
+SFT_RECIPE = StageRecipe(n_iters=6000, snapshot_freq=500, eval_freq=500)
 SEED = 0
 
 
@@ -65,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", type=Path, default=Path("out/embedded_sedd_build"),
                    help="data, runs, checkpoints and logs")
     p.add_argument("--out_dir", type=Path, default=None, help="where the finished SEDD goes (None = <work_dir>/sedd)")
+    p.add_argument("--install", action="store_true",
+                   help="export into the source tree's shipped folder instead, replacing the embedded_sedd model")
     p.add_argument("--seed", type=int, default=SEED, help="task data, initialisation and both training runs")
     p.add_argument("--n_train", type=int, default=N_TRAIN, help="training problems (pretraining and SFT)")
     p.add_argument("--pretrain_steps", type=int, default=PRETRAIN_RECIPE.n_iters, help="pretraining optimizer steps")
@@ -90,6 +94,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.length < SFT_RECIPE.max_length:
         raise UserError(f"--length {args.length} is shorter than the rows ({SFT_RECIPE.max_length} tokens); raise it")
     return args
+
+
+def export_dir(args: argparse.Namespace) -> Path:
+    """<work_dir>/sedd, --out_dir, or the shipped folder with --install (and only with it)."""
+    from remedi_patches.backbones import EMBEDDED_SEDD_DIR
+
+    if args.install:
+        if args.out_dir is not None and args.out_dir.resolve() != EMBEDDED_SEDD_DIR.resolve():
+            raise UserError(f"--install exports into {EMBEDDED_SEDD_DIR}; drop --out_dir {args.out_dir}, or drop "
+                            "--install")
+        return EMBEDDED_SEDD_DIR
+    out = (args.out_dir if args.out_dir is not None else args.work_dir / "sedd").resolve()
+    if out == EMBEDDED_SEDD_DIR.resolve():
+        raise UserError(f"--out_dir {args.out_dir} is the shipped embedded SEDD in the source tree; add --install to "
+                        "replace it on purpose, or export elsewhere")
+    return out
 
 
 def tokenizer_dir() -> Path:
@@ -185,9 +205,9 @@ def main(argv=None) -> Path:
 
     args = parse_args(argv)
     w = args.work_dir.resolve()
-    out = (args.out_dir if args.out_dir is not None else w / "sedd").resolve()
+    out = export_dir(args)
     w.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
+    times: dict[str, Optional[float]] = {}
     losses: dict[str, Optional[float]] = {}
     stages: dict[str, list[str]] = {}
     with (w / "build.log").open("a") as log:
@@ -204,17 +224,14 @@ def main(argv=None) -> Path:
         print(f"embedded SEDD: {n_params:,} parameters", flush=True)
         times["init_s"] = round(time.time() - t0, 1)
 
-        t0 = time.time()
         stages["pretrain"] = stage_overrides(PRETRAIN_RECIPE, args, w / "init", text, w / "pretrain",
                                              args.pretrain_steps, f"sft.text_field={TEXT_FIELD}")
-        losses["pretrain"] = run_stage("pretrain", stages["pretrain"], log)
-        times["pretrain_s"] = round(time.time() - t0, 1)
-
-        t0 = time.time()
         stages["sft"] = stage_overrides(SFT_RECIPE, args, w / "pretrain" / "model", qa, w / "sft", args.sft_steps,
                                         "sft.question_field=question", "sft.response_field=answer")
-        losses["sft"] = run_stage("sft", stages["sft"], log)
-        times["sft_s"] = round(time.time() - t0, 1)
+        for stage, overrides in stages.items():
+            t0 = time.time()
+            losses[stage] = run_stage(stage, overrides, log)
+            times[f"{stage}_s"] = round(time.time() - t0, 1) if losses[stage] is not None else None
 
     out.mkdir(parents=True, exist_ok=True)
     for folder in (w / "sft" / "model", tok):  # the EMA weights, then the embedded tokenizer's own files

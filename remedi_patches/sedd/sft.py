@@ -224,10 +224,6 @@ def settings(cfg) -> SFTSettings:
 def _check(s: SFTSettings) -> None:
     from lit_gpt.training import ACCELERATORS, PRECISIONS
 
-    if s.pretrained_model == "embedded":
-        raise _user_error("sft.pretrained_model=embedded: the project ships no embedded tiny SEDD yet (the embedded "
-                          "backbone is an SMDM model); pass a SEDD hub name (louaaron/sedd-small), a SEDD hub-layout "
-                          "folder or an upstream run folder")
     for key, value in (("training.n_iters", s.n_iters), ("training.batch_size", s.batch_size),
                        ("training.accum", s.accum), ("ngpus", s.ngpus), ("training.eval_freq", s.eval_freq),
                        ("training.snapshot_freq", s.snapshot_freq)):
@@ -399,8 +395,9 @@ class SFTResult:
 def load_model(s: SFTSettings):
     """(SEDD, tokenizer) through the project's backbone loader; a non-SEDD model is refused."""
     from remedi_patches.backbones import load_backbone
+    from remedi_patches.sedd.loading import sedd_model_name
 
-    bb = load_backbone(s.pretrained_model, tokenizer=s.tokenizer)
+    bb = load_backbone(sedd_model_name(s.pretrained_model), tokenizer=s.tokenizer)
     if bb.kind != "sedd":
         raise _user_error(f"sft.pretrained_model={s.pretrained_model} is a {bb.kind!r} model, not a SEDD; pass a "
                           "SEDD hub name, hub-layout folder or upstream run folder")
