@@ -78,7 +78,7 @@ class BackboneKind:
     model_types: tuple[str, ...]                      # "module.QualName" of its model classes (for kind_of)
     recognise: Callable[[Path], bool]                 # an existing local file / folder of this kind?
     load: Callable[[Source, LoadOptions], tuple[nn.Module, object]]  # -> (model, tokenizer)
-    mask_id: Callable[[nn.Module, object], int]       # (model, tokenizer) -> [MASK] id
+    mask_id: Callable[[nn.Module, object], Optional[int]]  # (model, tokenizer) -> [MASK] id (None: a kind without)
     hub_names: Callable[[str], bool] = field(default=lambda name: False)  # loads this hub name (org/name)?
     max_length: Callable[[object], Optional[int]] = field(default=lambda config: None)  # config -> context
     sources: str = ""                                 # what a user passes, for error messages
@@ -167,7 +167,7 @@ def max_length_of(model: nn.Module) -> Optional[int]:
 class Backbone:
     model: nn.Module
     tokenizer: object  # a transformers tokenizer
-    mask_id: int
+    mask_id: Optional[int]  # None only for a uniform-graph SEDD, which has no [MASK] state
     eos_id: Optional[int]
     eot_id: Optional[int]
     name: str
@@ -324,6 +324,9 @@ def load_eval_model(path: Optional[str] = None, *, tokenizer: Optional[str] = No
         head, meta = load_ups_head(ups_head_path, map_location=device)
     backbone = load_backbone(path, device=device, dtype=resolve_dtype(dtype, device), smdm_size=smdm_size,
                              tokenizer=tokenizer)
+    if backbone.mask_id is None:
+        raise ValueError(f"{backbone.name} is a SEDD with the uniform graph, which has no [MASK] token, so no masked-"
+                         "diffusion sampler can decode it; sample it with python SMDM/sedd/sample.py")
     model = load_lora(backbone.model, lora_path) if lora_path else backbone.model
     if head is not None:
         if has_ups_stream(model):

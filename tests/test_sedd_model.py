@@ -10,11 +10,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from remedi_patches.backbones import fsdp_block_classes, kind_of, load_backbone, max_length_of
+from remedi_patches.backbones import fsdp_block_classes, kind_of, load_backbone, load_eval_model, max_length_of
 from remedi_patches.embedded import TOKENIZER_DIR
 from remedi_patches.modeling_wrappers import final_norm, hidden_size_of
 from remedi_patches.sedd import (SEDD, DDiTBlock, SEDDConfig, load_sedd, save_sedd, sedd_medium, sedd_small,
                                  sedd_state_dict_keys)
+from trainer_helpers import load_script
 
 TOKENS = 512  # the embedded tokenizer's vocabulary, so load_backbone can pair the two
 
@@ -358,8 +359,16 @@ def test_bad_sedd_folders_name_the_problem(tmp_path):
         load_sedd(tmp_path)
 
     uniform = _with_tokenizer(save_sedd(random_sedd(tiny_config("uniform")), tmp_path / "uniform"))
-    with pytest.raises(ValueError, match="uniform graph, which has no \\[MASK\\]"):
-        load_backbone(uniform)
+    assert load_backbone(uniform).mask_id is None  # the SEDD tools take it; masked-diffusion samplers cannot
+    with pytest.raises(ValueError, match="uniform graph, which has no \\[MASK\\].*SMDM/sedd/sample.py"):
+        load_eval_model(str(uniform), device="cpu")
+    sample = load_script("SMDM/sedd/sample.py")
+    texts = sample.main(["--model", str(uniform), "--device", "cpu", "--prompt", "Hi there", "--gen_length", "4",
+                         "--steps", "2"])
+    assert len(texts) == 1
+    with pytest.raises(ValueError, match="uniform graph, so leave the temperature at 1"):
+        sample.main(["--model", str(uniform), "--device", "cpu", "--prompt", "Hi", "--gen_length", "4",
+                     "--steps", "2", "--temperature", "0"])
     big = _with_tokenizer(save_sedd(random_sedd(tiny_config(tokens=100)), tmp_path / "small_vocab"))
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but the SEDD .* embeds 100"):
         load_backbone(big)

@@ -338,11 +338,9 @@ def build_meta_backbone_sedd(source: Source, options) -> tuple[SEDD, object]:
     return model, tokenizer
 
 
-def backbone_mask_id(model: SEDD, tokenizer) -> int:
-    """The absorbing state (= config tokens); a uniform-graph SEDD has none and is refused."""
-    if model.config.mask_token_id is None:
-        raise ValueError("this SEDD uses the uniform graph, which has no [MASK] token, so it cannot serve as a masked "
-                         "diffusion backbone; load it with remedi_patches.sedd.load_sedd and its own samplers")
+def backbone_mask_id(model: SEDD, tokenizer) -> Optional[int]:
+    """The absorbing state (= config tokens); None for a uniform-graph SEDD, which has none (the SEDD tools sample
+    and train it; load_eval_model, which feeds masked-diffusion samplers, refuses it)."""
     return model.config.mask_token_id
 
 
