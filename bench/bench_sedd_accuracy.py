@@ -78,7 +78,7 @@ def check_args(args) -> None:
         check_temperature(t)
     if not args.sedd and not args.llada:
         raise UserError("nothing to benchmark: give --sedd and/or --llada models")
-    if args.llada_source == "upstream" or args.llada_source == "low_confidence":
+    if args.llada_source == "low_confidence":  # upstream LLaDA's rule, by its own name
         args.llada_source = "upstream"
     parse_run(args.llada_source)  # ValueError naming the accepted sources
 
