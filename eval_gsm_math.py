@@ -17,12 +17,20 @@ Prompts are sorted by length before batching (--infer_bs) to waste little on lef
 
 Writes to --out_dir: predictions.jsonl (one row per problem and source: index, source, format, prompt, output,
 extracted, gold, correct, seconds, nfe = model forwards of the sampler call that answered it, tokens = its answer
-positions, i.e. gen_length), summary.json and summary.md (accuracy, coverage = share of outputs with an
-extractable answer, n, mean seconds per problem, NFE = mean nfe per problem, tokens/s = sum of tokens / sum of
-seconds, per source; summary.json also holds the settings, the fast-decoding ones --threshold, --factor, --cache,
---cache_interval included). The summary is computed from the rows alone, so re-grading the predictions file with
-the same graders reproduces it exactly; rows written before nfe / tokens existed re-grade too (NFE and tokens/s
-then None, '-' in the table).
+positions, i.e. gen_length, token_accuracy), summary.json and summary.md (accuracy = exact match of the final
+answer, token accuracy = mean token_accuracy, coverage = share of outputs with an extractable answer, n, mean
+seconds per problem, NFE = mean nfe per problem, tokens/s = sum of tokens / sum of seconds, per source;
+summary.json also holds the settings, the fast-decoding ones --threshold, --factor, --cache, --cache_interval
+included). The summary is computed from the rows alone, so re-grading the predictions file with the same graders
+reproduces it exactly; rows written before nfe / tokens / token_accuracy existed re-grade too (those columns then
+None, '-' in the table).
+
+token_accuracy (remedi_patches.metrics.answer_token_accuracy) is token-level accuracy on the answer span: the
+reference answer (the dataset's full solution, e.g. GSM8K's worked answer ending in `#### N`) tokenised by the
+model's tokenizer without special tokens and followed by EOS, as SFT trains it, against the sampled answer's tokens
+up to and including its first EOS / EoT, position by position from the answer start; it is the fraction of the
+reference positions (EOS included) holding the same token, missing positions counting wrong. It needs the
+tokenizer, so re-grading keeps each row's value as written.
 
 Flags are checked before any model is loaded; a second run on the same --out_dir refuses while the first holds it
 (remedi_patches.run_lock). Files are written to a temporary file of this process and renamed into place.
@@ -52,6 +60,7 @@ from remedi_patches.cli import ArgumentParser, run_main
 from remedi_patches.confidence import get_confidence_source
 from remedi_patches.data import column_names, json_records, load_records, render_prompt, resolve_fields
 from remedi_patches.graders import extract_boxed, extract_gsm8k_answer, grade_gsm8k, grade_math
+from remedi_patches.metrics import answer_token_accuracy
 from remedi_patches.model_args import add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import has_ups_stream
 from remedi_patches.remasking import Trajectory
@@ -68,6 +77,7 @@ UPSTREAM = "upstream"
 BOXED_HINT = "Put the final answer in \\boxed{}."
 PREDICTION_KEYS = ("index", "source", "format", "prompt", "output", "extracted", "gold", "correct", "seconds")
 COST_KEYS = ("nfe", "tokens")  # written by every run since fast decoding; absent from older predictions files
+TOKEN_ACCURACY = "token_accuracy"  # written since token-level accuracy; absent from older predictions files
 EVAL_DEFAULTS = LENGTH_DEFAULTS  # None = from the model's window (remedi_patches.sampling.default_lengths)
 DEFAULT_SOURCES = ("ups", "tps_prob", "random")  # without --ups_head: the same minus 'ups'
 
@@ -196,17 +206,40 @@ def grade(fmt: str, output: str, gold: str) -> tuple[Optional[str], bool]:
 # ---------------------------------------------------------------- sampling
 
 
-def sample_texts(em: EvalModel, texts: list[str], settings: SamplerSettings, chat_applied: bool = False,
-                 fit: Optional[PromptWindow] = None, trajectory=None) -> tuple[list[str], int]:
-    """Answers to model-input `texts` (item_texts; one left-padded batch, left-cropped by `fit`, by default the
-    model's window) -> (answers cut at EOS/EoT, padded prompt length)."""
+def sample_answer_ids(em: EvalModel, texts: list[str], settings: SamplerSettings, chat_applied: bool = False,
+                      fit: Optional[PromptWindow] = None, trajectory=None) -> tuple[torch.Tensor, int]:
+    """Answer positions sampled for model-input `texts` (item_texts; one left-padded batch, left-cropped by `fit`,
+    by default the model's window) -> (answer ids (B, gen_length), padded prompt length)."""
     if needs_ups_head(em, settings):
         raise ValueError("source 'ups' needs a UPS head: pass --ups_head (a head written by train_remedi.py), "
                          "or drop 'ups' from --confidence_sources")
     fit = fit or PromptWindow(max_length_of(em.model), settings.gen_length)
     ids, attention_mask = fit.crop_batch(*encode_texts(em.tokenizer, texts, chat_applied))
     out = sample(em, ids, attention_mask, settings, trajectory)  # (B, Lp + gen_length)
-    return decode_answers(em.tokenizer, out, ids.shape[1], em.stop_ids), ids.shape[1]
+    return out[:, ids.shape[1]:], ids.shape[1]
+
+
+def sample_texts(em: EvalModel, texts: list[str], settings: SamplerSettings, chat_applied: bool = False,
+                 fit: Optional[PromptWindow] = None, trajectory=None) -> tuple[list[str], int]:
+    """sample_answer_ids decoded -> (answers cut at EOS/EoT, padded prompt length)."""
+    answer_ids, prompt_len = sample_answer_ids(em, texts, settings, chat_applied, fit, trajectory)
+    return decode_answers(em.tokenizer, answer_ids, 0, em.stop_ids), prompt_len
+
+
+def reference_ids(em: EvalModel, items: Sequence[EvalItem]) -> list[Optional[list[int]]]:
+    """The reference answer of each item tokenised as SFT tokenises answers (no special tokens); None where an
+    item has no reference or the model no EOS (no token accuracy then)."""
+    eos = em.eos_id if em.eos_id is not None else em.tokenizer.eos_token_id
+    return [em.tokenizer(it.reference, add_special_tokens=False)["input_ids"] if it.reference and eos is not None
+            else None for it in items]
+
+
+def row_token_accuracy(em: EvalModel, answer: Sequence[int], reference: Optional[list[int]]) -> Optional[float]:
+    """answer_token_accuracy of one sampled answer (its gen_length ids) against reference_ids' entry."""
+    if reference is None:
+        return None
+    eos = em.eos_id if em.eos_id is not None else em.tokenizer.eos_token_id
+    return answer_token_accuracy(answer, reference, em.stop_ids or [eos], eos)
 
 
 def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], settings: SamplerSettings, *,
@@ -216,7 +249,8 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
 
     Runs share `settings` and each starts from torch.manual_seed(seed). Items are batched by prompt length;
     rows come back in item order per run. `seconds` is the batch's wall time divided by its size, `nfe` the model
-    forwards of the batch's sampler call and `tokens` the row's answer positions (gen_length). Prompts longer
+    forwards of the batch's sampler call, `tokens` the row's answer positions (gen_length) and `token_accuracy`
+    its token-level accuracy on the answer span (module docstring; None without a reference). Prompts longer
     than the model's window leaves after gen_length are left-cropped, with one warning for the whole run.
     """
     if batch_size < 1:
@@ -232,6 +266,7 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
     texts, applied = item_texts(em.tokenizer, items, chat)
     lengths = [len(ids) for ids in em.tokenizer(texts, add_special_tokens=not applied)["input_ids"]]
     fit.report(lengths)  # the one cropping warning of the run
+    references = reference_ids(em, items)
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rows = []
@@ -242,15 +277,17 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
             for batch in batches:
                 cost = Trajectory(record_steps=False)  # the call's forwards (NFE), no per-step record
                 start = time.perf_counter()
-                answers, _ = sample_texts(em, [texts[i] for i in batch], rs, applied, fit, cost)
+                answer_ids, _ = sample_answer_ids(em, [texts[i] for i in batch], rs, applied, fit, cost)
                 seconds = (time.perf_counter() - start) / len(batch)
-                for i, output in zip(batch, answers):
+                answers = decode_answers(em.tokenizer, answer_ids, 0, em.stop_ids)
+                for i, output, answer in zip(batch, answers, answer_ids.tolist()):
                     item = items[i]
                     extracted, correct = grade(fmt, output, item.gold)
                     run_rows.append({"index": item.index, "source": run.label, "format": fmt, "prompt": texts[i],
                                      "output": output, "extracted": extracted, "gold": item.gold,
                                      "correct": correct, "seconds": seconds, "nfe": cost.forwards,
-                                     "tokens": rs.gen_length})
+                                     "tokens": rs.gen_length,
+                                     TOKEN_ACCURACY: row_token_accuracy(em, answer, references[i])})
                 bar.update(len(batch))
         rows += sorted(run_rows, key=lambda r: r["index"])
     return rows, summarise(rows)
@@ -260,9 +297,10 @@ def evaluate(em: EvalModel, items: Sequence[EvalItem], runs: Sequence[Run], sett
 
 
 def summarise(rows: Sequence[dict]) -> dict:
-    """Per source, in order of first appearance: n, correct, accuracy, coverage, mean seconds per problem, nfe (mean
-    per problem) and tokens_per_second (sum of tokens / sum of seconds); the last two are None when a row of the
-    source lacks nfe / tokens (a predictions file written before they existed)."""
+    """Per source, in order of first appearance: n, correct, accuracy (exact match), token_accuracy (mean of the
+    rows'), coverage, mean seconds per problem, nfe (mean per problem) and tokens_per_second (sum of tokens / sum of
+    seconds); token_accuracy, nfe and tokens_per_second are None when a row of the source lacks its field (a
+    predictions file written before it existed, or an item without a reference)."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["source"], []).append(row)
@@ -273,7 +311,9 @@ def summarise(rows: Sequence[dict]) -> dict:
         seconds = sum(r["seconds"] for r in group)
         nfe = [r.get("nfe") for r in group]
         tokens = [r.get("tokens") for r in group]
+        token_acc = [r.get(TOKEN_ACCURACY) for r in group]
         results.append({"source": source, "n": n, "correct": correct, "accuracy": correct / n,
+                        TOKEN_ACCURACY: None if None in token_acc else sum(token_acc) / n,
                         "coverage": sum(r["extracted"] is not None for r in group) / n,
                         "mean_seconds": seconds / n,
                         "nfe": None if None in nfe else sum(nfe) / n,
@@ -282,19 +322,21 @@ def summarise(rows: Sequence[dict]) -> dict:
 
 
 def markdown_table(summary: dict) -> str:
-    """The summary as a Markdown table, one row per source ('-' for a cost an older predictions file lacks)."""
-    lines = ["| source | accuracy | coverage | n | s / problem | NFE | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The summary as a Markdown table, one row per source ('-' for a column an older predictions file lacks)."""
+    lines = ["| source | accuracy | token acc. | coverage | n | s / problem | NFE | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["results"]:
-        nfe, speed = r.get("nfe"), r.get("tokens_per_second")
-        lines.append(f"| {r['source']} | {r['accuracy']:.3f} | {r['coverage']:.3f} | {r['n']} | "
+        nfe, speed, token_acc = r.get("nfe"), r.get("tokens_per_second"), r.get(TOKEN_ACCURACY)
+        lines.append(f"| {r['source']} | {r['accuracy']:.3f} | {'-' if token_acc is None else f'{token_acc:.3f}'} | "
+                     f"{r['coverage']:.3f} | {r['n']} | "
                      f"{r['mean_seconds']:.3f} | {'-' if nfe is None else f'{nfe:.1f}'} | "
                      f"{'-' if speed is None else f'{speed:.1f}'} |")
     return "\n".join(lines)
 
 
 def regrade(rows: Sequence[dict]) -> list[dict]:
-    """The rows with `extracted` and `correct` recomputed by the current graders (each row's own format)."""
+    """The rows with `extracted` and `correct` recomputed by the current graders (each row's own format);
+    token_accuracy (it needs the tokenizer) is kept as written."""
     out = []
     for row in rows:
         extracted, correct = grade(row["format"], row["output"], row["gold"])
@@ -342,6 +384,11 @@ def read_predictions(path: str | Path) -> list[dict]:
             value = row.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise ValueError(f"{path}, {where}: {key} must be a number >= 0 (or absent), got {value!r}")
+        value = row.get(TOKEN_ACCURACY)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1):
+            raise ValueError(f"{path}, {where}: {TOKEN_ACCURACY} must be a number in [0, 1] (or absent), got "
+                             f"{value!r}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no predictions; pass the predictions.jsonl of a finished run")

@@ -1,13 +1,14 @@
-"""Incorrect-token detection metrics for the UPS: ROC AUC, ROC curve, confusion matrix.
+"""Metrics: incorrect-token detection of the UPS (ROC AUC, ROC curve, confusion matrix) and token-level accuracy
+of a sampled answer on the reference answer span (token_accuracy, answer_token_accuracy).
 
-Convention: the positive class is an incorrect token; the score of a token is 1 - sigmoid(h), h its UPS logit
+Detection convention: the positive class is an incorrect token; the score of a token is 1 - sigmoid(h), h its UPS logit
 (a UPS that trusts a token little calls it likely incorrect). Only unmasked answer tokens are scored. The baseline
 the sampler's `tps_prob` source stands for scores a token 1 - p_TPS(token there | x_t) (token_prob_scores).
 The held-out measurement that uses these is remedi_patches.detection.measure_detection.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -113,3 +114,30 @@ def token_prob_scores(
     lf = logits.detach().float()
     p_there = (lf.gather(-1, there.unsqueeze(-1)).squeeze(-1) - lf.logsumexp(-1)).exp()  # (B, L)
     return (1.0 - p_there)[keep].cpu()
+
+
+def token_accuracy(generated: Sequence[int], reference: Sequence[int]) -> float:
+    """Fraction of the reference's positions that `generated` holds the same token at, compared position by
+    position from the start: matches / len(reference). Positions past the end of `generated` count wrong;
+    generated tokens past the end of the reference are not scored. nan for an empty reference."""
+    if not reference:
+        return float("nan")
+    return sum(g == r for g, r in zip(generated, reference)) / len(reference)
+
+
+def answer_span(answer: Sequence[int], stop_ids: Sequence[int], eos_id: int) -> list[int]:
+    """The answer span a sampled answer is scored on: its tokens up to its first stop token (EOS / EoT), that stop
+    written as `eos_id`; an answer with no stop token is kept whole (it never ended)."""
+    answer = list(answer)
+    end = next((j for j, t in enumerate(answer) if t in stop_ids), None)
+    return answer if end is None else answer[:end] + [eos_id]
+
+
+def answer_token_accuracy(answer: Sequence[int], reference: Sequence[int], stop_ids: Sequence[int],
+                          eos_id: int) -> float:
+    """Token-level accuracy of a sampled answer on the answer span, the evaluators' `token_accuracy`:
+    token_accuracy(answer_span(answer), reference + [EOS]). `answer`: the sampled answer positions (gen_length ids);
+    `reference`: the reference answer's ids by the same tokenizer without special tokens (as SFT tokenises the
+    answer, which it follows by EOS). So the EOS slot is right only when the answer stops exactly where the
+    reference does, a shorter answer loses the positions it lacks and a longer one its EOS slot."""
+    return token_accuracy(answer_span(answer, stop_ids, eos_id), [*reference, eos_id])

@@ -1,6 +1,7 @@
 """eval_gsm_math.py, infer_compare.py and bench/bench_embedded_accuracy.py end to end on a tiny SMDM backbone
 (random weights, sentencepiece tokenizer trained on GSM8K / MATH / embedded text) saved like a real export."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import bench_embedded_accuracy as B  # bench/ is on pytest.ini's pythonpath
 import eval_gsm_math as E
 import infer_compare
 from remedi_patches import detection
+from remedi_patches import metrics as M
 from remedi_patches.backbones import load_eval_model
 from remedi_patches.data import load_records
 from remedi_patches.sampling import SamplerSettings
@@ -68,12 +70,12 @@ def test_regrade_recomputes_every_verdict(tmp_path):
     path = E.write_jsonl(tmp_path / "predictions.jsonl", rows)
     summary = E.main(["--predictions", str(path)])
     assert summary["results"] == [  # rows written before nfe / tokens existed: no cost
-        {"source": "ups", "n": 2, "correct": 1, "accuracy": 0.5, "coverage": 0.5, "mean_seconds": 1.0,
-         "nfe": None, "tokens_per_second": None},
-        {"source": "random", "n": 1, "correct": 1, "accuracy": 1.0, "coverage": 1.0, "mean_seconds": 0.25,
-         "nfe": None, "tokens_per_second": None},
+        {"source": "ups", "n": 2, "correct": 1, "accuracy": 0.5, "token_accuracy": None, "coverage": 0.5,
+         "mean_seconds": 1.0, "nfe": None, "tokens_per_second": None},
+        {"source": "random", "n": 1, "correct": 1, "accuracy": 1.0, "token_accuracy": None, "coverage": 1.0,
+         "mean_seconds": 0.25, "nfe": None, "tokens_per_second": None},
     ]
-    assert "| ups | 0.500 | 0.500 | 2 | 1.000 | - | - |" in E.markdown_table(summary)
+    assert "| ups | 0.500 | - | 0.500 | 2 | 1.000 | - | - |" in E.markdown_table(summary)
     new = read_jsonl(tmp_path / "regraded_predictions.jsonl")
     assert [(r["extracted"], r["correct"]) for r in new] == [("1800", True), (None, False), ("\\dfrac{1}{2}", True)]
     assert json.loads((tmp_path / "regraded_summary.json").read_text())["changed"] == 3
@@ -105,8 +107,25 @@ def test_summary_cost_per_source_and_old_rows():
     assert (fast["nfe"], fast["tokens_per_second"]) == (4.5, 8.0)
     assert (mixed["nfe"], mixed["tokens_per_second"]) == (None, None)
     table = E.markdown_table(E.summarise(rows)).splitlines()
-    assert table[0] == "| source | accuracy | coverage | n | s / problem | NFE | tokens/s |"
-    assert table[2] == "| fast | 1.000 | 1.000 | 2 | 1.000 | 4.5 | 8.0 |" and table[3].endswith("| - | - |")
+    assert table[0] == "| source | accuracy | token acc. | coverage | n | s / problem | NFE | tokens/s |"
+    assert table[2] == "| fast | 1.000 | - | 1.000 | 2 | 1.000 | 4.5 | 8.0 |" and table[3].endswith("| - | - |")
+
+
+def test_token_accuracy_by_hand():
+    """matches / len(reference), position by position; missing positions wrong, extra generated ones unscored."""
+    assert M.token_accuracy([5, 9, 7], [5, 6, 7, 8]) == 0.5  # 5 and 7 match; 8 is missing
+    assert M.token_accuracy([5, 6, 7, 8, 1, 1], [5, 6, 7, 8]) == 1.0
+    assert M.token_accuracy([6, 7, 8], [5, 6, 7]) == 0.0  # shifted by one: nothing lines up
+    assert math.isnan(M.token_accuracy([1], []))
+    eos, eot = 0, 1
+    stop = [eos, eot]
+    # the answer span: tokens up to the first stop (written as EOS), scored against the reference + EOS
+    assert M.answer_span([5, 6, eot, 3, 3], stop, eos) == [5, 6, eos]
+    assert M.answer_token_accuracy([5, 6, eot, 3, 3], [5, 6], stop, eos) == 1.0  # stops exactly where it should
+    assert M.answer_token_accuracy([5, 6, 7, eos], [5, 6], stop, eos) == pytest.approx(2 / 3)  # too long: EOS slot
+    assert M.answer_token_accuracy([5, eos, 3, 3], [5, 6, 7], stop, eos) == 0.25  # too short: 6, 7 and EOS missing
+    assert M.answer_token_accuracy([5, 6, 7, 7], [5, 6, 7], stop, eos) == 0.75  # never stopped: EOS slot wrong
+    assert M.answer_token_accuracy([eos, 4, 4], [5], stop, eos) == 0.0
 
 
 def test_bad_cost_fields_name_file_and_line(tmp_path):
@@ -114,6 +133,9 @@ def test_bad_cost_fields_name_file_and_line(tmp_path):
            "gold": "2", "correct": True, "seconds": 0.5}
     path = E.write_jsonl(tmp_path / "p.jsonl", [{**row, "nfe": 4, "tokens": 8}, {**row, "nfe": "four"}])
     with pytest.raises(ValueError, match="p.jsonl, line 2: nfe must be a number >= 0"):
+        E.read_predictions(path)
+    path = E.write_jsonl(tmp_path / "t.jsonl", [{**row, "token_accuracy": 0.5}, {**row, "token_accuracy": 1.5}])
+    with pytest.raises(ValueError, match=r"t.jsonl, line 2: token_accuracy must be a number in \[0, 1\]"):
         E.read_predictions(path)
 
 
@@ -127,13 +149,18 @@ def test_rows_carry_their_sampler_calls_cost(tiny, tmp_path):
     settings = SamplerSettings(steps=4, gen_length=8, block_length=4, threshold=0.3, cache="dual")
     rows, summary = E.evaluate(em, items, E.parse_runs(["tps_prob"]), settings, batch_size=1, progress=False)
     texts, applied = E.item_texts(em.tokenizer, items)
-    for row, text in zip(rows, texts):
+    for row, text, item in zip(rows, texts, items):
         alone = Trajectory(record_steps=False)
-        E.sample_texts(em, [text], settings.replace(confidence_source="tps_prob"), applied, trajectory=alone)
+        ids, _ = E.sample_answer_ids(em, [text], settings.replace(confidence_source="tps_prob"), applied,
+                                     trajectory=alone)
         assert (row["nfe"], row["tokens"]) == (alone.forwards, 8) and 2 <= row["nfe"] <= 8
+        assert row["output"] == E.decode_answers(em.tokenizer, ids, 0, em.stop_ids)[0]
+        reference = em.tokenizer(item.reference, add_special_tokens=False)["input_ids"]  # as SFT tokenises answers
+        assert row["token_accuracy"] == M.answer_token_accuracy(ids[0].tolist(), reference, em.stop_ids, em.eos_id)
     (result,) = summary["results"]
     assert result["nfe"] == pytest.approx(sum(r["nfe"] for r in rows) / 3)
     assert result["tokens_per_second"] == pytest.approx(3 * 8 / sum(r["seconds"] for r in rows))
+    assert result["token_accuracy"] == pytest.approx(sum(r["token_accuracy"] for r in rows) / 3)
 
     out = tmp_path / "run"
     E.main(model_args(tiny) + ["--max_samples", "2", "--confidence_sources", "tps_prob", "--threshold", "0.3",
