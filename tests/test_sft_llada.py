@@ -13,6 +13,7 @@ from lit_gpt.diffusion import draw_noise, seeded_generator
 from lit_gpt.packed_dataset import SampleOrder
 from remedi_patches.backbones import load_backbone, load_eval_model
 from remedi_patches.llada import LLaDAModelLM
+from remedi_patches.llada.modeling_llada import LLaDARMSNorm
 
 from cli_helpers import in_process_user_error
 from eval_fixtures import read_jsonl, tiny_llada_dir
@@ -172,6 +173,22 @@ def test_killed_llada_sft_resumes_on_the_same_losses(tiny_llada, chat_data, tmp_
     assert train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "killed", **args)) == full[2:]
     name = "adapter_model.safetensors" if lora else "model.safetensors"
     assert (tmp_path / "killed" / "final" / name).read_bytes() == (tmp_path / "full" / "final" / name).read_bytes()
+
+
+@pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
+def test_gradient_checkpointing_recomputes_every_block_with_the_same_losses(tiny_llada, chat_data, tmp_path,
+                                                                           monkeypatch, lora):
+    """Norm runs counted (two per block, one final): the blocks run again in backward, the losses do not move."""
+    runs = []
+    real = LLaDARMSNorm.forward
+    monkeypatch.setattr(LLaDARMSNorm, "forward", lambda norm, x: runs.append(1) or real(norm, x))
+    plain = train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "plain", lora_r=lora))
+    micro_batches, per_forward, per_recompute = 2 * 2, 2 * 2 + 1, 2 * 2
+    assert len(runs) == micro_batches * per_forward
+    ckpt = train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "ckpt", lora_r=lora,
+                                     gradient_checkpointing=True))
+    assert len(runs) == micro_batches * (2 * per_forward + per_recompute)
+    torch.testing.assert_close(ckpt, plain)
 
 
 def test_bad_llada_combinations_are_one_line_errors(tiny_llada, chat_data, tmp_path, capsys, data_dir):
