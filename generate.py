@@ -10,6 +10,10 @@
                                               (--ups_temperature 1.2: Plackett-Luce draws as its RL sampler)
     python generate.py --model GSAI-ML/LLaDA-8B-Instruct --gen_length 256 --block_length 32 --steps 256 \\
         --threshold 0.9 --cache dual          Fast-dLLM's parallel decoding over its dual KV cache
+    python generate.py --method semi_autoregressive_origin --gen_length 128 --block_length 32
+                                              LLaDA's sampling methods (--method): fixed_length (one block),
+                                              semi_autoregressive_padding (upstream's blocks, the default) and
+                                              semi_autoregressive_origin (the answer grows a block at a time until EOS)
 
 The answers follow one header line: the lengths, the decoding with the fast-decoding settings that are set, and the
 sampler call's cost, e.g. `(steps 256, gen_length 256, block_length 32) decoding: llada, cache: dual, threshold 0.9 |

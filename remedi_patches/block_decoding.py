@@ -41,8 +41,9 @@ from remedi_patches.kv_cache import KVCache, prompt_positions
 from remedi_patches.llada_cache import CACHE_ARGS, takes_cache
 from remedi_patches.modeling_wrappers import logits_of
 from remedi_patches.remasking import Trajectory
-from remedi_patches.sampling import (BLOCK_CACHE_ERROR, BLOCK_CFG_ERROR, _check_inputs, check_parallel, check_rules,
-                                     check_schedule, step_rule)
+from remedi_patches.sampling import (BLOCK_CACHE_ERROR, BLOCK_CFG_ERROR, _check_inputs, check_block_method,
+                                     check_parallel, check_rules, check_schedule, fill_after_end, step_rule,
+                                     update_end_block)
 
 
 def block_causal_mask(key_real: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -109,21 +110,12 @@ class BlockContext:
         self.next_group += 1
 
 
-def fill_after_end(x: torch.Tensor, end_block: torch.Tensor, prompt_len: int, block_length: int,
-                   eos_id: int) -> torch.Tensor:
-    """x with EOS in every answer block after each row's EOS block (end_block (B,), -1 = none: row kept)."""
-    blocks = (torch.arange(x.shape[1] - prompt_len, device=x.device) // block_length)[None, :]  # (1, G)
-    after = (end_block[:, None] >= 0) & (blocks > end_block[:, None])  # (B, G)
-    x[:, prompt_len:] = x[:, prompt_len:].masked_fill(after, eos_id)
-    return x
-
-
 @torch.no_grad()
 def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=32, temperature=0.,
                    cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
                    confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
                    eos_id=126081, eot_id=126348, ups_temperature=0., threshold=None, factor=None, cache=None,
-                   cache_interval=None, trajectory: Optional[Trajectory] = None, kv_cache: bool = True
+                   cache_interval=None, method=None, trajectory: Optional[Trajectory] = None, kv_cache: bool = True
                    ) -> torch.Tensor:
     """Fill gen_length masked positions after `prompt` by block diffusion (module docstring).
 
@@ -134,6 +126,8 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
         cfg_scale: must be 0 (classifier-free guidance is not implemented for block decoding).
         eos_id: stops decoding after the first block in which every row has written it (None: no stop).
         cache, cache_interval: must be None (the approximate caches of LLaDA-style decoding; this one is exact).
+        method: None or 'semi_autoregressive_origin', which block decoding is by construction (each block reads only
+            the prompt and the blocks before it, and EOS stops it); the other methods are refused.
         kv_cache: False = recompute prompt + finished blocks every step with the block-causal mask (reference).
         trajectory: one StepRecord per step (`start` = the block's first position in the output), the forwards
             run, answer tokens and seconds, as generate() records them.
@@ -148,6 +142,7 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
         raise ValueError(BLOCK_CFG_ERROR)
     if cache is not None or cache_interval is not None:
         raise ValueError(BLOCK_CACHE_ERROR)
+    check_block_method(method)
     model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
                             logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                             confidence_source=confidence_source, ups_head=ups_head, remask=remask, eos_id=eos_id,
@@ -180,7 +175,7 @@ def block_generate(model, prompt, attention_mask=None, steps=128, gen_length=128
             if rule.parallel and not bool(left.any()):
                 break
         if eos_id is not None:
-            end_block = torch.where((end_block < 0) & (tokens == eos_id).any(dim=-1), b, end_block)
+            end_block = update_end_block(end_block, tokens, b, eos_id)
             if bool((end_block >= 0).all()):
                 break
         if b + 1 < num_blocks:

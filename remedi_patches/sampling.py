@@ -54,9 +54,16 @@ logger = logging.getLogger(__name__)
 # upstream `remasking=` rule -> the confidence source that reproduces it on masked positions only
 UPSTREAM_RULES = {"low_confidence": "tps_prob", "random": "random"}
 DECODINGS = ("llada", "block")  # SamplerSettings.decoding: generate() | block_decoding.block_generate()
+# SamplerSettings.method: the training README's sampling methods of LLaDA-style decoding (generate's docstring)
+FIXED_LENGTH, SEMI_AR_PADDING = "fixed_length", "semi_autoregressive_padding"
+SEMI_AR_ORIGIN = "semi_autoregressive_origin"
+METHODS = (FIXED_LENGTH, SEMI_AR_PADDING, SEMI_AR_ORIGIN)
 FAST_DECODING_FIELDS = ("cache", "cache_interval", "threshold", "factor")  # SamplerSettings' fast-decoding fields
 BLOCK_CFG_ERROR = ("block decoding does not implement classifier-free guidance (cfg_scale > 0): use cfg_scale 0, or "
                    "decoding 'llada'")
+BLOCK_METHOD_ERROR = ("block decoding reads only the prompt and the finished blocks and stops at EOS: it is "
+                      "semi_autoregressive_origin by construction; drop method (or set semi_autoregressive_origin), "
+                      "or use decoding 'llada' for {method}")
 BLOCK_CACHE_ERROR = ("block decoding already caches exactly (the prompt and finished blocks); cache and cache_interval "
                      "choose LLaDA-style decoding's approximate caches: drop them, or use decoding 'llada'")
 
@@ -83,6 +90,22 @@ def check_schedule(steps: int, gen_length: int, block_length: int) -> int:
         raise ValueError(f"steps={steps} > gen_length={gen_length}: some steps would commit no token "
                          "(and steps per block would exceed block_length); use steps <= gen_length")
     return steps // num_blocks
+
+
+def check_method(method: Optional[str], gen_length: int, block_length: int) -> None:
+    """A sampling method's own rules: a known name, and fixed_length as one block."""
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {list(METHODS)}")
+    if method == FIXED_LENGTH and block_length != gen_length:
+        raise ValueError(f"method fixed_length decodes the answer as one block, but block_length={block_length} != "
+                         f"gen_length={gen_length}; set block_length to gen_length, or use method "
+                         f"{SEMI_AR_PADDING}")
+
+
+def check_block_method(method: Optional[str]) -> None:
+    """Block decoding takes method None or semi_autoregressive_origin (what it does anyway)."""
+    if method not in (None, SEMI_AR_ORIGIN):
+        raise ValueError(BLOCK_METHOD_ERROR.format(method=method))
 
 
 def check_parallel(threshold: Optional[float], factor: Optional[float], ups_temperature: float = 0.0) -> None:
@@ -260,12 +283,26 @@ def step_rule(model: nn.Module, *, temperature: float, remasking: str, mask_id: 
                            confidence_eos_eot_inf, eos_id, eot_id, threshold, factor)
 
 
+def fill_after_end(x: torch.Tensor, end_block: torch.Tensor, prompt_len: int, block_length: int,
+                   eos_id: int) -> torch.Tensor:
+    """x with EOS in every answer block after each row's EOS block (end_block (B,), -1 = none: row kept)."""
+    blocks = (torch.arange(x.shape[1] - prompt_len, device=x.device) // block_length)[None, :]  # (1, G)
+    after = (end_block[:, None] >= 0) & (blocks > end_block[:, None])  # (B, G)
+    x[:, prompt_len:] = x[:, prompt_len:].masked_fill(after, eos_id)
+    return x
+
+
+def update_end_block(end_block: torch.Tensor, tokens: torch.Tensor, b: int, eos_id: int) -> torch.Tensor:
+    """(B,) first block holding EOS per row (-1 = none yet) after block b's tokens (B, N) are final."""
+    return torch.where((end_block < 0) & (tokens == eos_id).any(dim=-1), b, end_block)
+
+
 @torch.no_grad()  # not inference_mode: callers may feed the tokens to a training forward
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.,
              cfg_scale=0., remasking='low_confidence', mask_id=126336, logits_eos_inf=False,
              confidence_eos_eot_inf=False, *, confidence_source=None, ups_head=None, remask=None,
              eos_id=126081, eot_id=126348, ups_temperature=0., threshold=None, factor=None, cache=None,
-             cache_interval=None, trajectory: Optional[Trajectory] = None) -> torch.Tensor:
+             cache_interval=None, method=None, trajectory: Optional[Trajectory] = None) -> torch.Tensor:
     """Fill gen_length masked positions after `prompt` by masked-diffusion denoising (LLaDA-style: every step
     runs the whole sequence, or part of it over an approximate KV cache; block diffusion with an exact KV cache is
     remedi_patches.block_decoding.block_generate).
@@ -312,8 +349,16 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             Fast-dLLM's approximate KV caches, refreshed by a whole-sequence forward at the block's first step and
             every cache_interval steps of it (None = once per block); see remedi_patches.llada_cache. Need a model
             taking the cache arguments (native LLaDA, SMDM, dual-stream RemeDi).
+        method: the sampling methods of LLaDA's training README. None or 'semi_autoregressive_padding' (upstream):
+            the whole answer of masks follows the prompt from the start and its blocks are filled left to right;
+            'fixed_length': the same with the answer as one block (block_length must equal gen_length);
+            'semi_autoregressive_origin': the answer grows a block at a time: the model reads only the prompt and
+            the blocks so far (no masks beyond the current block), and growth stops after the block in which every
+            row has written eos_id; the blocks never written are returned as EOS. When no row writes EOS before
+            the last block it equals generating each block in turn as a one-block call on the text so far.
         trajectory: a remedi_patches.remasking.Trajectory to append one StepRecord per step to (and count
-            the forwards, answer tokens and seconds in).
+            the forwards, answer tokens and seconds in). Its token snapshots always have the full
+            (B, Lp + gen_length) shape (blocks not yet grown read as masks).
     Returns:
         (B, Lp + gen_length) token ids; the prompt is returned unchanged and no mask is left.
     Same model, inputs and seed as upstream LLaDA give the same tokens (global torch RNG, same order).
@@ -324,6 +369,10 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     check_rules(temperature, cfg_scale, remasking, confidence_source, remask, ups_temperature)
     check_parallel(threshold, factor, ups_temperature)
     check_cache(cache, cache_interval)
+    check_method(method, gen_length, block_length)
+    if method == SEMI_AR_ORIGIN and eos_id is None:
+        raise ValueError(f"method {SEMI_AR_ORIGIN} stops growing the answer at EOS and needs eos_id; pass the "
+                         "tokenizer's EOS id")
     model, rule = step_rule(model, temperature=temperature, remasking=remasking, mask_id=mask_id,
                             logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                             confidence_source=confidence_source, ups_head=ups_head, remask=remask, eos_id=eos_id,
@@ -337,13 +386,19 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
         if cfg_scale > 0:
             attention_mask = torch.cat([attention_mask, attention_mask])
-    reader = SequenceReader(model, attention_mask, cache, cache_interval, cfg_scale, uncond_positions, mask_id)
+    origin = method == SEMI_AR_ORIGIN
+    end_block = torch.full((batch,), -1, dtype=torch.long, device=prompt.device)  # origin: first block with EOS
+    forwards = 0
 
     for b in range(gen_length // block_length):
         block = slice(prompt_len + b * block_length, prompt_len + (b + 1) * block_length)
+        seen = block.stop if origin else x.shape[1]  # origin: the model reads the prompt and the blocks so far
+        if b == 0 or origin:
+            reader = SequenceReader(model, None if attention_mask is None else attention_mask[:, :seen], cache,
+                                    cache_interval, cfg_scale, uncond_positions[:, :seen], mask_id)
         for i, (n, k) in enumerate(rule.schedule(block_length, steps_per_block)):  # n_i, k_i (None: parallel)
-            logits, ups_logits = reader.read(x, block, i)  # (B, N, V), (B, N) | None
-            new_tokens, committed, remasked = rule.step(x[:, block], logits, ups_logits, n, k, x.shape[1], block,
+            logits, ups_logits = reader.read(x[:, :seen], block, i)  # (B, N, V), (B, N) | None
+            new_tokens, committed, remasked = rule.step(x[:, block], logits, ups_logits, n, k, seen, block,
                                                         None if trajectory is None else trajectory.observer)
             x[:, block] = new_tokens
             left = (new_tokens == mask_id).sum(dim=-1)  # (B,)
@@ -351,8 +406,17 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 trajectory.record(b, i, block.start, committed, remasked, left, x)
             if rule.parallel and not bool(left.any()):
                 break
+        if origin:
+            forwards += reader.forwards
+            end_block = update_end_block(end_block, x[:, block], b, eos_id)
+            if bool((end_block >= 0).all()):
+                break
+    if origin:
+        x = fill_after_end(x, end_block, prompt_len, block_length, eos_id)
+    else:
+        forwards = reader.forwards
     if trajectory is not None:
-        trajectory.add_call(x[:, prompt_len:], reader.forwards, started)
+        trajectory.add_call(x[:, prompt_len:], forwards, started)
     return x
 
 
@@ -410,6 +474,13 @@ class SamplerSettings:
     cache_interval: Optional[int] = arg(
         None, "with --cache: also refresh every this many steps within a block (1 = every step: exact); None = "
         "once per block, as Fast-dLLM", metavar="STEPS")
+    method: Optional[str] = arg(
+        None, "LLaDA's sampling methods: semi_autoregressive_padding = the whole answer of masks follows the prompt "
+        "and its blocks fill left to right (upstream; what None means under decoding llada); fixed_length = the "
+        "same as one block (block_length = gen_length; the CLI default when --block_length is left out); "
+        "semi_autoregressive_origin = the answer grows a block at a time, the model reading only the prompt and "
+        "the blocks so far, until every row has written EOS (block decoding works so by construction)",
+        choices=METHODS)
 
     def __post_init__(self):
         self.check()
@@ -438,6 +509,9 @@ class SamplerSettings:
         check_cache(self.cache, self.cache_interval)
         if self.decoding == "block" and self.cache is not None:
             raise ValueError(BLOCK_CACHE_ERROR)
+        check_method(self.method, self.gen_length, self.block_length)
+        if self.decoding == "block":
+            check_block_method(self.method)
 
     @property
     def remasks(self) -> bool:
@@ -478,6 +552,8 @@ def settings_from_args(namespace: argparse.Namespace, window: Optional[int] = No
     defaulted = [name for name, value in given.items() if value is None]
     if defaulted:
         overrides.update(default_lengths(window, **given))
+        if "block_length" in defaulted and overrides.get("method", getattr(namespace, "method", None)) == FIXED_LENGTH:
+            overrides["block_length"] = overrides["gen_length"]  # one block: the whole answer
     try:
         return config_from_args(SamplerSettings, namespace, **overrides)
     except ValueError as err:
@@ -638,6 +714,9 @@ def check_decoding(model: nn.Module, settings: SamplerSettings) -> None:
     (the harness adapters check it when the model is loaded; sample() at every call)."""
     if decoding_of(model, settings.decoding) == "block" and settings.cache is not None:
         raise ValueError(f"{BLOCK_CACHE_ERROR} (this model decodes by blocks by default: it has its own UPS stream)")
+    if decoding_of(model, settings.decoding) == "block" and settings.method not in (None, SEMI_AR_ORIGIN):
+        raise ValueError(f"{BLOCK_METHOD_ERROR.format(method=settings.method)} (this model decodes by blocks by "
+                         "default: it has its own UPS stream)")
 
 
 def sample(bundle, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], settings: SamplerSettings,

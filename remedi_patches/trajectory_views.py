@@ -210,9 +210,12 @@ def trajectory_text(trajectory: Trajectory, answer_start: int, tokenizer, mask_i
 
 
 def decoding_text(settings, decoding: str) -> str:
-    """'decoding: llada, cache: dual, threshold 0.9': the decoding a sampler call uses (sampling.decoding_of) and
-    the fast-decoding settings of `settings` (a sampling.SamplerSettings) that are set."""
+    """'decoding: llada, cache: dual, threshold 0.9': the decoding a sampler call uses (sampling.decoding_of), its
+    sampling method when one is set, and the fast-decoding settings of `settings` (a sampling.SamplerSettings) that
+    are set."""
     parts = [f"decoding: {decoding}"]
+    if getattr(settings, "method", None) is not None:
+        parts.append(f"method: {settings.method}")
     for name in FAST_DECODING_FIELDS:
         value = getattr(settings, name, None)
         if value is not None:
