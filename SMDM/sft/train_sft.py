@@ -12,14 +12,16 @@ LLaDA (--model_name a LLaDA folder or hub name, remedi_patches.llada): every wei
 transformers folder with the tokenizer, read by load_backbone and generate.py --model), or with --lora_r a PEFT
 LoRA adapter on the frozen model (--lora_alpha --lora_dropout --lora_target; the export is the adapter folder:
 generate.py --model <LLaDA> --lora_path <export>). --strategy fsdp shards it one LLaDABlock per unit;
---gradient_checkpointing recomputes the blocks in backward. Its defaults are the seeds' LLaDA SFT (LLADA_DEFAULTS).
+--gradient_checkpointing recomputes the blocks in backward. Its defaults are the seeds' LLaDA SFT (LLADA_DEFAULTS:
+lr 2e-5, 10000 steps, 4 rows per device of up to 4096 tokens), whatever the data. Checkpoints of a LoRA run hold the
+adapter alone (under FSDP the whole model, as Fabric gathers it).
 
 Defaults: with no --pretrained_path / --model / --model_name the model is the shipped embedded backbone
 (remedi_patches/embedded/assets/backbone); --tokenizer defaults to the tokenizer an SMDM --pretrained_path folder
 ships; --dataset to 'embedded' (the project's task). On the embedded task, settings left out take the embedded
 recipe (remedi_patches.embedded.build's SFT_RECIPE: the shipped backbone's SFT); on other data upstream SMDM SFT's
-defaults (GENERAL_DEFAULTS), with rows as long as the model's window (at most 2048). Every flag given explicitly
-wins.
+defaults (GENERAL_DEFAULTS), with rows as long as the model's window (at most 2048); a LLaDA model takes
+LLADA_DEFAULTS. Every flag given explicitly wins.
 
 Each row is [prompt][answer][EOS padding] (the padding counts as answer, as in LLaDA SFT).
 Noise: t ~ U(0, 1) per row, answer tokens masked with p_mask = (1 - eps) t + eps, prompt tokens
@@ -50,10 +52,10 @@ from lit_gpt.model import CONFIG_FILE, TransEncoder, load_smdm_config, load_weig
 from lit_gpt.packed_dataset import SampleOrder
 from lit_gpt.training import (ExportConfig, FabricConfig, OptimConfig, RunConfig, SMDMModelConfig, Schedule,
                               TrainGroup, UserError, apply_gradient_checkpointing, build_optimizer, claim_outputs,
-                              csv_logger, default_micro_batch_size, default_precision, export_smdm, fit, grad_accum_steps,
-                              hparams_of, latest_checkpoint, micro_batch_rows, num_parameters, require_finite,
-                              require_path, resume_path, setup_fabric, setup_model_and_optimizer, smdm_config,
-                              warmup_for)
+                              csv_logger, default_micro_batch_size, default_precision, export_smdm, fit,
+                              grad_accum_steps, hparams_of, latest_checkpoint, micro_batch_rows, num_parameters,
+                              require_finite, require_path, resume_path, setup_fabric, setup_model_and_optimizer,
+                              smdm_config, warmup_for)
 from remedi_patches.backbones import (EMBEDDED_DIR, TOKENIZER_FILES, Backbone, detect_kind, fsdp_block_classes,
                                       load_backbone, load_tokenizer, max_length_of)
 from remedi_patches.cli import (ArgumentParser, add_config_args, arg, config_from_args, fill_none, recipe_help,
@@ -66,6 +68,7 @@ from remedi_patches.remask_sft import PRECISION_DTYPES, export_model, resolve_lo
 from remedi_patches.sources import is_hub_name
 
 STREAM_TRAIN = 0
+EPOCHS = 3.0
 MAX_SEQ_LEN = 2048  # upstream's rows; a model with a shorter window gets rows of its window
 # defaults resolved by SFTConfig.check(): EMBEDDED_RECIPE on the embedded task, else upstream SMDM SFT's (its
 # schedule: lr 2e-4 -> 2e-5 as pretraining, 200 warmup steps); seq_len None: the model's window (model_config)
@@ -118,8 +121,11 @@ class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
                                                 f"the model's window, at most {MAX_SEQ_LEN}",
                                                 f"the model's window, at most {LLADA_MAX_SEQ_LEN} (the seeds' "
                                                 "max_length; lower it for short data)"), group="data")
-    epochs: float = arg(3.0, "passes over the data (ignored with --max_steps)", group="schedule")
-    max_steps: Optional[int] = arg(None, _by_data("max_steps", "optimizer steps", "from --epochs"), group="schedule")
+    epochs: Optional[float] = arg(None, f"passes over the data (ignored with --max_steps); default {EPOCHS:g}",
+                                  group="schedule")
+    max_steps: Optional[int] = arg(None, _by_data("max_steps", "optimizer steps", "from --epochs",
+                                                  f"{LLADA_DEFAULTS['max_steps']} (the seeds') unless --epochs is "
+                                                  "given"), group="schedule")
     eps: float = arg(1e-3, "p_mask = (1 - eps) t + eps", group="schedule")
     # the optimisation defaults of the shared configs, made data-dependent
     lr: Optional[float] = arg(None, _by_data("lr", "peak learning rate"), group="optimisation")
@@ -177,10 +183,12 @@ class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
         if self.lora_r is not None:
             fill_none(self, {**LORA_DEFAULTS, "lora_alpha": 2 * self.lora_r})
         if self.llada:
-            fill_none(self, LLADA_DEFAULTS)
+            fill_none(self, LLADA_DEFAULTS, keep_none=["max_steps"] if self.epochs is not None else [])
+            self.epochs = EPOCHS if self.epochs is None else self.epochs
             if self.global_batch_size is None:
                 self.global_batch_size = self.micro_batch_size * self.world_size
             return self
+        self.epochs = EPOCHS if self.epochs is None else self.epochs
         return fill_none(self, EMBEDDED_RECIPE if self.embedded_data else GENERAL_DEFAULTS)
 
     def check_llada(self) -> None:
