@@ -207,3 +207,56 @@ def test_bad_llada_combinations_are_one_line_errors(tiny_llada, chat_data, tmp_p
         argv = llada_args(tiny_llada, chat_data, tmp_path / "out", **{"chat_template": None}) + extra
         assert message in in_process_user_error(train_sft.main, argv, capsys)
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_llada_defaults_are_the_seeds_and_smdm_defaults_stay(tiny_llada, chat_data):
+    llada = train_sft.parse_args(["--model_name", str(tiny_llada), "--dataset", str(chat_data), "--devices", "2"])
+    assert (llada.lr, llada.max_steps, llada.micro_batch_size, llada.global_batch_size) == (2e-5, 10000, 4, 8)
+    assert llada.lora_r is None and llada.epochs == 3
+    lora = train_sft.parse_args(["--model_name", str(tiny_llada), "--dataset", str(chat_data), "--epochs", "2",
+                                 "--lora_r", "8"])
+    assert lora.max_steps is None and lora.epochs == 2  # --epochs sets the length
+    assert (lora.lora_alpha, lora.lora_dropout, lora.lora_target) == (16, 0.05, "auto")
+    smdm = train_sft.parse_args(["--dataset", str(chat_data)])
+    assert (smdm.lr, smdm.max_steps, smdm.global_batch_size, smdm.epochs) == (2e-4, None, 256, 3)
+
+
+def test_fsdp_wraps_the_llada_blocks(tiny_llada, chat_data, tmp_path, monkeypatch):
+    """No GPU here: the strategy setup_fabric builds is checked, not run."""
+    from remedi_patches.llada import LLaDABlock
+
+    seen = {}
+
+    def setup_fabric(cfg, wrap_blocks=None, loggers=None):
+        seen["wrap_blocks"] = wrap_blocks
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_sft, "setup_fabric", setup_fabric)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.main(llada_args(tiny_llada, chat_data, tmp_path, accelerator="gpu", strategy="fsdp"))
+    assert seen["wrap_blocks"] == {LLaDABlock}
+
+
+class RankZero:
+    global_rank = 0
+
+    def print(self, *args, **kwargs):
+        pass
+
+    def barrier(self):
+        pass
+
+
+def test_adapter_export_reads_an_fsdp_checkpoint(tiny_llada, tmp_path):
+    """Under FSDP a LoRA checkpoint holds the whole model's full state dict: the export takes its adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    bb = load_backbone(tiny_llada)
+    peft_model = get_peft_model(bb.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trained = {k: torch.randn_like(v) if "lora_" in k else v for k, v in peft_model.state_dict().items()}
+    torch.save({"model": trained}, tmp_path / "iter-000004-ckpt.pth")
+    train_sft.export_adapter(RankZero(), tmp_path, peft_model, bb.tokenizer, tmp_path / "final")
+    loaded = load_eval_model(str(tiny_llada), lora_path=str(tmp_path / "final"), device="cpu", dtype=None).model
+    got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert got.keys() == {k for k in trained if "lora_" in k}
+    assert all(torch.equal(v, trained[k]) for k, v in got.items())
