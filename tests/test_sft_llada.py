@@ -199,7 +199,7 @@ def test_bad_llada_combinations_are_one_line_errors(tiny_llada, chat_data, tmp_p
         (["--lora_alpha", "8"], "add --lora_r"),
         (["--lora_r", "4", "--lora_target", "nope"], "--lora_target 'nope' matches no module"),
         (["--seq_len", "5000"], "exceeds the context 4096"),
-        (smdm + ["--lora_r", "4"], "SMDM models train every weight: drop the LoRA flags"),
+        (smdm + ["--lora_r", "4"], "--lora_r: LoRA here trains a LLaDA --model_name"),
         (["--model_name", "Diff_LLaMA_17M"], "neither an SMDM config"),
         (["--model_name", str(remedi)], "dual-stream RemeDi"),
     ]

@@ -180,9 +180,9 @@ class SFTConfig(FabricConfig, RunConfig, ExportConfig, OptimConfig, SMDMModelCon
         folder = self.pretrained_path
         if self.tokenizer is None and folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
             self.tokenizer = str(folder)
-        if self.lora_r is not None:
-            fill_none(self, {**LORA_DEFAULTS, "lora_alpha": 2 * self.lora_r})
         if self.llada:
+            if self.lora_r is not None:
+                fill_none(self, {**LORA_DEFAULTS, "lora_alpha": 2 * self.lora_r})
             fill_none(self, LLADA_DEFAULTS, keep_none=["max_steps"] if self.epochs is not None else [])
             self.epochs = EPOCHS if self.epochs is None else self.epochs
             if self.global_batch_size is None:
