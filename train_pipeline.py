@@ -16,15 +16,17 @@ Before anything runs, every stage of the file is checked by its own script's par
 is one error line naming it, e.g. `sft.learning_rat: unknown key; did you mean lr?`). Each stage then runs as
 `python <script> <flags>` with its output shown and copied to <out_dir>/logs/<stage>.log; the first failing stage
 stops the pipeline with one line naming it and its log. A stage that finished (its outputs exist and
-<out_dir>/logs/<stage>.done holds the same command) is skipped on a re-run; a changed or interrupted stage runs
-again and the trainers resume from the newest checkpoint in their out_dir (delete <out_dir>/<stage> to start that
-stage over). --dry_run prints the commands only (copy-pastable) and writes nothing.
+<out_dir>/logs/<stage>.done holds the same command) is skipped on a re-run, unless an earlier stage ran again; a
+changed or interrupted stage runs again and its trainer resumes from the newest checkpoint in its out_dir: to redo
+a stage from scratch (e.g. after changing what it trains on), delete <out_dir>/<stage> or set its `resume: none`.
+inference writes nothing and runs every time. --dry_run prints the commands only (copy-pastable) and writes nothing.
 """
 from __future__ import annotations
 
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -90,18 +92,22 @@ def main(argv: Optional[list[str]] = None) -> list[StagePlan]:
     config = load_config(args.config, args.sets)
     if args.prompt is not None:
         config.setdefault("inference", {})["prompt"] = list(args.prompt)
-    plans = build_plan(config, stage)
+    plans = build_plan(config, stage, args.config)
     if args.dry_run:
         for plan in plans:
             print(f"{describe(plan)}\n{shlex.join(plan.command('python'))}")
         return plans
+    ran = False  # once a stage runs, every later one runs too (its input may have changed)
     for plan in plans:
         log, record = logs_dir(config) / f"{plan.name}.log", logs_dir(config) / f"{plan.name}.done"
         line = shlex.join(plan.command("python"))
-        if finished(plan, record, line):
+        if not ran and finished(plan, record, line):
             print(f"\n# {plan.name}: finished earlier ({record} holds this command); skipped", flush=True)
             continue
+        started = time.time()
         run_stage(plan, log)
+        ran = True
+        print(f"# {plan.name}: done in {time.time() - started:.0f} s", flush=True)
         if plan.out_dir is not None:
             record.write_text(line + "\n")
     print(f"\npipeline finished: {', '.join(p.name for p in plans)} (logs in {logs_dir(config)})")

@@ -413,9 +413,9 @@ def handoff(product: Product, kind: StageKind, stage: str, source: str) -> dict[
     return flags
 
 
-def build_plan(config: dict, stage: str = "all") -> list[StagePlan]:
+def build_plan(config: dict, stage: str = "all", config_path: str = "<config>") -> list[StagePlan]:
     """The checked StagePlans of `--stage` (see the module doc), in order. Every stage of the file is parsed (so a
-    bad key anywhere is reported), the selected ones are returned."""
+    bad key anywhere is reported), the selected ones are returned. config_path: named in the errors."""
     chosen = selected(config, stage)
     parsers = {s: _RaisingParser(s) for s in in_pipeline(config)}
     check_shared(config, {s: p.actions() for s, p in parsers.items()})
@@ -437,7 +437,8 @@ def build_plan(config: dict, stage: str = "all") -> list[StagePlan]:
         if source is not None and source not in chosen:
             absent = [p for p in plans[name].handed.values() if not Path(p).exists()]
             if absent:
+                inputs = " / ".join(f"{name}.{dest}" for dest in plans[name].handed)
                 raise UserError(f"--stage {name} takes {source}'s output {absent[0]}, which does not exist yet; run "
-                                f"`train_pipeline.py --config <this config> --stage {source}` first, or set "
-                                f"{name}'s input in the config")
+                                f"`python train_pipeline.py --config {config_path} --stage {source}` first, or set "
+                                f"{inputs} in the config")
     return [plans[name] for name in chosen]
