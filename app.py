@@ -234,7 +234,7 @@ def build_app(session: Session):
         try:
             yield from session.run(*fields)
         except USER_ERRORS as err:
-            raise gr.Error(one_line(str(err)), title="Bad setting", print_exception=False) from None
+            raise gr.Error(one_line(str(err)), print_exception=False) from None
 
     base = session.base
     with gr.Blocks(title="RemeDi: watch the answer being written", analytics_enabled=False) as demo:

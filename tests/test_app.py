@@ -144,13 +144,14 @@ def rgb(colour: str) -> str:
 @pytest.fixture
 def chromium():
     """The playwright launcher of the distribution's Chromium; skipped without it, except under CI."""
-    missing = [what for what, ok in (("/usr/bin/chromium (apt-get install chromium)", CHROMIUM.exists()),
-                                     ("the playwright package (pip install -e '.[app]')", _has_playwright()))
-               if not ok]
+    missing = " and ".join(what for what, ok in ((f"{CHROMIUM} (apt-get install chromium)", CHROMIUM.exists()),
+                                                 ("the playwright package (pip install -e '.[app]')",
+                                                  _has_playwright())) if not ok)
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the browser test lacks {' and '.join(missing)}: `make test` installs both")
-        pytest.skip(f"no {' and '.join(missing)}: the browser test needs both (`make test` installs them as root)")
+            pytest.fail(f"CI is set, but the browser test lacks {missing}; `make test` installs them (as root)")
+        pytest.skip(f"no {missing}: the browser test drives the distribution's Chromium through playwright "
+                    "(`make test` installs them as root)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -170,6 +171,7 @@ STREAM_WATCH = """() => { window.seenSteps = new Set();
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated", "ignore:The copy keyword is deprecated")
 def test_the_page_in_headless_chromium_shows_re_masking_and_the_answer(session, chromium, tmp_path):
     """Type a question, choose 'ups', run 8 steps over 32 tokens (several commits per step, so the UPS re-masks),
     wait for the answer: the table holds re-masked and committed cells in their colours, and it grew step by step.
