@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ from remedi_patches.trajectory_views import (COLOURS, MASK_TEXT, RowTrace, decod
 UPSTREAM = "upstream"  # the page's name for confidence_source None: LLaDA's own rule, never re-masks
 DEFAULT_MODEL = "embedded_remedi"  # the shipped embedded model with its own UPS stream
 DEFAULT_PROMPT = "Tom has 3 apples. He buys 5 more. He gives away 2. How many apples does Tom have now?"
-HISTORY_CELLS = 8192  # the table keeps its last rows within this many cells (long runs stay light to stream)
+HISTORY_CELLS = 4096  # the table keeps its last rows within this many cells (long runs stay light to stream)
 SHOWN = ("committed", "remasked", "mask", "kept")  # the cell kinds of the page, in legend order
 CSS = """#trajectory .steps{border-collapse:collapse;font-family:monospace;font-size:11px;letter-spacing:-0.5px}
 #trajectory .steps td{border:1px solid #ccc;padding:1px 2px;white-space:pre;text-align:center;min-width:1.2em;
@@ -98,7 +98,7 @@ def legend_html() -> str:
     return f"<p class='legend'>{spans} (re-masked cells show the token removed, struck through)</p>"
 
 
-def steps_html(trace: RowTrace, text, max_cells: int = HISTORY_CELLS) -> str:
+def steps_html(trace: RowTrace, text: Callable[[int], str], max_cells: int = HISTORY_CELLS) -> str:
     """The trajectory table of a trace: one row per state (start, then after each step; the newest last), one
     coloured cell per answer position, cut to its last rows when it would exceed `max_cells` cells. A summary line
     of the last step heads it. text: token id -> display string (trajectory_views.token_texts)."""
