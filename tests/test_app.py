@@ -171,7 +171,8 @@ STREAM_WATCH = """() => { window.seenSteps = new Set();
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated", "ignore:The copy keyword is deprecated")
+@pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated",
+                            "ignore:The copy keyword is deprecated")  # pandas 3 on gradio's queue
 def test_the_page_in_headless_chromium_shows_re_masking_and_the_answer(session, chromium, tmp_path):
     """Type a question, choose 'ups', run 8 steps over 32 tokens (several commits per step, so the UPS re-masks),
     wait for the answer: the table holds re-masked and committed cells in their colours, and it grew step by step.
