@@ -63,7 +63,7 @@ class StageKind:
     config: Optional[str] = None                        # name of the config dataclass in the script's module
     check: Optional[Callable[[ModuleType, argparse.Namespace], Any]] = None
     inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Product field -> flag dest
-    product: Optional[Callable[[Any, str], Product]] = None  # (checked config, input model) -> Product
+    product: Optional[Callable[[Any, Optional[str]], Product]] = None  # (checked config, input model) -> Product
     results: Optional[str] = None                       # the file under out_dir that marks a finished stage
 
 
@@ -95,7 +95,7 @@ class StagePlan:
 # ---------------------------------------------------------------- the stages
 
 
-def _export(cfg, model: str) -> Product:
+def _export(cfg, model: Optional[str]) -> Product:
     return Product(str(cfg.export_dir or Path(cfg.out_dir) / "final"))
 
 
@@ -364,10 +364,13 @@ def selected(config: dict, stage: str) -> list[str]:
     return [stage]
 
 
-def _input_model(values: Mapping[str, tuple], kind: StageKind, default: str) -> str:
+def _input_model(values: Mapping[str, tuple], kind: StageKind, parser: argparse.ArgumentParser) -> Optional[str]:
+    """The model a stage starts from: its input flag's value (set or handed on), else the script's default."""
     dest = kind.inputs.get("model")
-    given = values.get(dest, (None, None))[1] if dest else None
-    return str(given) if given is not None else default
+    if dest is None:
+        return None
+    given = values.get(dest, (None, None))[1]
+    return str(given) if given is not None else parser.get_default(dest)
 
 
 def _config_of(parser: _RaisingParser, ns: argparse.Namespace):
@@ -391,8 +394,7 @@ def plan_stage(config: dict, stage: str, parser: _RaisingParser, handed: Mapping
     checked_argv = [w for dest, (action, value, where) in values.items() if dest not in missing
                     for w in flag_args(action, value, where)]
     cfg = _config_of(parser, parser.parser.parse_args(checked_argv))
-    defaults = {"remask_sft": "embedded", "rl": "embedded_remedi"}
-    model = _input_model(values, kind, defaults.get(stage, ""))
+    model = _input_model(values, kind, parser.parser)
     out_dir = values.get("out_dir", (None, None))[1]
     return StagePlan(stage, kind.script, argv, None if out_dir is None else Path(out_dir),
                      None if kind.product is None else kind.product(cfg, model),
@@ -423,9 +425,8 @@ def build_plan(config: dict, stage: str = "all", config_path: str = "<config>") 
     last: Optional[StagePlan] = None  # the nearest earlier stage that makes a model
     for name, parser in parsers.items():
         kind = KINDS[name]
-        section = config[name]
-        sets_input = any(k in section and parser.actions()[k].dest in kind.inputs.values()
-                         for k in section if k in parser.actions())
+        names = parser.actions()
+        sets_input = any(names[key].dest in kind.inputs.values() for key in config[name] if key in names)
         handed = {} if last is None or sets_input or not kind.inputs else handoff(last.product, kind, name, last.name)
         plan = plan_stage(config, name, parser, handed)
         plan.source = None if not handed else last.name

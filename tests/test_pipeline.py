@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cli_helpers import REPO, in_process_user_error, run_cli
-from remedi_patches.backbones import EMBEDDED_DIR
+from remedi_patches.backbones import EMBEDDED_DIR, EMBEDDED_REMEDI_DIR
 from remedi_patches.pipeline import KINDS, build_plan, load_config, load_script
 
 train_pipeline = load_script("train_pipeline.py")  # a script of the repo root, not an installed module
@@ -200,3 +200,17 @@ def test_embedded_chain_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [line for line in again.stdout.splitlines() if line.endswith("; skipped")]
     assert [line.split(":")[0].lstrip("# ") for line in skipped] == list(CHAIN[:-1])
+
+
+def test_inference_stage_takes_the_prompt_and_the_seeds_stage_names(tmp_path, capsys, no_subprocess):
+    out = tmp_path / "out"
+    shutil.copytree(EMBEDDED_REMEDI_DIR, out / "rl" / "model")  # as if the rl stage had run
+    train_pipeline.main(["--config", str(EMBEDDED_YAML), "--stage", "inference", "--prompt", "What is 3 + 4?",
+                         "--prompt", "2 * 5 =", "--dry_run", *sets(f"out_dir={out}")])
+    words = commands(capsys.readouterr().out)["inference"]
+    assert words[words.index("--prompt"):words.index("--prompt") + 4] == ["--prompt", "What is 3 + 4?", "--prompt",
+                                                                          "2 * 5 ="]
+    assert flag(words, "--model") == str(out / "rl" / "model")
+    plans = train_pipeline.main(["--config", str(EMBEDDED_YAML), "--stage", "pretraining", "--dry_run",
+                                 *sets(f"out_dir={out}")])
+    assert [p.name for p in plans] == ["pretrain"]
