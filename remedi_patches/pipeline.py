@@ -42,6 +42,9 @@ SHARED = ("model", "data")
 TOP_LEVEL = ("out_dir", *SHARED, *STAGES)
 ENABLED = "enabled"
 DEFAULT_OUT = "out/pipeline"
+# the seeds' training scripts' flags (llada_training_readme.md) -> the project's, for the unknown-key hint only
+SEED_KEYS = {"learning_rate": "lr", "output_dir": "out_dir", "model_name_or_path": "model_name",
+             "train_data_path": "dataset", "batch_size": "global_batch_size"}
 
 
 @dataclass(frozen=True)
@@ -195,9 +198,13 @@ class _RaisingParser:
 
 
 def closest(name: str, known: Sequence[str]) -> str:
-    """'; did you mean X?' for the nearest known name, or '; valid: a, b, ...'."""
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]}?" if match else f"; valid keys: {', '.join(sorted(known))}"
+    """'; did you mean X?' for the nearest known name (or the project's name of a seeds' key near it, SEED_KEYS),
+    else '; valid keys: a, b, ...'."""
+    seeds = {seed: ours for seed, ours in SEED_KEYS.items() if ours in known}
+    match = difflib.get_close_matches(name, [*known, *seeds], n=1, cutoff=0.5)
+    if not match:
+        return f"; valid keys: {', '.join(sorted(known))}"
+    return f"; did you mean {seeds.get(match[0], match[0])}?"
 
 
 def parse_set(text: str) -> tuple[list[str], Any]:

@@ -67,7 +67,9 @@ def write_yaml(tmp_path: Path, config: dict) -> Path:
     ({"pretrian": {}}, [], ["pretrian: unknown top-level key", "did you mean pretrain?"]),
     ({"pretraining": {}}, [], ["pretraining: unknown top-level key", "did you mean pretrain?"]),
     ({"sft": {"max_step": 2}}, [], ["sft.max_step: unknown key", "did you mean max_steps?"]),
-    ({"sft": {"learning_rat": 0.1}}, [], ["sft.learning_rat: unknown key"]),
+    ({"sft": {"learning_rat": 0.1}}, [], ["sft.learning_rat: unknown key; did you mean lr?"]),  # the seeds' name
+    ({"sft": {"batch_sz": 4}}, [], ["sft.batch_sz: unknown key; did you mean global_batch_size?"]),
+    ({"eval": {"qqq": 4}}, [], ["eval.qqq: unknown key; valid keys: ", "max_samples"]),
     ({"sft": {"max_steps": "two"}}, [], ["sft.max_steps: 'two' is not a valid int"]),
     ({"sft": {"max_steps": [1, 2]}}, [], ["sft.max_steps: expected one value"]),
     ({"pretrain": {"accelerator": "tpu"}}, [], ["pretrain.accelerator: 'tpu' is not one of"]),
