@@ -54,14 +54,14 @@ def logs_dir(config: dict) -> Path:
 def describe(plan: StagePlan) -> str:
     """`# stage: takes ... from S; gives ...` (the comment line above a command)."""
     takes = ", ".join(f"--{flag} from {plan.source}" for flag in plan.handed)
-    gives = ", ".join(plan.outputs())
+    gives = ", ".join(plan.writes)
     return f"# {plan.name}" + (f": takes {takes}" if takes else "") + (f"; writes {gives}" if gives else "")
 
 
 def finished(plan: StagePlan, record: Path, line: str) -> bool:
     """Its outputs exist and the record of its last successful run holds the same command."""
     return (plan.out_dir is not None and record.is_file() and record.read_text().strip() == line
-            and all(Path(p).exists() for p in plan.outputs()))
+            and all(Path(p).exists() for p in plan.writes))
 
 
 def run_stage(plan: StagePlan, log: Path) -> None:

@@ -66,7 +66,7 @@ class StageKind:
     config: Optional[str] = None                        # name of the config dataclass in the script's module
     check: Optional[Callable[[ModuleType, argparse.Namespace], Any]] = None
     inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Product field -> flag dest
-    product: Optional[Callable[[Any, Optional[str]], Product]] = None  # (checked config, input model) -> Product
+    product: Optional[Callable[[Any, dict], Product]] = None  # (checked config, input dest -> value) -> Product
     results: Optional[str] = None                       # the file under out_dir that marks a finished stage
 
 
@@ -78,7 +78,7 @@ class StagePlan:
     argv: list[str]
     out_dir: Optional[Path]
     product: Optional[Product]
-    results: Optional[Path]
+    writes: list[str]                                   # what marks it finished: the files and folders it makes
     source: Optional[str] = None                        # the earlier stage whose output it takes
     handed: dict[str, str] = dataclasses.field(default_factory=dict)  # flag -> handed-on path
 
@@ -89,16 +89,11 @@ class StagePlan:
             script = Path(os.path.relpath(script))
         return [python, str(script), *self.argv]
 
-    def outputs(self) -> list[str]:
-        """What marks the stage finished: its product's files it writes, or its results file."""
-        made = [] if self.product is None else [p for p in self.product.paths() if p not in self.handed.values()]
-        return made + ([str(self.results)] if self.results is not None else [])
-
 
 # ---------------------------------------------------------------- the stages
 
 
-def _export(cfg, model: Optional[str]) -> Product:
+def _export(cfg, inputs: dict) -> Product:
     return Product(str(cfg.export_dir or Path(cfg.out_dir) / "final"))
 
 
@@ -111,21 +106,24 @@ def is_dual_stream(model: str) -> bool:
     return (folder / CONFIG_FILE).is_file() and load_smdm_config(folder).ups_positions is not None
 
 
-def _remask_product(cfg, model: str) -> Product:
+def _remask_product(cfg, inputs: dict) -> Product:
     """train_remedi.py writes a model folder when the weights train (full mode, or a dual-stream model), else a UPS
     head (and, in joint / alternating, an adapter) for the unchanged input model."""
+    model = inputs["model_name"]
     if cfg.add_ups_stream or cfg.train_mode == "full" or is_dual_stream(model):
         return Product(str(cfg.model_dir))
     return Product(model, str(cfg.head_path), None if cfg.lora_dir is None else str(cfg.lora_dir))
 
 
-def _rl_product(cfg, model: str) -> Product:
+def _rl_product(cfg, inputs: dict) -> Product:
+    """train_rl.py writes the trained model (full) or an adapter for the input model (lora), with the UPS head beside
+    it when one was given (it trains too)."""
     from remedi_patches.modeling_wrappers import HEAD_FILE_NAME
 
-    head = str(cfg.output_dir / HEAD_FILE_NAME) if cfg.ups_head is not None else None
+    head = str(cfg.output_dir / HEAD_FILE_NAME) if inputs["ups_head"] is not None else None
     if cfg.train_weights == "full":
         return Product(str(cfg.output_dir), head)
-    return Product(model, head, str(cfg.output_dir))
+    return Product(inputs["model_name"], head, str(cfg.output_dir))
 
 
 def _check_eval(module: ModuleType, ns: argparse.Namespace) -> argparse.Namespace:
@@ -371,13 +369,10 @@ def selected(config: dict, stage: str) -> list[str]:
     return [stage]
 
 
-def _input_model(values: Mapping[str, tuple], kind: StageKind, parser: argparse.ArgumentParser) -> Optional[str]:
-    """The model a stage starts from: its input flag's value (set or handed on), else the script's default."""
-    dest = kind.inputs.get("model")
-    if dest is None:
-        return None
-    given = values.get(dest, (None, None))[1]
-    return str(given) if given is not None else parser.get_default(dest)
+def _input_values(values: Mapping[str, tuple], kind: StageKind, parser: argparse.ArgumentParser) -> dict:
+    """dest -> what each input flag of a stage will be: its value (set or handed on), else the script's default."""
+    given = {dest: values.get(dest, (None, None))[1] for dest in kind.inputs.values()}
+    return {dest: str(v) if v is not None else parser.get_default(dest) for dest, v in given.items()}
 
 
 def _config_of(parser: _RaisingParser, ns: argparse.Namespace):
@@ -401,11 +396,13 @@ def plan_stage(config: dict, stage: str, parser: _RaisingParser, handed: Mapping
     checked_argv = [w for dest, (action, value, where) in values.items() if dest not in missing
                     for w in flag_args(action, value, where)]
     cfg = _config_of(parser, parser.parser.parse_args(checked_argv))
-    model = _input_model(values, kind, parser.parser)
+    inputs = _input_values(values, kind, parser.parser)
     out_dir = values.get("out_dir", (None, None))[1]
-    return StagePlan(stage, kind.script, argv, None if out_dir is None else Path(out_dir),
-                     None if kind.product is None else kind.product(cfg, model),
-                     None if kind.results is None or out_dir is None else Path(out_dir) / kind.results,
+    product = None if kind.product is None else kind.product(cfg, inputs)
+    writes = [p for p in ([] if product is None else product.paths()) if p not in inputs.values()]
+    if kind.results is not None and out_dir is not None:
+        writes.append(str(Path(out_dir) / kind.results))
+    return StagePlan(stage, kind.script, argv, None if out_dir is None else Path(out_dir), product, writes,
                      handed=dict(handed))
 
 

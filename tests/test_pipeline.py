@@ -13,6 +13,7 @@ import yaml
 
 from cli_helpers import REPO, in_process_user_error, run_cli
 from remedi_patches.backbones import EMBEDDED_DIR, EMBEDDED_REMEDI_DIR
+from remedi_patches.modeling_wrappers import HEAD_FILE_NAME
 from remedi_patches.pipeline import KINDS, build_plan, load_config, load_script
 
 train_pipeline = load_script("train_pipeline.py")  # a script of the repo root, not an installed module
@@ -144,14 +145,19 @@ def test_disabled_stage_is_bridged_and_a_stage_may_set_its_own_input(tmp_path):
 
 
 def test_head_only_remask_sft_hands_on_the_model_and_its_head(tmp_path):
-    """ups_only on a single-stream backbone writes a UPS head, not a model: the next stages get both."""
+    """ups_only on a single-stream backbone writes a UPS head, not a model: the next stage gets both; RL trains the
+    head beside its model, and the evaluation takes that pair."""
     config = load_config(EMBEDDED_YAML, [f"out_dir={tmp_path}", "pretrain.enabled=false", "sft.enabled=false",
                                          "remask_sft.add_ups_stream=false", "remask_sft.recipe=null",
-                                         "remask_sft.lr_backbone=null", "rl.enabled=false"])
+                                         "remask_sft.lr_backbone=null"])
     plans = {p.name: p for p in build_plan(config)}
     head = str(tmp_path / "remask_sft" / "ups_head.safetensors")
-    assert plans["remask_sft"].product.ups_head == head
-    assert plans["eval"].handed == {"model_name": "embedded", "ups_head_path": head}
+    assert plans["remask_sft"].product.ups_head == head and plans["remask_sft"].writes == [head]
+    assert plans["rl"].handed == {"model_name": "embedded", "ups_head": head}
+    rl_model = tmp_path / "rl" / "model"
+    assert plans["eval"].handed == {"model_name": str(rl_model), "ups_head_path": str(rl_model / HEAD_FILE_NAME)}
+    config["rl"]["enabled"] = False
+    assert {p.name: p for p in build_plan(config)}["eval"].handed == {"model_name": "embedded", "ups_head_path": head}
 
 
 def test_one_stage_alone_takes_the_earlier_output(tmp_path, capsys, no_subprocess):
