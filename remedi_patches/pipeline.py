@@ -13,9 +13,9 @@ the stage out. A stage absent from the file is not part of the pipeline. Every k
 own parser (build_parser(); unknown keys get the closest valid name), every value by the parser's type and choices
 and then by the trainer's config check (`MDMConfig.check()`, ...), so the schema is the trainers' and never drifts.
 
-Hand-offs: a stage's input flags default to what the nearest earlier stage in the file that makes a model (all but
-eval and inference) produces (HANDOFF; e.g. sft.pretrained_path = <pretrain export>), unless the stage sets one of
-them itself. Inputs that do not exist yet (made by an earlier stage of this run) are checked when the stage starts;
+Hand-offs: a stage's input flags (KINDS[stage].inputs) default to the Product of the nearest earlier enabled stage
+that makes a model (all but eval and inference), e.g. sft.pretrained_path = <pretrain export>, rl.model_name +
+rl.ups_head = the backbone and head of a head-only remask_sft, unless the stage sets one of them itself. Inputs that do not exist yet (made by an earlier stage of this run) are checked when the stage starts;
 running a stage alone needs the earlier stage's output on disk (else an error naming the command to run first).
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ class StagePlan:
     product: Optional[Product]
     writes: list[str]                                   # what marks it finished: the files and folders it makes
     source: Optional[str] = None                        # the earlier stage whose output it takes
-    handed: dict[str, str] = dataclasses.field(default_factory=dict)  # flag -> handed-on path
+    handed: dict[str, str] = dataclasses.field(default_factory=dict)  # flag dest -> handed-on path
 
     def command(self, python: str = "python") -> list[str]:
         """The command line; the script relative to the working directory when it is inside the repo."""
