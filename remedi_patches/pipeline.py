@@ -16,7 +16,8 @@ and then by the trainer's config check (`MDMConfig.check()`, ...), so the schema
 Hand-offs: a stage's input flags (KINDS[stage].inputs) default to the Product of the nearest earlier enabled stage
 that makes a model (all but eval and inference), e.g. sft.pretrained_path = <pretrain export>, rl.model_name +
 rl.ups_head = the backbone and head of a head-only remask_sft, unless the stage sets one of them itself. Inputs
-that do not exist yet (made by an earlier stage of this run) are checked when the stage starts; running a stage alone needs the earlier stage's output on disk (else an error naming the command to run first).
+that do not exist yet (made by an earlier stage of this run) are checked when the stage starts; running a stage
+alone needs the earlier stage's output on disk (else an error naming the command to run first).
 """
 from __future__ import annotations
 
