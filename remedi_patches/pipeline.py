@@ -207,7 +207,8 @@ def closest(name: str, known: Sequence[str]) -> str:
 
 
 def parse_set(text: str) -> tuple[list[str], Any]:
-    """`--set sft.max_steps=2` -> (['sft', 'max_steps'], 2): the value read as a YAML scalar (or flow list)."""
+    """`--set sft.max_steps=2` -> (['sft', 'max_steps'], 2): the value read as YAML (a scalar, or a flow list or
+    mapping)."""
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -219,7 +220,8 @@ def parse_set(text: str) -> tuple[list[str], Any]:
 
 
 def apply_sets(config: dict, sets: Sequence[str]) -> dict:
-    """`config` with each --set applied (sections created as needed); returns it."""
+    """`config` with each --set applied (sections created as needed; a mapping value is merged into the mapping
+    there: `--set 'sft={max_steps: 2, limit: 16}'` keeps sft's other keys); returns it."""
     for text in sets:
         parts, value = parse_set(text)
         node = config
@@ -229,7 +231,10 @@ def apply_sets(config: dict, sets: Sequence[str]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise UserError(f"--set {text!r}: {'.'.join(parts[:-1])} is not a mapping in the config")
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
     return config
 
 

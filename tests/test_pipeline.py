@@ -18,15 +18,14 @@ from remedi_patches.pipeline import KINDS, build_plan, load_config, load_script
 
 train_pipeline = load_script("train_pipeline.py")  # a script of the repo root, not an installed module
 EMBEDDED_YAML = REPO / "configs" / "embedded.yaml"
-# the shipped chain made tiny: 1-2 updates per stage, a handful of problems (the README runs the same)
-TINY = ["pretrain.max_steps=2", "pretrain.global_batch_size=4", "pretrain.micro_batch_size=4", "pretrain.eval_iters=1",
-        "pretrain.eval_mc=1", "pretrain.save_interval=2",
-        "sft.max_steps=2", "sft.limit=16", "sft.global_batch_size=4", "sft.micro_batch_size=4", "sft.save_interval=2",
-        "remask_sft.max_steps=2", "remask_sft.batch_size=4", "remask_sft.max_records=16", "remask_sft.eval_samples=4",
-        "remask_sft.save_every=2",
-        "rl.max_steps=1", "rl.group_size=2", "rl.prompts_per_step=2", "rl.micro_batch_size=4", "rl.max_records=4",
-        "rl.eval_samples=0", "rl.save_every=1",
-        "eval.max_samples=3", "eval.confidence_sources=[ups]"]
+# the shipped chain made tiny: 1-2 updates per stage, a handful of problems (the README runs the same command)
+TINY = ["pretrain={max_steps: 2, global_batch_size: 4, micro_batch_size: 4, eval_iters: 1, eval_mc: 1, "
+        "save_interval: 2}",
+        "sft={max_steps: 2, limit: 16, global_batch_size: 4, micro_batch_size: 4, save_interval: 2}",
+        "remask_sft={max_steps: 2, batch_size: 4, max_records: 16, eval_samples: 4, save_every: 2}",
+        "rl={max_steps: 1, group_size: 2, prompts_per_step: 2, micro_batch_size: 4, max_records: 4, eval_samples: 0, "
+        "save_every: 1}",
+        "eval={max_samples: 3, confidence_sources: [ups]}"]
 CHAIN = ("pretrain", "sft", "remask_sft", "rl", "eval", "inference")
 
 
@@ -132,6 +131,15 @@ def test_dry_run_lists_every_stage_with_the_hand_offs_and_runs_nothing(tmp_path,
         for key, value in config[stage].items():
             assert getattr(ns, key) == pytest.approx(value) if isinstance(value, float) else getattr(ns, key) == value
         assert ns.seed == config["data"]["seed"]  # the shared block reaches every stage that has the flag
+
+
+def test_set_overrides_merge_into_the_sections(tmp_path):
+    config = load_config(EMBEDDED_YAML, [f"out_dir={tmp_path}", *TINY, "sft.lr=2e-3", "rl.method=rwd"])
+    assert config["sft"]["max_steps"] == 2 and config["sft"]["limit"] == 16
+    assert config["sft"]["dataset"] == "embedded" and config["sft"]["seq_len"] == 72  # the file's other keys kept
+    assert config["rl"]["method"] == "rwd" and config["eval"]["confidence_sources"] == ["ups"]
+    plans = {p.name: p for p in build_plan(config)}
+    assert flag(plans["sft"].argv, "--max_steps") == "2" and flag(plans["sft"].argv, "--lr") == "2e-3"  # YAML 1.1: a string
 
 
 def test_disabled_stage_is_bridged_and_a_stage_may_set_its_own_input(tmp_path):
