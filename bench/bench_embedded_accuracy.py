@@ -12,6 +12,7 @@ and UPS; --remedi_sources; it decodes by blocks, the backbone LLaDA-style); tabl
 heuristics on the backbone. Columns: steps = gen_length, 1/2, 1/4, 1/8 of it (--fractions). Every cell samples the
 same held-out problems (embedded test split, --data_seed) with the same settings from torch.manual_seed(--seed),
 in the batches, order and grading of eval_gsm_math.evaluate, with a Trajectory per sampler call. Also reported:
+the token-level accuracy on the answer span (eval_gsm_math's token_accuracy), per model, source and budget;
 the mean number of re-mask events per problem (a committed token set back to [MASK], counted in the blocks up to
 the one where the answer ends); per model, ups vs tps_prob and ups vs ups:noremask paired per budget (problems
 only one of them solves, exact two-sided sign test: with 200 problems a 3-point gap is within noise unless the
@@ -35,7 +36,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from eval_gsm_math import EvalItem, Run, grade, item_texts, make_items, parse_runs, sample_texts, summarise
+from eval_gsm_math import (EvalItem, Run, grade, item_texts, make_items, parse_runs, reference_ids, row_token_accuracy,
+                           sample_answer_ids, summarise)
 from eval_gsm_math import write_bench_results
 from remedi_patches.backbones import EvalModel, embedded_folder, max_length_of
 from remedi_patches.cli import ArgumentParser, UserError, run_main
@@ -44,7 +46,7 @@ from remedi_patches.embedded.task import make_split
 from remedi_patches.model_args import ModelSpec, add_model_args, model_spec_from_args
 from remedi_patches.modeling_wrappers import has_ups_stream, load_ups_head
 from remedi_patches.remasking import Trajectory
-from remedi_patches.sampling import PromptWindow, SamplerSettings, add_sampler_args, settings_from_args
+from remedi_patches.sampling import PromptWindow, SamplerSettings, add_sampler_args, decode_answers, settings_from_args
 
 MAIN_SOURCES = ["random", "tps_prob", "ups", "ups:noremask"]
 REMEDI_SOURCES = ["ups", "ups:noremask", "tps_prob", "random"]
@@ -102,12 +104,14 @@ def remask_events(trajectory: Trajectory, prompt_len: int, stop_ids: Sequence[in
 def run_cell(em: EvalModel, items: Sequence[EvalItem], run: Run, settings: SamplerSettings, *, batch_size: int,
              seed: int, label: str, progress: bool = True) -> list[dict]:
     """eval_gsm_math.evaluate of one run (the same batches by prompt length, torch.manual_seed(seed), grading and
-    rows) with the re-mask events of every problem (`remasks`), from a Trajectory per sampler call."""
+    rows, token_accuracy included) with the re-mask events of every problem (`remasks`), from a Trajectory per
+    sampler call."""
     rs = run.settings(settings)
     fit = PromptWindow(max_length_of(em.model), settings.gen_length)
     texts, applied = item_texts(em.tokenizer, items)
     lengths = [len(ids) for ids in em.tokenizer(texts, add_special_tokens=not applied)["input_ids"]]
     fit.report(lengths)
+    references = reference_ids(em, items)
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     torch.manual_seed(seed)
     rows = []
@@ -115,13 +119,16 @@ def run_cell(em: EvalModel, items: Sequence[EvalItem], run: Run, settings: Sampl
         for batch in (order[s:s + batch_size] for s in range(0, len(order), batch_size)):
             trajectory = Trajectory(keep_tokens=True)
             start = time.perf_counter()
-            answers, prompt_len = sample_texts(em, [texts[i] for i in batch], rs, applied, fit, trajectory)
+            answer_ids, prompt_len = sample_answer_ids(em, [texts[i] for i in batch], rs, applied, fit, trajectory)
             seconds = (time.perf_counter() - start) / len(batch)
-            for i, output, remasks in zip(batch, answers, remask_events(trajectory, prompt_len, em.stop_ids)):
+            answers = decode_answers(em.tokenizer, answer_ids, 0, em.stop_ids)
+            for i, output, answer, remasks in zip(batch, answers, answer_ids.tolist(),
+                                                  remask_events(trajectory, prompt_len, em.stop_ids)):
                 extracted, correct = grade("gsm8k", output, items[i].gold)
                 rows.append({"index": items[i].index, "source": run.label, "format": "gsm8k", "prompt": texts[i],
                              "output": output, "extracted": extracted, "gold": items[i].gold, "correct": correct,
-                             "seconds": seconds, "remasks": remasks})
+                             "seconds": seconds, "remasks": remasks,
+                             "token_accuracy": row_token_accuracy(em, answer, references[i])})
             bar.update(len(batch))
     return sorted(rows, key=lambda r: r["index"])
 
@@ -324,6 +331,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
              accuracy_table(results, models, "runs", steps, args.gen_length, "source")]
     if extra_runs:
         lines += ["", accuracy_table(results, models, "extra", steps, args.gen_length, "heuristic")]
+    lines += ["", "Token-level accuracy on the answer span (eval_gsm_math's token_accuracy: the reference solution + "
+              "EOS against the answer up to its first stop, position by position):", "",
+              accuracy_table(results, models, "runs", steps, args.gen_length, "source", "token_accuracy")]
     lines += ["", "Re-mask events per problem (committed tokens set back to [MASK] up to the answer's last block, "
               "mean over the problems):", "",
               accuracy_table(results, models, "runs", steps, args.gen_length, "source", "remasks_per_problem", ".2f")]

@@ -317,5 +317,8 @@ def test_bench_writes_both_tables_and_regradable_predictions(tiny, tmp_path):
     for label, by_steps in result["results"].items():
         for steps, cell in by_steps.items():
             assert regraded[f"{label}@{steps}"]["accuracy"] == cell["accuracy"]
+            assert regraded[f"{label}@{steps}"]["token_accuracy"] == cell["token_accuracy"]
+            assert 0 <= cell["token_accuracy"] <= 1
+    assert "Token-level accuracy on the answer span" in text
     with pytest.raises(FileNotFoundError, match="train_remedi"):
         B.main(["--ups_head", str(tmp_path / "none.safetensors")])
