@@ -23,8 +23,9 @@ remedi_patches.metrics.answer_token_accuracy). --baseline sources (default tps_p
 untrained base model (under --out_dir/baseline): with the backbone frozen (ups_only) they are the same for
 every point.
 
-Writes --out_dir/results.csv and results.md (one row per point and source; the command, machine and wall time)
-and sweep.png (one panel per swept flag: accuracy, token accuracy and the UPS AUC against the flag's value; in
+Writes --out_dir/results.csv and results.md (one row per point and source; the command, machine and wall time;
+one_at_a_time: per budget the sign-test p of each point's exact-match verdicts against the base point's on the
+same problems, so a gap within the noise of --n_eval problems reads as such) and sweep.png (one panel per swept flag: accuracy, token accuracy and the UPS AUC against the flag's value; in
 full mode the mean over the other flags' values; the baseline as dotted lines).
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from bench_embedded_accuracy import sign_test
 from eval_gsm_math import FORMATS, evaluate, make_items, parse_runs, write_jsonl
 from remedi_patches.cli import ArgumentParser, UserError, _unwrap_optional, run_main
 from remedi_patches.data import load_records
@@ -281,9 +283,39 @@ def run_point(cfg: RemaskConfig, name: str, overrides: dict, items, budgets, arg
 # ---------------------------------------------------------------- tables and plots
 
 
-def result_columns(grid: dict[str, list], steps: Sequence[int]) -> list[str]:
-    metrics = [f"{m}@{s}" for s in steps for m in ("accuracy", "token_accuracy")]
+def result_columns(grid: dict[str, list], steps: Sequence[int], paired: bool) -> list[str]:
+    names = ("accuracy", "token_accuracy", "p_vs_base") if paired else ("accuracy", "token_accuracy")
+    metrics = [f"{m}@{s}" for s in steps for m in names]
     return ["point", "source", *grid, *TRAIN_KEYS, *metrics, "train_seconds", "eval_seconds"]
+
+
+def correct_by_problem(folder: Path) -> dict[tuple[str, int], dict[int, bool]]:
+    """{(source, steps): {problem index: correct}} from a point's predictions.jsonl (empty if it has none)."""
+    path = folder / "predictions.jsonl"
+    out: dict[tuple[str, int], dict[int, bool]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        out.setdefault((row["source"], row["steps"]), {})[row["index"]] = bool(row["correct"])
+    return out
+
+
+def add_paired(rows: list[dict], folders: dict[str, Path], steps: Sequence[int], first_source: str) -> list[dict]:
+    """Each row with p_vs_base@S: the exact two-sided sign test of its exact-match verdicts against the base
+    point's on the same problems (problems only one of them solves; the same source, for the baseline rows the
+    base point's first --sources source); None for the base point itself."""
+    base = correct_by_problem(folders[BASE_NAME])
+    out = []
+    for r in rows:
+        mine = correct_by_problem(folders[r["point"]])
+        against = first_source if r["point"] == BASELINE_DIR else r["source"]
+        extra = {}
+        for s in steps:
+            a, b = mine.get((r["source"], s), {}), base.get((against, s), {})
+            shared = [i for i in a if i in b]
+            wins, losses = sum(a[i] and not b[i] for i in shared), sum(b[i] and not a[i] for i in shared)
+            extra[f"p_vs_base@{s}"] = None if r["point"] == BASE_NAME or not shared else sign_test(wins, losses)
+        out.append({**r, **extra})
+    return out
 
 
 def complete_rows(rows: list[dict], grid: dict[str, list], at_base: dict[str, Any]) -> list[dict]:
@@ -307,7 +339,7 @@ def markdown_results(rows: list[dict], columns: list[str], grid: dict[str, list]
             return f"{value:.0f}"
         return f"{value:.3f}" if isinstance(value, float) and column not in grid else format_value(value)
 
-    head = [c.replace("token_accuracy", "token acc.").replace("eval_auc", "UPS AUC")
+    head = [c.replace("token_accuracy", "token acc.").replace("p_vs_base", "p vs base").replace("eval_auc", "UPS AUC")
             .replace("eval_tps_auc", "1 - p_TPS AUC").replace("_seconds", " s") for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(columns) - 2)]
     lines += ["| " + " | ".join(cell(c, r.get(c)) for c in columns) + " |" for r in rows]
@@ -442,7 +474,13 @@ def sweep(args, argv: Optional[list[str]]) -> dict:
         baseline = run_point(cfg, BASELINE_DIR, {}, items, args.budgets, args, trained=False)
     at_base = base_values(args.grid_values, args.base_values)
     rows = complete_rows(rows, args.grid_values, at_base)  # baseline rows: no trainer settings ('-')
-    columns = result_columns(args.grid_values, args.steps)
+    paired = args.mode == "one_at_a_time"
+    if paired:
+        folders = {point_name(o): args.out_dir / "points" / point_name(o) for o in args.points}
+        folders[BASELINE_DIR] = args.out_dir / BASELINE_DIR
+        rows, baseline = (add_paired(r, folders, args.steps, parse_runs(args.sources)[0].label)
+                          for r in (rows, baseline))
+    columns = result_columns(args.grid_values, args.steps, paired)
     wall = time.perf_counter() - start
     command = "python bench/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     fixed = ", ".join(f"{k} {format_value(v)}" for k, v in args.base_values.items()) or "none"
@@ -453,7 +491,9 @@ def sweep(args, argv: Optional[list[str]]) -> dict:
         f"base values: {', '.join(f'{k} {format_value(v)}' for k, v in at_base.items())}. Evaluation: the first "
         f"{len(items)} problems of the {args.eval_split} split, gen_length {args.gen_length}, block_length "
         f"{args.block_length}, seed {args.seed}; accuracy = exact match of the final answer, token acc. = "
-        "token-level accuracy on the answer span; UPS AUC = held-out incorrect-token detection (the trainer's).", "",
+        "token-level accuracy on the answer span; UPS AUC = held-out incorrect-token detection (the trainer's)"
+        + ("; p vs base = exact two-sided sign test against the base point on the same problems (the baseline: "
+           "against the base point's first source)." if paired else "."), "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
         f"{torch.get_num_threads()}; wall time of this invocation {wall:.0f} s (points done before are read back).",
         "", markdown_results(rows + baseline, columns, args.grid_values), ""])

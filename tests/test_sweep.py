@@ -118,7 +118,9 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
             assert float(r[f"token_accuracy@{steps}"]) == pytest.approx(sum(row["token_accuracy"] for row in mine) / 3)
     assert table[2]["eval_auc"] == "" and table[2]["train_seconds"] == ""
     text = (out / "results.md").read_text()
-    assert "| point | source | r_incorrect | updates | UPS AUC | 1 - p_TPS AUC | accuracy@8 | token acc.@8 |" in text
+    assert ("| point | source | r_incorrect | updates | UPS AUC | 1 - p_TPS AUC | accuracy@8 | token acc.@8 | "
+            "p vs base@8 |") in text
+    assert 0 <= float(table[1]["p_vs_base@8"]) <= 1 and table[0]["p_vs_base@8"] == ""
     assert "| baseline | tps_prob | - | - | - | - |" in text and "Command: `python bench/sweep.py --grid" in text
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -128,3 +130,22 @@ def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "run", no_training)
     again = S.main(["--grid", "r_incorrect=0.1,0.2", "--out_dir", str(out)] + TINY)
     assert again["rows"] == result["rows"] and again["baseline"] == result["baseline"]
+
+
+def test_paired_sign_test_against_the_base_point(tmp_path):
+    """p_vs_base@S: problems only one of the two solves, by source and budget; the baseline against the base's ups."""
+    def write(folder, source, correct, steps=8):
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "predictions.jsonl", "a") as f:
+            for i, c in enumerate(correct):
+                f.write(json.dumps({"index": i, "source": source, "steps": steps, "correct": c}) + "\n")
+
+    base, point, baseline = tmp_path / "base", tmp_path / "p", tmp_path / "baseline"
+    write(base, "ups", [True] * 6 + [False] * 2)
+    write(point, "ups", [False] * 5 + [True] * 3)  # loses 5 problems, wins 2 (indices 6, 7), ties 1
+    write(baseline, "tps_prob", [True] * 6 + [False] * 2)  # ties everywhere
+    rows = [{"point": "base", "source": "ups"}, {"point": "p", "source": "ups"},
+            {"point": "baseline", "source": "tps_prob"}]
+    folders = {"base": base, "p": point, "baseline": baseline}
+    got = [r["p_vs_base@8"] for r in S.add_paired(rows, folders, [8], "ups")]
+    assert got == [None, pytest.approx(2 * (1 + 7 + 21) / 128), 1.0]
