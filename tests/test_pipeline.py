@@ -187,8 +187,8 @@ def test_failing_stage_stops_the_pipeline_with_one_line(tmp_path):
     result = run_cli(["train_pipeline.py", "--config", path])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     log = tmp_path / "out" / "logs" / "eval.log"
-    assert result.returncode == 2 and errors and "Traceback" not in result.stderr.split("\n# ")[-1], result.stderr
-    assert errors[-1].startswith(f"error: stage eval failed (exit status 2); its output is in {log}")
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith(f"error: stage eval failed (exit status 2); its output is in {log}")
     assert "error:" in log.read_text() and not (tmp_path / "out" / "logs" / "inference.log").exists()
 
 
