@@ -25,8 +25,9 @@ every point.
 
 Writes --out_dir/results.csv and results.md (one row per point and source; the command, machine and wall time;
 one_at_a_time: per budget the sign-test p of each point's exact-match verdicts against the base point's on the
-same problems, so a gap within the noise of --n_eval problems reads as such) and sweep.png (one panel per swept flag: accuracy, token accuracy and the UPS AUC against the flag's value; in
-full mode the mean over the other flags' values; the baseline as dotted lines).
+same problems, so a gap within the noise of --n_eval problems reads as such) and sweep.png (one panel per swept
+flag: accuracy, token accuracy and the UPS AUC against the flag's value; in full mode the mean over the other
+flags' values; the baseline as dotted lines).
 """
 from __future__ import annotations
 
@@ -482,6 +483,7 @@ def sweep(args, argv: Optional[list[str]]) -> dict:
                           for r in (rows, baseline))
     columns = result_columns(args.grid_values, args.steps, paired)
     wall = time.perf_counter() - start
+    spent = sum({r["point"]: (r.get("train_seconds") or 0) + r["eval_seconds"] for r in rows + baseline}.values())
     command = "python bench/sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     fixed = ", ".join(f"{k} {format_value(v)}" for k, v in args.base_values.items()) or "none"
     text = "\n".join([
@@ -495,7 +497,8 @@ def sweep(args, argv: Optional[list[str]]) -> dict:
         + ("; p vs base = exact two-sided sign test against the base point on the same problems (the baseline: "
            "against the base point's first source)." if paired else "."), "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads "
-        f"{torch.get_num_threads()}; wall time of this invocation {wall:.0f} s (points done before are read back).",
+        f"{torch.get_num_threads()}; training + evaluation time of the points {spent:.0f} s in all; wall time of this "
+        f"invocation {wall:.0f} s (points done before are read back).",
         "", markdown_results(rows + baseline, columns, args.grid_values), ""])
     write_text(args.out_dir / "results.csv", csv_text(rows + baseline, columns))
     write_text(args.out_dir / "results.md", text)
