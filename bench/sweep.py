@@ -38,6 +38,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -366,9 +367,11 @@ def panel_series(rows: list[dict], flag: str, grid: dict[str, list], mode: str, 
 def plot_sweep(rows: list[dict], baseline: list[dict], grid: dict[str, list], mode: str, steps: Sequence[int],
                path: Path) -> Path:
     """One panel per swept flag: accuracy (solid) and token accuracy (dashed) per budget, the UPS AUC (black), the
-    baseline sources' accuracy as dotted lines; x is the flag's value (categorical when not numeric)."""
+    baseline sources' accuracy as dotted lines; x is the flag's value (categorical when not numeric); one y range
+    for all panels, from just under the lowest value to 1."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(grid), figsize=(4.2 * len(grid), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(grid), figsize=(4.2 * len(grid), 3.6), squeeze=False, sharey=True)
+    lowest = 1.0
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, flag in zip(axes[0], grid):
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid[flag])
@@ -380,17 +383,20 @@ def plot_sweep(rows: list[dict], baseline: list[dict], grid: dict[str, list], mo
                                          (f"token_accuracy@{s}", "--s", f"token acc., {s} steps")):
                 xs, ys = panel_series(rows, flag, grid, mode, metric)
                 ax.plot([position(x) for x in xs], ys, style, color=colour, label=label)
+                lowest = min([lowest, *ys])
             for b in baseline:
                 if b.get(f"accuracy@{s}") is not None:
+                    lowest = min(lowest, b[f"accuracy@{s}"])
                     ax.axhline(b[f"accuracy@{s}"], color=colour, linestyle=":", linewidth=1,
                                label=f"{b['source']} accuracy, {s} steps")
         xs, ys = panel_series(rows, flag, grid, mode, "eval_auc")
         ax.plot([position(x) for x in xs], ys, "-^", color="black", label="UPS detection AUC")
+        lowest = min([lowest, *ys])
         if not numeric:
             ax.set_xticks(range(len(grid[flag])), [format_value(v) for v in grid[flag]])
         ax.set_xlabel(flag)
-        ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
+    axes[0][0].set_ylim(max(0.0, math.floor((lowest - 0.05) * 10) / 10), 1.02)
     axes[0][0].set_ylabel("held-out metric")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
