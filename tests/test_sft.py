@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import lit_gpt.training as training
 from lit_gpt.config import Config
 from lit_gpt.diffusion import draw_noise, seeded_generator
 from lit_gpt.model import TransEncoder, load_smdm_folder, save_smdm_folder
 
-from trainer_helpers import make_char_tokenizer, train_sft
+from trainer_helpers import killed_after_first_save, make_char_tokenizer, train_sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,21 +146,12 @@ def test_chat_conversations_use_the_chat_template(tokenizer_dir, tmp_path, monke
         assert not masked[:, :prompt_len].any() and (answer_len == SEQ_LEN - prompt_len).all()
 
 
-def test_sft_from_pretrained_folder_and_resume(pair_data, tokenizer_dir, tmp_path, monkeypatch):
+def test_sft_from_pretrained_folder_and_resume(pair_data, tokenizer_dir, tmp_path):
     torch.manual_seed(0)
     pretrained = save_smdm_folder(TransEncoder(Config.from_name("Diff_LLaMA_tiny", vocab_size=VOCAB)), tmp_path / "pre")
     args = dict(model_name=None, vocab_size=None, pretrained_path=pretrained, max_steps=4)
     full = train_sft.main(sft_args(pair_data, tokenizer_dir, tmp_path / "full", **args))
-    real_save = training.save_checkpoint
-
-    def save_then_die(*a, **kw):
-        real_save(*a, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft.main(sft_args(pair_data, tokenizer_dir, tmp_path / "killed", **args))
-    monkeypatch.undo()
+    killed_after_first_save(lambda: train_sft.main(sft_args(pair_data, tokenizer_dir, tmp_path / "killed", **args)))
     assert train_sft.main(sft_args(pair_data, tokenizer_dir, tmp_path / "killed", **args)) == full[2:]
     with pytest.raises(ValueError, match="drop --model / --model_name"):
         train_sft.main(sft_args(pair_data, tokenizer_dir, tmp_path / "x", pretrained_path=pretrained))

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lit_gpt.training as training
 from lit_gpt.diffusion import draw_noise, seeded_generator
 from lit_gpt.packed_dataset import SampleOrder
 from remedi_patches.backbones import load_backbone, load_eval_model
@@ -17,7 +16,7 @@ from remedi_patches.llada.modeling_llada import LLaDARMSNorm
 
 from cli_helpers import in_process_user_error
 from eval_fixtures import read_jsonl, tiny_llada_dir
-from trainer_helpers import train_sft
+from trainer_helpers import killed_after_first_save, train_sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,19 +156,10 @@ def test_llada_full_fine_tuning_exports_the_trained_model(tiny_llada, chat_data,
 
 
 @pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
-def test_killed_llada_sft_resumes_on_the_same_losses(tiny_llada, chat_data, tmp_path, monkeypatch, lora):
+def test_killed_llada_sft_resumes_on_the_same_losses(tiny_llada, chat_data, tmp_path, lora):
     args = dict(max_steps=4, lora_r=lora)
     full = train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "full", **args))
-    real_save = training.save_checkpoint
-
-    def save_then_die(*a, **kw):
-        real_save(*a, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "killed", **args))
-    monkeypatch.undo()
+    killed_after_first_save(lambda: train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "killed", **args)))
     assert train_sft.main(llada_args(tiny_llada, chat_data, tmp_path / "killed", **args)) == full[2:]
     name = "adapter_model.safetensors" if lora else "model.safetensors"
     assert (tmp_path / "killed" / "final" / name).read_bytes() == (tmp_path / "full" / "final" / name).read_bytes()

@@ -80,16 +80,12 @@ def mdm_args(data: Path, out_dir: Path, **kw) -> list[str]:
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
-def killed_after_first_checkpoint(cfg, load, run=None):
-    """Run a trainer (`run(cfg, backbone=...)`, default Remask SFT's remedi_patches.remask_sft.run) with `cfg` on the
-    backbone `load()` gives until its first checkpoint is written, then die (KeyboardInterrupt) as a killed run
-    does."""
+def killed_after_first_save(call) -> None:
+    """Run `call()` (a trainer's main or run) until its first checkpoint is written, then die (KeyboardInterrupt) as a
+    killed run does."""
     import pytest
 
     import lit_gpt.training as training
-
-    if run is None:
-        from remedi_patches.remask_sft import run
 
     real_save = training.save_checkpoint
 
@@ -100,6 +96,15 @@ def killed_after_first_checkpoint(cfg, load, run=None):
     training.save_checkpoint = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
-            run(cfg, backbone=load())
+            call()
     finally:
         training.save_checkpoint = real_save
+
+
+def killed_after_first_checkpoint(cfg, load, run=None):
+    """killed_after_first_save of a trainer `run(cfg, backbone=...)` (default Remask SFT's
+    remedi_patches.remask_sft.run) on the backbone `load()` gives."""
+    if run is None:
+        from remedi_patches.remask_sft import run
+
+    killed_after_first_save(lambda: run(cfg, backbone=load()))
