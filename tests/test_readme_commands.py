@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import pytest
 import torch
 
 from remedi_patches.sources import HUB_NAME
+from test_pipeline import TINY as PIPELINE_TINY
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -56,6 +58,11 @@ TINY: list[tuple[str, str]] = [
     (r"^(python -m remedi_patches\.sedd\.embedded --work_dir out/embedded_sedd_build)$",
      r"\1 --n_train 200 --pretrain_steps 2 --sft_steps 2 --batch_size 4 --hidden_size 32 --n_blocks 1 --n_heads 2 "
      r"--cond_dim 16"),
+    (r"^(python train_pipeline\.py --config configs/embedded\.yaml)$",
+     r"\1 " + " ".join(f"--set {shlex.quote(pair)}" for pair in PIPELINE_TINY)),
+    (r"^(python bench/sweep\.py --out_dir out/sweep_embedded) --grid .*$",
+     r"\1 --grid r_incorrect=0.05,0.2 --base max_steps=2 --base batch_size=4 --base eval_samples=16 "
+     r"--base max_records=64 --n_eval 3 --steps 8 4 --gen_length 8 --block_length 8"),
     (r"^(python bench/bench_fast_decoding\.py)$",
      r"\1 --n_problems 4 --batch 2 --repeats 1 --prompt_len 16 --gen_length 32 --embedded_gen_length 32"),
 ]
