@@ -310,6 +310,8 @@ def load_session(args: argparse.Namespace) -> Session:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:  # before the model loads
+        raise UserError(f"--port {args.port} is no TCP port; pass one in 0-65535 (default 7860)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     serve(load_session(args), args.host, args.port, args.share)
 

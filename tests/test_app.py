@@ -88,6 +88,7 @@ def test_the_command_line_defaults_and_a_sedd_refused_in_one_line(capsys):
     assert (args.model_name, args.host, args.port, args.share) == ("embedded_remedi", "127.0.0.1", 7860, False)
     line = in_process_user_error(app.main, ["--model", "embedded_sedd"], capsys)
     assert "embedded_sedd is a SEDD model" in line and "SMDM/sedd/sample.py" in line
+    assert "pass one in 0-65535" in in_process_user_error(app.main, ["--port", "70000"], capsys)
 
 
 @pytest.fixture(scope="module")
