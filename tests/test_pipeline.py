@@ -14,7 +14,7 @@ import yaml
 from cli_helpers import REPO, in_process_user_error, run_cli
 from remedi_patches.backbones import EMBEDDED_DIR, EMBEDDED_REMEDI_DIR
 from remedi_patches.modeling_wrappers import HEAD_FILE_NAME
-from remedi_patches.pipeline import KINDS, build_plan, load_config, load_script
+from remedi_patches.pipeline import KINDS, Product, build_plan, load_config, load_script
 
 train_pipeline = load_script("train_pipeline.py")  # a script of the repo root, not an installed module
 EMBEDDED_YAML = REPO / "configs" / "embedded.yaml"
@@ -139,7 +139,8 @@ def test_set_overrides_merge_into_the_sections(tmp_path):
     assert config["sft"]["dataset"] == "embedded" and config["sft"]["seq_len"] == 72  # the file's other keys kept
     assert config["rl"]["method"] == "rwd" and config["eval"]["confidence_sources"] == ["ups"]
     plans = {p.name: p for p in build_plan(config)}
-    assert flag(plans["sft"].argv, "--max_steps") == "2" and flag(plans["sft"].argv, "--lr") == "2e-3"  # YAML 1.1: a string
+    # YAML 1.1 reads 2e-3 as a string; the trainer's parser converts it
+    assert flag(plans["sft"].argv, "--max_steps") == "2" and flag(plans["sft"].argv, "--lr") == "2e-3"
 
 
 def test_disabled_stage_is_bridged_and_a_stage_may_set_its_own_input(tmp_path):
@@ -167,6 +168,21 @@ def test_head_only_remask_sft_hands_on_the_model_and_its_head(tmp_path):
     config["rl"]["enabled"] = False
     assert {p.name: p for p in build_plan(config)}["eval"].handed == {"model_name": "embedded", "ups_head_path": head}
 
+
+
+def test_a_lora_adapter_is_handed_on_beside_its_model_and_head(tmp_path):
+    """joint Remask SFT writes a UPS head and a LoRA adapter for the unchanged backbone: RL loads the adapter
+    (--load_lora_dir), the evaluation takes the three (--lora_path) when RL is left out."""
+    config = load_config(EMBEDDED_YAML, [f"out_dir={tmp_path}", "pretrain.enabled=false", "sft.enabled=false",
+                                         "remask_sft.add_ups_stream=false", "remask_sft.recipe=null",
+                                         "remask_sft.lr_backbone=null", "remask_sft.train_mode=joint"])
+    plans = {p.name: p for p in build_plan(config)}
+    head, lora = str(tmp_path / "remask_sft" / "ups_head.safetensors"), str(tmp_path / "remask_sft" / "lora")
+    assert plans["remask_sft"].product == Product("embedded", head, lora)
+    assert plans["rl"].handed == {"model_name": "embedded", "ups_head": head, "load_lora_dir": lora}
+    config["rl"]["enabled"] = False
+    assert {p.name: p for p in build_plan(config)}["eval"].handed == {"model_name": "embedded",
+                                                                     "ups_head_path": head, "lora_path": lora}
 
 def test_one_stage_alone_takes_the_earlier_output(tmp_path, capsys, no_subprocess):
     out = tmp_path / "out"
