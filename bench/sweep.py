@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from bench_embedded_accuracy import sign_test
 from eval_gsm_math import FORMATS, evaluate, make_items, parse_runs, write_jsonl
-from remedi_patches.cli import ArgumentParser, UserError, _unwrap_optional, run_main
+from remedi_patches.cli import ArgumentParser, UserError, unwrap_optional, run_main
 from remedi_patches.data import load_records
 from remedi_patches.model_args import ModelSpec
 from remedi_patches.remask_sft import RemaskConfig, run
@@ -77,7 +77,7 @@ TRAIN_KEYS = ("updates", "eval_auc", "eval_tps_auc")  # from the trainer's summa
 def trainer_fields() -> dict[str, type]:
     """The trainer flags a sweep may set: RemaskConfig's command-line fields -> their value type."""
     hints = typing.get_type_hints(RemaskConfig)
-    return {f.name: _unwrap_optional(hints[f.name]) for f in dataclasses.fields(RemaskConfig)
+    return {f.name: unwrap_optional(hints[f.name]) for f in dataclasses.fields(RemaskConfig)
             if f.metadata and f.metadata.get("cli", True) and f.name not in SET_BY_SWEEP}
 
 

@@ -102,7 +102,7 @@ def arg(default: Any, help: str, *, flags: Sequence[str] = (), choices: Optional
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _unwrap_optional(tp: Any) -> Any:
+def unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
@@ -138,7 +138,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, group: Optional[
         target = groups[title]
         flags = meta["flags"] or (f"--{f.name}",)
         default = defaults.get(f.name, _default(f))
-        tp = _unwrap_optional(hints[f.name])
+        tp = unwrap_optional(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
         if tp is bool:
             negative = len(flags) == 1 and flags[0].startswith("--no_")

@@ -3,6 +3,7 @@ stays clean, LoRA and full fine-tuning export what the project's loaders read, a
 losses, bad combinations are one-line errors. The model is the 2-layer native LLaDA of eval_fixtures."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -227,16 +228,6 @@ def test_fsdp_wraps_the_llada_blocks(tiny_llada, chat_data, tmp_path, monkeypatc
     assert seen["wrap_blocks"] == {LLaDABlock}
 
 
-class RankZero:
-    global_rank = 0
-
-    def print(self, *args, **kwargs):
-        pass
-
-    def barrier(self):
-        pass
-
-
 def test_adapter_export_reads_an_fsdp_checkpoint(tiny_llada, tmp_path):
     """Under FSDP a LoRA checkpoint holds the whole model's full state dict: the export takes its adapter."""
     from peft import LoraConfig, get_peft_model
@@ -245,7 +236,8 @@ def test_adapter_export_reads_an_fsdp_checkpoint(tiny_llada, tmp_path):
     peft_model = get_peft_model(bb.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trained = {k: torch.randn_like(v) if "lora_" in k else v for k, v in peft_model.state_dict().items()}
     torch.save({"model": trained}, tmp_path / "iter-000004-ckpt.pth")
-    train_sft.export_adapter(RankZero(), tmp_path, peft_model, bb.tokenizer, tmp_path / "final")
+    rank_zero = SimpleNamespace(global_rank=0, print=lambda *a, **kw: None, barrier=lambda: None)  # Fabric's rank 0
+    train_sft.export_adapter(rank_zero, tmp_path, peft_model, bb.tokenizer, tmp_path / "final")
     loaded = load_eval_model(str(tiny_llada), lora_path=str(tmp_path / "final"), device="cpu", dtype=None).model
     got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
     assert got.keys() == {k for k in trained if "lora_" in k}
